@@ -1,0 +1,191 @@
+"""Command line: ``minissl demo | train | eval | data make <suite> | methods | bench``.
+
+Examples::
+
+    minissl demo                                   # supervised vs mean teacher on fetal_head, table + PNG
+    minissl train --method mean_teacher --suite cardiac --iters 300
+    minissl train --run_name my-run --resume true  # continue an interrupted run
+    minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
+    minissl data make atrium
+    minissl methods
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+ALIASES = {"--iters": "--max_iters"}
+
+
+def _overrides(tokens: Sequence[str]) -> list[str]:
+    """Map aliases (``--iters``) and bare flags (``--resume``) onto ``--key value`` pairs."""
+    out, i = [], 0
+    tokens = list(tokens)
+    while i < len(tokens):
+        key = ALIASES.get(tokens[i], tokens[i])
+        if key.startswith("--") and "=" in key:
+            k, v = key.split("=", 1)
+            out += [ALIASES.get(k, k), v]
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            out += [key, tokens[i + 1]]
+            i += 2
+        else:  # a bare flag means true
+            out += [key, "true"]
+            i += 1
+    return out
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain-text table: ``columns`` = [(key, header), ...]; floats with 2 decimals."""
+    cells = [[h for _, h in columns]]
+    for r in rows:
+        cells.append([f"{r[k]:.2f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k, _ in columns])
+    widths = [max(len(row[j]) for row in cells) for j in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary_row(name: str, result) -> dict:
+    """One table row from a RunResult: mean over test cases (and classes) of each metric."""
+    t = result.test
+    row = {"method": name, "dice": 100 * t["dice"]["mean"], "hd95": t["hd95"]["mean"],
+           "s_per_iter": result.seconds_per_iter}
+    if "hc_error_mm" in t:
+        row["hc_error_mm"] = t["hc_error_mm"]["mean"]
+    return row
+
+
+def cmd_train(tokens: Sequence[str]) -> int:
+    from .config import load_config
+    from .engine import train
+
+    p = argparse.ArgumentParser(prog="minissl train", description="Train one method; any Config field is --field value.")
+    p.add_argument("--config", help="a .json/.yaml file of overrides")
+    args, rest = p.parse_known_args(tokens)
+    cfg = load_config(args.config, _overrides(rest))
+    result = train(cfg)
+    print(f"run folder: {result.run_dir}")
+    print(f"best validation Dice {result.best_val_dice:.4f} at iteration {result.best_step}")
+    print(format_table([summary_row(cfg.method, result)], _columns(result)))
+    return 0
+
+
+def _columns(*results) -> list[tuple[str, str]]:
+    unit = results[0].test_rows[0].get("unit", "px") if results and results[0].test_rows else "px"
+    cols = [("method", "method"), ("dice", "Dice %"), ("hd95", f"HD95 {unit}")]
+    if any("hc_error_mm" in r.test for r in results):
+        cols.append(("hc_error_mm", "HC err mm"))
+    return cols + [("s_per_iter", "s/iter")]
+
+
+def cmd_eval(tokens: Sequence[str]) -> int:
+    import torch
+
+    from . import evaluate as evaluation
+    from .config import Config
+    from .engine import open_data
+    from .methods import get_method
+
+    p = argparse.ArgumentParser(prog="minissl eval", description="Evaluate a run's best checkpoint on a split.")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(tokens)
+    run = Path(args.run_dir)
+    if not (run / "config.json").exists() or not (run / "best.pt").exists():
+        raise ValueError(f"{run}: expected a run folder with config.json and best.pt")
+    data = json.loads((run / "config.json").read_text())
+    cfg = Config(**{k: v for k, v in data.items() if k in Config.__dataclass_fields__})
+    store = open_data(cfg)
+    method = get_method(cfg.method)(cfg, store.spec).to(args.device)
+    method.load_state_dict(torch.load(run / "best.pt", map_location=args.device, weights_only=False)["method"])
+    method.eval()
+    cases = [store.read(i) for i in store.split(args.split)]
+    rows = evaluation.evaluate(method.predict, cases, store.spec, device=torch.device(args.device))
+    out = run / f"eval_{args.split}"
+    evaluation.write_rows(rows, out.with_suffix(".csv"), out.with_suffix(".json"))
+    summ = evaluation.summarise(rows)
+    for metric, v in summ.items():
+        print(f"{metric:>12s}: {v['mean']:.4f} ± {v['std']:.4f}")
+    return 0
+
+
+def cmd_data(tokens: Sequence[str]) -> int:
+    from .data import phantoms
+
+    p = argparse.ArgumentParser(prog="minissl data", description="Make an embedded synthetic suite.")
+    p.add_argument("action", choices=["make"])
+    p.add_argument("suite")
+    p.add_argument("--root", default=None)
+    p.add_argument("--force", action="store_true")
+    args = p.parse_args(tokens)
+    root = phantoms.make_suite(args.suite, root=args.root, force=args.force)
+    print(root)
+    return 0
+
+
+def cmd_methods(tokens: Sequence[str]) -> int:
+    from .methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        print(f"{name:16s} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_demo(tokens: Sequence[str]) -> int:
+    from .demo import run_demo
+
+    p = argparse.ArgumentParser(prog="minissl demo",
+                                description="Supervised baseline vs a semi-supervised method on an embedded suite.")
+    p.add_argument("--suite", default="fetal_head")
+    p.add_argument("--method", default=None, help="semi-supervised method (default: the suite's demo method)")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo")
+    args = p.parse_args(tokens)
+    run_demo(suite=args.suite, method=args.method, iters=args.iters, seed=args.seed, out=args.out)
+    return 0
+
+
+def cmd_bench(tokens: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="minissl bench", description="Benchmarks: kernels (ops).")
+    p.add_argument("what", choices=["ops"])
+    args, rest = p.parse_known_args(tokens)
+    root = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ops.py"
+    if not root.exists():
+        raise ValueError(f"benchmarks need a source checkout: {root} not found")
+    import runpy
+
+    sys.argv = [str(root), *rest]
+    runpy.run_path(str(root), run_name="__main__")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "data": cmd_data,
+            "methods": cmd_methods, "bench": cmd_bench}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ValueError as err:  # bad input: one clear line, no traceback
+        print(f"minissl {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"\nminissl {argv[0]}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Training batches: 2D slices / 3D patches, labeled and unlabeled streams split by case.
+
+The unit of labeling is the **case** (patient): ``store.labeled(budget, seed)`` names the labeled
+cases and every slice of them goes to the labeled stream; the unlabeled stream holds the slices (or
+volumes) of the other training cases only. So no slice of a labeled patient is ever in the
+unlabeled pool (the slice-level leakage trap of some SSL4MIS variants).
+
+Items are 2D images, slices ``z`` of (Z, Y, X) cases when ``spatial_dims == 2``, or whole volumes
+(cropped to random patches) when ``spatial_dims == 3``. The small suites are preloaded into memory.
+
+Batch ``b`` of a loader is a pure function of ``(seed, b)``: each stream walks through its items in
+epochs, epoch ``e`` in the order ``default_rng([seed, stream, e]).permutation(n)``, and the
+augmentation of batch ``b`` draws from ``default_rng([seed, 2, b])``. A run resumed at iteration
+``start`` therefore sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .store import Case, CaseStore, open_store
+from .transforms import crop, weak
+
+
+def load_cases(root: str | os.PathLike | CaseStore, split: str) -> list[Case]:
+    """All cases of a split (whole images / volumes, e.g. for validation and test)."""
+    store = open_store(root)
+    return [store.read(c) for c in store.split(split)]
+
+
+class Pool:
+    """In-memory items of some cases: 2D images / slices (``spatial_dims == 2``) or volumes (3).
+
+    Attributes:
+        cases: the loaded cases.
+        items: (case index, slice index or -1 for the whole case) per item.
+    """
+
+    def __init__(self, cases: Sequence[Case], spatial_dims: int):
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"expected spatial_dims 2 or 3, got {spatial_dims}")
+        self.cases, self.spatial_dims = list(cases), spatial_dims
+        self.items: list[tuple[int, int]] = []
+        for i, c in enumerate(self.cases):
+            if c.image.ndim == spatial_dims:
+                self.items.append((i, -1))
+            elif spatial_dims == 2 and c.image.ndim == 3:
+                self.items += [(i, z) for z in range(c.image.shape[0])]
+            else:
+                raise ValueError(f"case {c.id!r}: expected a {'(Y, X) or (Z, Y, X)' if spatial_dims == 2 else '(Z, Y, X)'} "
+                                 f"image for spatial_dims={spatial_dims}, got shape {c.image.shape}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(image, label) of item k: (Y, X) slices or (Z, Y, X) volumes (views, not copies)."""
+        i, z = self.items[k]
+        c = self.cases[i]
+        if z < 0:
+            return c.image, c.label
+        return c.image[z], None if c.label is None else c.label[z]
+
+
+class TrainLoader:
+    """Infinite, deterministic, resumable iterator of two-stream training batches.
+
+    ``next(loader)`` returns ``{'x_l': (Bl, 1, *P) float32, 'y_l': (Bl, *P) int64, 'x_u': (Bu, 1, *P) float32}``
+    with P = ``patch_size``; ``loader.step`` is the index of the next batch (``batch(b)`` gives any batch).
+    """
+
+    def __init__(self, labeled: Pool, unlabeled: Pool | None, patch_size: Sequence[int], *, seed: int = 0,
+                 labeled_bs: int = 4, unlabeled_bs: int = 4, start: int = 0, augment: bool = True,
+                 foreground_prob: float = 0.0):
+        if len(labeled) == 0:
+            raise ValueError("expected at least one labeled item, got an empty labeled pool")
+        if labeled_bs < 1 or unlabeled_bs < 0:
+            raise ValueError(f"expected labeled_bs >= 1 and unlabeled_bs >= 0, got {labeled_bs}, {unlabeled_bs}")
+        self.labeled, self.unlabeled = labeled, unlabeled if unlabeled is not None and len(unlabeled) else None
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.spatial_dims = len(self.patch_size)
+        self.seed, self.labeled_bs, self.step = seed, labeled_bs, start
+        self.unlabeled_bs = unlabeled_bs if self.unlabeled is not None else 0
+        self.augment, self.foreground_prob = augment, foreground_prob
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _order(self, stream: int, n: int, b: int, k: int) -> list[int]:
+        out = []
+        for p in range(b * k, (b + 1) * k):
+            e = p // n
+            if (stream, e) not in self._perms:
+                if len(self._perms) > 8:
+                    self._perms.clear()
+                self._perms[(stream, e)] = np.random.default_rng([self.seed, stream, e]).permutation(n)
+            out.append(int(self._perms[(stream, e)][p % n]))
+        return out
+
+    def _sample(self, pool: Pool, k: int, rng: np.random.Generator, fg_prob: float, with_label: bool):
+        image, label = pool.get(k)
+        if self.augment:
+            return weak(image, label if with_label else None, self.patch_size, rng, fg_prob=fg_prob)
+        start = (np.asarray(image.shape[-self.spatial_dims:]) - np.asarray(self.patch_size)) // 2  # centre crop
+        return (crop(image, start, self.patch_size, float(image.min())).astype(np.float32),
+                crop(label, start, self.patch_size, 0) if with_label and label is not None else None)
+
+    def batch(self, b: int) -> dict[str, Tensor]:
+        """Batch number ``b`` (a pure function of seed and b)."""
+        rng = np.random.default_rng([self.seed, 2, b])
+        xl, yl, xu = [], [], []
+        for k in self._order(0, len(self.labeled), b, self.labeled_bs):
+            img, lab = self._sample(self.labeled, k, rng, self.foreground_prob, True)
+            if lab is None:
+                raise ValueError(f"labeled item {self.labeled.items[k]} has no label")
+            xl.append(img)
+            yl.append(lab.astype(np.int64))
+        if self.unlabeled is not None and self.unlabeled_bs:
+            for k in self._order(1, len(self.unlabeled), b, self.unlabeled_bs):
+                xu.append(self._sample(self.unlabeled, k, rng, 0.0, False)[0])
+        P = self.patch_size
+        return {"x_l": torch.from_numpy(np.stack(xl)[:, None]),  # (Bl, 1, *P)
+                "y_l": torch.from_numpy(np.stack(yl)),  # (Bl, *P)
+                "x_u": torch.from_numpy(np.stack(xu)[:, None]) if xu else torch.zeros((0, 1) + P)}  # (Bu, 1, *P)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        out = self.batch(self.step)
+        self.step += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        """Everything needed to resume: the seed and the next batch index."""
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a ``state_dict()``."""
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+        self._perms.clear()
+
+
+def make_train_loader(root: str | os.PathLike | CaseStore, labeled: Sequence[str] | int | None = None, *,
+                      seed: int = 0, batch_size: int = 8, labeled_bs: int | None = None, unlabeled: bool = True,
+                      start: int = 0, augment: bool = True, foreground_prob: float = 0.0,
+                      patch_size: Sequence[int] | None = None) -> TrainLoader:
+    """The two-stream training iterator of a store.
+
+    Args:
+        root: store folder, suite name or CaseStore.
+        labeled: labeled case ids, or a budget in patients (``store.labeled(budget, seed)``), or None
+            for the suite's default budget.
+        seed: order and augmentation seed (also the budget seed when ``labeled`` is a number).
+        batch_size: items per batch, labeled + unlabeled.
+        labeled_bs: labeled items per batch (default batch_size // 2; batch_size when ``unlabeled`` is False).
+        unlabeled: draw the unlabeled stream (``batch_size - labeled_bs`` items) from the training
+            cases that are not labeled. With no such cases (full supervision) ``x_u`` is empty.
+        start: index of the first batch (resume).
+        augment: weak augmentation (crop, small rotation, rot90, flips); False: centre crop only.
+        foreground_prob: probability that a labeled crop is centred on foreground (never used for
+            unlabeled crops, whose labels are unknown).
+        patch_size: override ``spec.patch_size``.
+
+    Returns:
+        TrainLoader; ``next()`` gives ``{'x_l': (Bl, 1, *P), 'y_l': (Bl, *P) int64, 'x_u': (Bu, 1, *P)}``.
+    """
+    store = open_store(root)
+    spec = store.spec
+    train = store.split("train")
+    if labeled is None or isinstance(labeled, (int, np.integer)):
+        labeled = store.labeled(int(spec.default_budget if labeled is None else labeled), seed)
+    labeled = list(labeled)
+    unknown = sorted(set(labeled) - set(train))
+    if unknown:
+        raise ValueError(f"expected labeled cases from the train split, got cases not in train: {unknown[:5]}")
+    if labeled_bs is None:
+        labeled_bs = batch_size // 2 if unlabeled else batch_size
+    if not 0 < labeled_bs <= batch_size:
+        raise ValueError(f"expected 0 < labeled_bs <= batch_size={batch_size}, got labeled_bs={labeled_bs}")
+    lab_set = set(labeled)
+    pool_l = Pool([store.read(c) for c in labeled], spec.spatial_dims)
+    pool_u = None
+    if unlabeled:
+        # the labels of unlabeled cases are dropped on reading: nothing downstream can see them
+        pool_u = Pool([dataclasses.replace(store.read(c), label=None) for c in train if c not in lab_set],
+                      spec.spatial_dims)
+    return TrainLoader(pool_l, pool_u, patch_size or spec.patch_size, seed=seed, labeled_bs=labeled_bs,
+                       unlabeled_bs=batch_size - labeled_bs, start=start, augment=augment,
+                       foreground_prob=foreground_prob)

@@ -1,0 +1,297 @@
+"""The one training loop: every method, every suite, CPU or GPU.
+
+What it guarantees (the protocol):
+
+* **iterations, not epochs**; the learning rate follows ``cfg.lr_schedule`` over ``max_iters``
+  (poly ``lr (1 - t)^0.9`` as SSL4MIS, cosine, or constant);
+* **checkpoints are chosen on the validation split only**: every ``val_every`` iterations the
+  model is evaluated on the validation cases (mean foreground Dice); the best is kept as
+  ``best.pt``. The test split is evaluated **once**, at the end, with the best checkpoint;
+* **atomic checkpoints** (written to a temporary file, then renamed) and an exact ``--resume``:
+  the model, optimisers, every random generator (torch, numpy, python, the method's own, the
+  batch stream position) and the log are restored, so an interrupted run ends where an
+  uninterrupted one would. SIGTERM and Ctrl-C save ``last.pt`` before leaving;
+* a run folder ``<out_dir>/<run_name>/`` with ``config.json``, ``log.csv`` (TensorBoard events too
+  when ``tensorboard`` is installed), ``best.pt``, ``last.pt``, ``test_cases.csv/json`` and
+  ``metrics.json``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import evaluate as evaluation
+from . import metrics
+from .config import Config
+from .data import datasets, phantoms, store as store_mod
+from .inference import predict_case
+from .methods import Method, get_method
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (the one seeding function of the library)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """The learning rate at ``step`` for ``cfg.lr_schedule`` (a function of ``step / max_iters``)."""
+    t = min(step / cfg.max_iters, 1.0)
+    if cfg.lr_schedule == "poly":
+        return cfg.lr * (1.0 - t) ** 0.9
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    return cfg.lr
+
+
+def open_data(cfg: Config) -> Any:
+    """The case store of a run: ``cfg.data_root`` if given, else the embedded suite (made once)."""
+    root = cfg.data_root or phantoms.make_suite(cfg.suite)
+    return store_mod.open_store(root)
+
+
+def resolve(cfg: Config, store: Any) -> Config:
+    """Fill the suite-dependent defaults (iterations, budget, run name, validation period)."""
+    spec = store.spec
+    max_iters = cfg.max_iters or int(spec.default_iters)
+    budget = cfg.budget or int(spec.default_budget)
+    store.labeled(budget, cfg.seed)  # validates the budget against the training patients
+    name = cfg.run_name or f"{spec.name}-{cfg.method}-b{budget}-s{cfg.seed}"
+    val_every = cfg.val_every or max(max_iters // 10, 1)
+    return replace(cfg, max_iters=max_iters, budget=budget, run_name=name, val_every=val_every)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state(method: Method) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "method": method.rng.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(method: Method, state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    method.rng.set_state(state["method"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Log:
+    """Rows of ``log.csv`` (kept in memory and in checkpoints; TensorBoard when installed)."""
+
+    def __init__(self, path: Path, rows: Optional[list[dict]] = None):
+        self.path, self.rows = path, rows or []
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tb"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and v is not None and v == v:
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def flush(self) -> None:
+        keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k != "step", k))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+@torch.no_grad()
+def validate(method: Method, cases: list, spec: Any, device: torch.device) -> float:
+    """Mean foreground Dice over the validation cases (what checkpoints are chosen on)."""
+    was_training = method.training
+    method.eval()
+    scores = []
+    for case in cases:
+        pred = predict_case(method.predict, case.image, spec.spatial_dims, spec.patch_size, device=device)
+        for c in range(1, spec.num_classes):
+            scores.append(metrics.dice(pred == c, case.label == c))
+    method.train(was_training)
+    return float(np.mean(scores))
+
+
+@dataclass
+class RunResult:
+    """What ``train`` returns: the run folder, the resolved config and the test summary."""
+
+    run_dir: Path
+    config: Config
+    best_step: int
+    best_val_dice: float
+    test: dict  # summarise(rows): metric -> {'mean', 'std'}
+    test_rows: list
+    seconds_per_iter: float
+
+
+class _Stop:
+    """SIGTERM / SIGINT flag: the loop saves ``last.pt`` and leaves at the end of the step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C leaves at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config, overwrite: bool = False) -> RunResult:
+    """Train ``cfg.method`` on ``cfg``'s data, choose the checkpoint on validation, test once.
+
+    Args:
+        cfg: the run configuration (suite defaults are filled in here).
+        overwrite: start afresh even if the run folder already holds a run.
+
+    Returns:
+        A RunResult; the run folder holds everything needed to inspect or resume it.
+    """
+    store = open_data(cfg)
+    cfg = resolve(cfg, store)
+    spec = store.spec
+    device = torch.device(cfg.device)
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if last_path.exists() and not (cfg.resume or overwrite):
+        raise ValueError(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
+                         f"or choose another --run_name")
+    if cfg.resume and not last_path.exists():
+        raise ValueError(f"--resume: expected a checkpoint at {last_path}, found none")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(cfg.seed)
+    method = get_method(cfg.method)(cfg, spec).to(device)
+    optimizers = method.optimizers()
+    cfg.to_json(run_dir / "config.json", {"method_resolved": method.resolved_args(), "suite_spec": _spec_dict(spec)})
+    labeled = store.labeled(cfg.budget, cfg.seed)
+    val_cases = [store.read(i) for i in store.split("val")]
+
+    start, best_val, best_step, rows = 0, -1.0, -1, []
+    if cfg.resume:
+        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        method.load_state_dict(ckpt["method"])
+        for opt, st in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(st)
+        start, best_val, best_step, rows = ckpt["step"], ckpt["best_val"], ckpt["best_step"], ckpt["log"]
+    log = _Log(run_dir / "log.csv", rows)
+    if cfg.resume:
+        _set_rng_state(method, ckpt["rng"])
+    # supervised methods draw only the labeled stream: the same labeled images per step as the others
+    batches = datasets.make_train_loader(store, labeled, seed=cfg.seed, batch_size=cfg.batch_size,
+                                         labeled_bs=cfg.labeled_bs, unlabeled=method.semi_supervised, start=start)
+
+    def checkpoint(step: int) -> dict:
+        return {"step": step, "method": method.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                "best_val": best_val, "best_step": best_step, "log": log.rows, "rng": _rng_state(method),
+                "config": cfg}
+
+    train_time, done = 0.0, 0  # seconds in update() only (validation excluded)
+    method.train()
+    bar = _progress(cfg, start)
+    with _Stop() as stop:
+        for step in range(start, cfg.max_iters):
+            lr = learning_rate(cfg, step)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            t0 = time.perf_counter()
+            parts = method.update(batch, step, optimizers)
+            train_time += time.perf_counter() - t0
+            if not math.isfinite(parts["loss"]):
+                raise FloatingPointError(f"loss became {parts['loss']} at iteration {step} ({parts}); "
+                                         f"lower --lr or check the data")
+            done += 1
+            it = step + 1
+            row = None
+            if it % cfg.log_every == 0 or it == cfg.max_iters:
+                row = {"step": it, "lr": lr, **parts}
+            if it % cfg.val_every == 0 or it == cfg.max_iters:
+                val = validate(method, val_cases, spec, device)
+                row = (row or {"step": it}) | {"val_dice": val}
+                if val > best_val:
+                    best_val, best_step = val, it
+                    _save_atomic({"step": it, "method": method.state_dict(), "val_dice": val}, best_path)
+            if row is not None:
+                log.add(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", best=f"{best_val:.3f}")
+            if (it % cfg.val_every == 0 or it == cfg.max_iters or stop.requested):
+                log.flush()
+                _save_atomic(checkpoint(it), last_path)
+            if stop.requested and it < cfg.max_iters:
+                if bar is not None:
+                    bar.close()
+                raise KeyboardInterrupt(f"stopped at iteration {it}; continue with --resume "
+                                        f"(run folder {run_dir})")
+    if bar is not None:
+        bar.close()
+    sec_per_iter = train_time / max(done, 1)
+
+    # test once, with the checkpoint chosen on validation
+    method.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["method"])
+    method.eval()
+    test_cases = [store.read(i) for i in store.split("test")]
+    test_rows = evaluation.evaluate(method.predict, test_cases, spec, device=device)
+    evaluation.write_rows(test_rows, run_dir / "test_cases.csv", run_dir / "test_cases.json")
+    summary = evaluation.summarise(test_rows)
+    (run_dir / "metrics.json").write_text(json.dumps(
+        {"best_step": best_step, "best_val_dice": best_val, "seconds_per_iter": sec_per_iter, "test": summary},
+        indent=2))
+    return RunResult(run_dir, cfg, best_step, best_val, summary, test_rows, sec_per_iter)
+
+
+def _spec_dict(spec: Any) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(spec) if is_dataclass(spec) else dict(vars(spec))
+
+
+def _progress(cfg: Config, start: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_iters, initial=start, desc=f"{cfg.method}", leave=False, dynamic_ncols=True)

@@ -1,0 +1,193 @@
+"""Per-case evaluation tables (CSV/JSON), their summary, and the report figure.
+
+``evaluate`` predicts every case with :func:`minissl.inference.predict_case` and scores it with
+:func:`minissl.metrics.case_metrics` on the whole image or volume (3D surface distances for 2D-trained
+volume cases, as SSL4MIS/BCP do). One row per (case, foreground class)::
+
+    {"case": id, "class": name, "unit": "mm" | "px", "dice", "jaccard", "hd95", "asd"[, "hc_error_mm"]}
+
+``unit`` says how hd95/asd are measured: "mm" when the case has a spacing, "px" (spacing 1) otherwise.
+``hc_error_mm`` (head circumference error, HC18) is added for binary 2D cases whose metadata gives
+``pixel_size_mm``. Empty masks score the defined values documented in :mod:`minissl.metrics`, so every row
+is finite and every case counts in the means.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minissl.data.store import write_text_atomic
+from minissl.inference import predict_case
+from minissl.metrics import METRICS, case_metrics, hc_error_mm
+
+COLUMNS = ("case", "class", "unit", *METRICS, "hc_error_mm")
+
+
+def _class_names(spec: Any) -> list[str]:
+    names = list(getattr(spec, "class_names", None) or [])
+    return names if len(names) == spec.num_classes else [str(c) for c in range(spec.num_classes)]
+
+
+def case_rows(pred: np.ndarray, case: Any, spec: Any) -> list[dict[str, Any]]:
+    """Rows of one predicted case.
+
+    Args:
+        pred: label map, same shape as ``case.label``.
+        case: object with ``id``, ``label``, ``spacing`` (tuple or None) and ``meta`` (dict).
+        spec: object with ``num_classes`` and optionally ``class_names``.
+    """
+    if case.label is None:
+        raise ValueError(f"case {case.id} has no label to evaluate against")
+    spacing = tuple(case.spacing) if getattr(case, "spacing", None) else None
+    scores = case_metrics(pred, case.label, spec.num_classes, spacing)
+    names, meta = _class_names(spec), getattr(case, "meta", None) or {}
+    rows = [{"case": case.id, "class": names[c], "unit": "mm" if spacing else "px", **m} for c, m in scores.items()]
+    if spec.num_classes == 2 and np.ndim(pred) == 2 and meta.get("pixel_size_mm"):
+        rows[0]["hc_error_mm"] = hc_error_mm(pred == 1, case.label == 1, float(meta["pixel_size_mm"]))
+    return rows
+
+
+def evaluate(model: Callable[[torch.Tensor], torch.Tensor], cases: Sequence[Any], spec: Any,
+             device: str | torch.device = "cpu", batch_size: int = 8, overlap: float = 0.5) -> list[dict[str, Any]]:
+    """Predict and score every case.
+
+    Args:
+        model: callable x (B, 1, *P) -> logits (B, C, *P), on ``device``.
+        cases: objects with ``id``, ``image``, ``label``, ``spacing``, ``meta`` (``minissl.data.store.Case``).
+        spec: object with ``spatial_dims``, ``num_classes``, ``patch_size`` and ``class_names``.
+        device: where inference runs.
+        batch_size: slices or windows per forward pass.
+        overlap: 3D sliding-window overlap.
+
+    Returns:
+        One row per (case, foreground class), see the module docstring.
+    """
+    rows = []
+    for case in cases:
+        pred = predict_case(model, case.image, spec.spatial_dims, spec.patch_size, batch_size, device, overlap)
+        rows += case_rows(pred, case, spec)
+    return rows
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], by_class: bool = False) -> dict[str, Any]:
+    """Mean and std (population, ddof=0) over cases of every metric in the rows.
+
+    The value of a case is the mean over its foreground classes (``by_class=False``), so a case counts
+    once whatever its number of classes.
+
+    Returns:
+        ``{metric: {"mean", "std", "n"}}`` (n = cases), or with ``by_class=True``
+        ``{class: {metric: {"mean", "std", "n"}}}``.
+    """
+    if not rows:
+        raise ValueError("summarise needs at least one row, got none")
+    if by_class:
+        return {name: summarise([r for r in rows if r["class"] == name])
+                for name in dict.fromkeys(r["class"] for r in rows)}
+    by_case: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], []).append(r)
+    out = {}
+    for m in COLUMNS[3:]:
+        values = [np.mean([r[m] for r in rs if m in r]) for rs in by_case.values() if any(m in r for r in rs)]
+        if values:
+            out[m] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+    return out
+
+
+def write_rows(rows: Sequence[Mapping[str, Any]], csv_path: str | Path, json_path: str | Path | None = None) -> None:
+    """Write the rows as CSV (columns of :data:`COLUMNS` that occur, blank when absent) and, when
+    ``json_path`` is given, as JSON ``{"rows", "summary": summarise(rows), "per_class": summarise(rows, True)}``;
+    both atomically."""
+    columns = [c for c in COLUMNS if any(c in r for r in rows)] or list(COLUMNS)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(csv_path, buf.getvalue())
+    if json_path is not None:
+        payload = {"rows": list(rows), "summary": summarise(rows) if rows else None,
+                   "per_class": summarise(rows, by_class=True) if rows else None}
+        write_text_atomic(json_path, json.dumps(payload, indent=1))
+
+
+def _show_slice(label: np.ndarray) -> int | None:
+    """Index of the (Z, Y, X) slice with the most foreground (None for a 2D image)."""
+    return None if label.ndim == 2 else int((label.reshape(label.shape[0], -1) > 0).sum(1).argmax())
+
+
+CURVES = (("loss", "step", "loss"), ("val_dice", "val_step", "validation Dice"))
+
+
+def report_figure(path: str | Path, cases: Sequence[Any],
+                  preds: Sequence[np.ndarray] | Mapping[str, Sequence[np.ndarray]],
+                  curves: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+                  class_names: Sequence[str] | None = None, max_cases: int = 4) -> Path:
+    """PNG report: one column per case (at most ``max_cases``); rows image, ground truth, then one
+    prediction row per method (label overlays); below, loss and validation Dice vs iteration.
+
+    Args:
+        path: output PNG.
+        cases: objects with ``id``, ``image`` and ``label``, (Y, X) or (Z, Y, X); volumes show the slice with
+            the most ground-truth foreground.
+        preds: per case predicted label maps, or ``{method: [per case]}`` for several methods.
+        curves: ``{method: {"step": [...], "loss": [...], "val_step": [...], "val_dice": [...]}}`` (the
+            engine's log columns; missing keys are skipped); None for no curve panels.
+        class_names: legend names, class 0 (background) first.
+        max_cases: columns shown.
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure      # Agg canvas, no pyplot state: safe in notebooks and threads
+    from matplotlib.patches import Patch
+
+    methods = dict(preds) if isinstance(preds, Mapping) else {"prediction": preds}
+    n = min(len(cases), max_cases)
+    if n == 0 or any(len(p) < n for p in methods.values()):
+        raise ValueError(f"report_figure needs >= 1 case and a prediction per case, got {len(cases)} cases, "
+                         f"{[len(p) for p in methods.values()]} predictions")
+    labels = [np.asarray(c.label) for c in cases[:n]]
+    names = list(class_names) if class_names else [str(k) for k in range(int(max(l.max() for l in labels)) + 1)]
+    colours = ListedColormap(colormaps["tab10"].colors[: max(len(names) - 1, 1)])
+    panels = [p for p in CURVES if any(p[0] in c for c in (curves or {}).values())]
+    rows = 2 + len(methods)
+    fig = Figure(figsize=(2.4 * max(n, 2), 2.2 * rows + (2.6 if panels else 0)))
+    grid = fig.add_gridspec(rows + (1 if panels else 0), 1, height_ratios=[1] * rows + ([1.1] if panels else []))
+    top = grid[:rows].subgridspec(rows, n)
+    for j, case in enumerate(cases[:n]):
+        z = _show_slice(labels[j])
+        pick = (lambda a: np.asarray(a)) if z is None else (lambda a: np.asarray(a)[z])
+        for i, (title, lab) in enumerate([("image", None), ("ground truth", labels[j])]
+                                         + [(m, p[j]) for m, p in methods.items()]):
+            ax = fig.add_subplot(top[i, j])
+            ax.imshow(pick(case.image), cmap="gray")
+            if lab is not None:
+                ax.imshow(np.ma.masked_equal(pick(lab), 0), cmap=colours, vmin=1, vmax=max(len(names) - 1, 1),
+                          alpha=0.5, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(title)
+            if i == 0:
+                ax.set_title(str(case.id) + ("" if z is None else f" z={z}"))
+    fig.legend(handles=[Patch(color=colours(k - 1), label=names[k]) for k in range(1, len(names))],
+               loc="upper right", fontsize=8)
+    if panels:
+        bottom = grid[rows].subgridspec(1, len(panels))
+        for k, (key, x_key, title) in enumerate(panels):
+            ax = fig.add_subplot(bottom[0, k])
+            for method, c in curves.items():
+                if key in c:
+                    ax.plot(c.get(x_key, range(len(c[key]))), c[key], label=method)
+            ax.set_xlabel("iteration"), ax.set_title(title), ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path

@@ -1,0 +1,149 @@
+"""Whole-case prediction: 2D slice-wise for images and volumes, 3D sliding window with overlap averaging.
+
+* ``spatial_dims=2``: a (Y, X) image is one slice, a (Z, Y, X) volume is Z slices, predicted in batches of
+  ``batch_size``. When the slice size differs from ``patch_size`` each batch is resized to the patch with
+  bilinear interpolation (align_corners=False), and the logits are resized back to (Y, X) the same way
+  before softmax/argmax, so labels are decided at the original resolution (SSL4MIS instead zooms the
+  hard labels back with nearest neighbour). ``patch_size=None`` predicts slices at their own size.
+* ``spatial_dims=3``: a (Z, Y, X) volume smaller than the patch is zero-padded symmetrically to the patch
+  (extra voxel at the end), then windows of ``patch_size`` start every ``int(patch * (1 - overlap))``
+  voxels per axis (the last window flush with the end); the softmax probabilities of overlapping windows
+  are averaged with equal weight and the padding is cropped off. This is MONAI's
+  ``sliding_window_inference`` with ``mode="constant"`` (tested against it).
+
+The model is any callable x (B, 1, *P) -> logits (B, C, *P) already on ``device``; an ``nn.Module`` (or the
+module of a bound method such as ``Method.predict``) is switched to eval mode for the call and restored
+afterwards; everything runs under ``torch.no_grad``. One-channel (sigmoid) logits become the two
+probabilities (1 - s, s), so label maps are always argmax over classes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from itertools import product
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def _eval_mode(model: Model):
+    module = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
+    was_training = module.training if isinstance(module, nn.Module) else None
+    if was_training is not None:
+        module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            module.train()
+
+
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    if logits.shape[1] == 1:
+        s = torch.sigmoid(logits)                                   # (B, 1, *P)
+        return torch.cat([1 - s, s], dim=1)                         # (B, 2, *P)
+    return torch.softmax(logits, dim=1)                             # (B, C, *P)
+
+
+def _predict_slices(model: Model, image: torch.Tensor, patch_size: Sequence[int] | None,
+                    batch_size: int) -> torch.Tensor:
+    size = tuple(image.shape[-2:])
+    slices = image.reshape(-1, 1, *size)                            # (N, 1, Y, X)
+    out = []
+    for start in range(0, slices.shape[0], batch_size):
+        x = slices[start:start + batch_size]                        # (b, 1, Y, X)
+        resize = patch_size is not None and tuple(patch_size) != size
+        if resize:
+            x = F.interpolate(x, size=tuple(patch_size), mode="bilinear", align_corners=False)
+        logits = model(x)                                           # (b, C, *patch)
+        if resize:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        out.append(_probs(logits.float()))                          # (b, C, Y, X)
+    probs = torch.cat(out)                                          # (N, C, Y, X)
+    return probs.movedim(1, 0).reshape(-1, *image.shape)            # (C, *image.shape)
+
+
+def _starts(size: int, patch: int, overlap: float) -> list[int]:
+    step = patch if size == patch else max(int(patch * (1 - overlap)), 1)
+    starts = list(range(0, size - patch + 1, step))
+    return starts if starts[-1] == size - patch else starts + [size - patch]
+
+
+def _predict_windows(model: Model, image: torch.Tensor, patch_size: Sequence[int], batch_size: int,
+                     overlap: float) -> torch.Tensor:
+    shape = image.shape
+    pad = [max(p - s, 0) for p, s in zip(patch_size, shape)]
+    flat_pad = [v for d in reversed(pad) for v in (d // 2, d - d // 2)]   # F.pad: last axis first
+    vol = F.pad(image, flat_pad)                                    # (Z', Y', X') >= patch
+    corners = list(product(*(_starts(s, p, overlap) for s, p in zip(vol.shape, patch_size))))
+    acc, count = None, torch.zeros(vol.shape, device=vol.device)
+    for i in range(0, len(corners), batch_size):
+        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch_size))
+                   for corner in corners[i:i + batch_size]]
+        x = torch.stack([vol[w] for w in windows])[:, None]        # (b, 1, *P)
+        probs = _probs(model(x).float())                            # (b, C, *P)
+        if acc is None:
+            acc = torch.zeros(probs.shape[1], *vol.shape, device=vol.device)   # (C, Z', Y', X')
+        for w, p in zip(windows, probs):
+            acc[(slice(None), *w)] += p
+            count[w] += 1
+    acc = acc / count                                               # (C, Z', Y', X')
+    crop = tuple(slice(d // 2, d // 2 + s) for d, s in zip(pad, shape))
+    return acc[(slice(None), *crop)]                                # (C, Z, Y, X)
+
+
+def predict_probs(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: int,
+                  patch_size: Sequence[int] | None, batch_size: int = 8, device: str | torch.device = "cpu",
+                  overlap: float = 0.5) -> np.ndarray:
+    """Class probabilities of a whole case.
+
+    Args:
+        model: callable x (B, 1, *P) -> logits (B, C, *P), already on ``device``.
+        image: (Y, X) or (Z, Y, X) for ``spatial_dims=2``; (Z, Y, X) for ``spatial_dims=3``.
+        spatial_dims: 2 (slice-wise) or 3 (sliding window).
+        patch_size: the network's input size, (H, W) or (D, H, W); None (2D only) keeps the slice size.
+        batch_size: slices or windows per forward pass.
+        device: where the image goes.
+        overlap: fraction of a 3D window shared with its neighbour, in [0, 1).
+
+    Returns:
+        float32 array (C, *image.shape) (C = 2 for one-channel sigmoid models).
+    """
+    image = torch.as_tensor(np.asarray(image), dtype=torch.float32, device=device)
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if image.ndim not in ((2, 3) if spatial_dims == 2 else (3,)):
+        want = "(Y, X) or (Z, Y, X)" if spatial_dims == 2 else "(Z, Y, X)"
+        raise ValueError(f"predict expected a {want} image for spatial_dims={spatial_dims}, "
+                         f"got shape {tuple(image.shape)}")
+    if (patch_size is None and spatial_dims == 3) or (patch_size is not None and len(patch_size) != spatial_dims):
+        raise ValueError(f"patch_size must have {spatial_dims} entries, got {patch_size}")
+    if not 0 <= overlap < 1 or batch_size < 1:
+        raise ValueError(f"overlap must be in [0, 1) and batch_size >= 1, got {overlap} and {batch_size}")
+    with _eval_mode(model):
+        if spatial_dims == 2:
+            probs = _predict_slices(model, image, patch_size, batch_size)
+        else:
+            probs = _predict_windows(model, image, patch_size, batch_size, overlap)
+    return probs.cpu().numpy()
+
+
+def predict_case(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: int,
+                 patch_size: Sequence[int] | None, batch_size: int = 8, device: str | torch.device = "cpu",
+                 overlap: float = 0.5) -> np.ndarray:
+    """Label map (int64, same shape as ``image``) = argmax of :func:`predict_probs` (same arguments).
+
+    Example:
+        >>> from minissl.nets import UNet
+        >>> net = UNet(1, 2, spatial_dims=2, width=4, depth=2)
+        >>> predict_case(net, np.zeros((3, 20, 20)), 2, (16, 16)).shape
+        (3, 20, 20)
+    """
+    probs = predict_probs(model, image, spatial_dims, patch_size, batch_size, device, overlap)
+    return probs.argmax(0).astype(np.int64)

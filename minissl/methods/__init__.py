@@ -1,0 +1,3 @@
+"""Methods: one file each, registered by name (``minissl methods`` lists them)."""
+from .base import METHODS, Method, get_method, register  # noqa: F401
+from . import supervised, mean_teacher  # noqa: F401,E401  (registration side effect)

@@ -1,0 +1,165 @@
+"""The Method interface, the registry, and the helpers every method shares (defined once here).
+
+A method is an ``nn.Module`` that owns its networks (student, EMA teacher, peers ...). The one
+training loop (``minissl.engine``) calls, per iteration::
+
+    logs = method.update(batch, step)   # default: zero_grad -> training_step -> backward -> step -> after_step
+
+``batch`` is ``{'x_l': (Bl, 1, *S), 'y_l': (Bl, *S) int64, 'x_u': (Bu, 1, *S)}``. A method with an
+unusual update (several optimisers, inner passes, alternating models) overrides ``update``; the
+engine stays the same. ``predict(x)`` returns the logits used for evaluation.
+
+Shared helpers: ``sigmoid_rampup`` (the SSL4MIS ramp ``exp(-5 (1 - t)^2)`` over a fraction of the
+run), ``ema_update`` (the Mean-Teacher EMA), ``supervised_loss`` (SSL4MIS's ``0.5 (CE + Dice)``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .. import losses
+from ..config import Config, resolve_args
+from ..nets import UNet
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(name: str):
+    """Class decorator adding a Method subclass to the registry under ``name``."""
+
+    def deco(cls: type["Method"]) -> type["Method"]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type["Method"]:
+    """Look a method up by name; the error lists the known ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: expected one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def sigmoid_rampup(progress: float, length: float) -> float:
+    """Sigmoid ramp-up ``exp(-5 (1 - t)^2)`` with ``t = clip(progress / length, 0, 1)``.
+
+    Args:
+        progress: fraction of the run done, ``step / max_iters``.
+        length: ramp-up length as a fraction of the run (0 means no ramp: always 1).
+    """
+    if length <= 0:
+        return 1.0
+    t = min(max(progress / length, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) -> None:
+    """Mean-Teacher update ``theta_t <- a theta_t + (1 - a) theta_s`` with ``a = min(1 - 1/(step+1), decay)``.
+
+    The warm-up ``1 - 1/(step+1)`` makes the teacher track the student closely in the first steps
+    (Tarvainen & Valpola 2017; SSL4MIS). Buffers (BatchNorm statistics) are copied.
+    """
+    a = min(1.0 - 1.0 / (step + 1), decay)
+    for pt, ps in zip(teacher.parameters(), student.parameters()):
+        pt.mul_(a).add_(ps.detach(), alpha=1.0 - a)
+    for bt, bs in zip(teacher.buffers(), student.buffers()):
+        bt.copy_(bs)
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of ``student`` to be updated only by ``ema_update``."""
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@dataclass
+class NoArgs:
+    """A method without options of its own."""
+
+
+class Method(nn.Module):
+    """Base class: builds the student UNet, an SGD optimiser, and the default update.
+
+    Subclasses set ``Args`` (a dataclass of their hyper-parameters, defaults from the paper) and
+    implement ``training_step``. ``self.args`` is the resolved Args; ``self.rng`` is a
+    ``torch.Generator`` for every random draw of the method (boxes, masks), saved in checkpoints
+    so that a resumed run continues exactly.
+    """
+
+    name: ClassVar[str] = "base"
+    Args: ClassVar[type] = NoArgs
+    semi_supervised: ClassVar[bool] = True  # False: the loader gives no unlabeled images
+
+    def __init__(self, cfg: Config, spec: Any):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        self.args = resolve_args(self.Args, cfg.method_args, self.name)
+        self.num_classes = int(spec.num_classes)
+        self.spatial_dims = int(spec.spatial_dims)
+        self.max_iters = int(cfg.max_iters)
+        self.rng = torch.Generator().manual_seed(cfg.seed * 1000 + 17)
+        self.student = self.make_net()
+
+    # --- construction helpers
+    def make_net(self, **kwargs: Any) -> UNet:
+        """A UNet for this suite (kwargs override, e.g. ``up_modes=("transpose", "linear")``)."""
+        opts = dict(in_channels=1, num_classes=self.num_classes, spatial_dims=self.spatial_dims,
+                    width=self.cfg.width, depth=self.cfg.depth)
+        return UNet(**(opts | kwargs))
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """One SGD optimiser over every trainable parameter (EMA teachers are frozen)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                weight_decay=self.cfg.weight_decay)]
+
+    def resolved_args(self) -> dict:
+        """The method's resolved hyper-parameters (saved beside the config)."""
+        return asdict(self.args)
+
+    # --- schedule helpers (fractions of max_iters)
+    def progress(self, step: int) -> float:
+        """Fraction of the run done at ``step``."""
+        return step / max(self.max_iters, 1)
+
+    def cons_weight(self, step: int) -> float:
+        """``cfg.cons_weight`` times the sigmoid ramp-up over ``cfg.rampup`` of the run."""
+        return self.cfg.cons_weight * sigmoid_rampup(self.progress(step), self.cfg.rampup)
+
+    # --- the training protocol
+    def supervised_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """SSL4MIS's supervised loss ``0.5 (CE + Dice)`` (soft Dice over all classes)."""
+        return losses.dice_ce_loss(logits, y, lambda_dice=0.5, lambda_ce=0.5)
+
+    def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Return ``{'loss': total, <part>: value, ...}`` for one batch."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after the optimiser step (EMA updates go here)."""
+
+    def update(self, batch: dict[str, Tensor], step: int, optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
+        """One iteration: zero_grad, training_step, backward, optimiser step(s), after_step."""
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        out = self.training_step(batch, step)
+        out["loss"].backward()
+        for opt in optimizers:
+            opt.step()
+        self.after_step(step)
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits used for evaluation, ``(B, C, *S)``; the student by default."""
+        return self.student(x)

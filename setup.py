@@ -1,0 +1,41 @@
+"""minissl: compact semi-supervised medical image segmentation.
+
+Install with ``pip install -e .``. The C++/CUDA kernels are not built here: they are JIT-compiled
+with ninja on first use (``minissl/ops/_build.py``) and shipped as package data so regular installs
+find them too.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="minissl",
+    version="0.1.0",
+    description="Compact, tested semi-supervised medical image segmentation with fused C++/CUDA kernels",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["minissl", "minissl.*"]),
+    package_data={"minissl": ["csrc/**/*", "csrc/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "h5py>=3.8",
+        "scikit-image>=0.21",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "ninja>=1.11",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "medpy>=0.5", "monai>=1.3",
+                 "opencv-python-headless>=4.8", "nbclient>=0.7", "nbformat>=5.7", "ipykernel>=6"],
+        "notebooks": ["jupyter", "nbclient>=0.7", "nbformat>=5.7", "ipykernel>=6"],
+        "data": ["nibabel>=5", "tifffile>=2023.1", "pynrrd>=1.0", "SimpleITK>=2.2", "pillow>=9"],
+    },
+    entry_points={"console_scripts": ["minissl=minissl.cli:main"]},
+)

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny stores made from the embedded generators (fast enough for CI)."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minissl.data import phantoms
+from minissl.data.store import write_case, write_store
+
+CI = os.environ.get("MINISSL_CI", "0") == "1"
+
+TINY = {  # suite -> (generator kwargs, patch size)
+    "fetal_head": ({"size": 32}, (32, 32)),
+    "cardiac": ({"size": 32}, (32, 32)),
+    "atrium": ({"shape": (16, 24, 24)}, (8, 16, 16)),
+}
+
+
+def make_tiny_store(root: Path, suite: str, n_train: int = 8, n_val: int = 2, n_test: int = 2,
+                    budget: int = 2, iters: int = 40) -> Path:
+    """A small store of ``suite``: same generator, smaller images and fewer cases."""
+    kwargs, patch = TINY[suite]
+    spec = replace(phantoms.SUITES[suite], patch_size=patch, n_train=n_train, n_val=n_val, n_test=n_test,
+                   default_budget=budget, default_iters=iters)
+    ids = []
+    for i in range(n_train + n_val + n_test):
+        rng = np.random.default_rng([0, 99, i])
+        case = phantoms.GENERATORS[suite](rng, f"{suite}_{i:04d}", **kwargs)
+        write_case(root / "cases" / f"{case.id}.h5", case, spec.num_classes)
+        ids.append(case.id)
+    a, b = n_train, n_train + n_val
+    write_store(root, spec, {"train": ids[:a], "val": ids[a:b], "test": ids[b:]})
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_stores(tmp_path_factory) -> dict[str, Path]:
+    """One tiny store per suite, made once per test session."""
+    base = tmp_path_factory.mktemp("stores")
+    return {s: make_tiny_store(base / s, s) for s in TINY}

@@ -1,0 +1,108 @@
+"""evaluate / summarise / write_rows / report_figure on tiny fake cases."""
+import csv
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from medpy.metric import binary as mb
+
+from minissl import evaluate as ev
+
+
+class Oracle(torch.nn.Module):
+    """Logits that reproduce a fixed label map (looked up by the input's values)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):                                     # x holds the labels as floats
+        return torch.nn.functional.one_hot(x[:, 0].round().long(), self.num_classes).movedim(-1, 1).float() * 10
+
+
+def _disk(shape, cy, cx, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8)
+
+
+def _case(cid, image, label, spacing=(1.0, 1.0), **meta):
+    return SimpleNamespace(id=cid, image=image.astype(np.float32), label=label, spacing=spacing, meta=meta)
+
+
+def test_evaluate_rows_match_medpy():
+    spec = SimpleNamespace(spatial_dims=2, num_classes=3, patch_size=(32, 32), class_names=["bg", "a", "b"])
+    vol = np.zeros((3, 32, 32), np.uint8)
+    vol[:, 4:14, 4:14], vol[1:, 18:28, 16:30] = 1, 2
+    gt = vol.copy()
+    gt[:, 5:15, 4:14] = np.where(gt[:, 5:15, 4:14] == 2, 2, 1)
+    cases = [_case("v0", vol, gt, spacing=(5.0, 0.8, 0.8)), _case("v1", vol, vol, spacing=None)]
+    rows = ev.evaluate(Oracle(3), cases, spec)
+    assert [(r["case"], r["class"], r["unit"]) for r in rows] == [
+        ("v0", "a", "mm"), ("v0", "b", "mm"), ("v1", "a", "px"), ("v1", "b", "px")]
+    assert rows[0]["hd95"] == pytest.approx(mb.hd95(vol == 1, gt == 1, (5.0, 0.8, 0.8)), abs=1e-6)
+    assert rows[0]["dice"] == pytest.approx(mb.dc(vol == 1, gt == 1))
+    assert rows[2]["dice"] == 1.0 and rows[3]["hd95"] == 0.0
+    s = ev.summarise(rows)
+    case_means = [np.mean([rows[0]["dice"], rows[1]["dice"]]), 1.0]
+    assert sorted(s) == ["asd", "dice", "hd95", "jaccard"] and s["dice"]["n"] == 2
+    assert s["dice"]["mean"] == pytest.approx(np.mean(case_means))
+    assert s["dice"]["std"] == pytest.approx(np.std(case_means))
+    per_class = ev.summarise(rows, by_class=True)
+    assert per_class["a"]["dice"]["mean"] == pytest.approx((rows[0]["dice"] + 1) / 2)
+
+
+def test_fetal_head_hc_error_and_files(tmp_path):
+    spec = SimpleNamespace(spatial_dims=2, num_classes=2, patch_size=(64, 80), class_names=["bg", "head"])
+    gt = _disk((64, 80), 32, 40, 20)
+    pred = np.zeros_like(gt)
+    cases = [_case("h0", gt, gt, spacing=(0.2, 0.2), pixel_size_mm=0.2),
+             _case("h1", pred, gt, spacing=(0.2, 0.2), pixel_size_mm=0.2)]
+    rows = ev.evaluate(Oracle(2), cases, spec)
+    assert rows[0]["hc_error_mm"] == pytest.approx(0.0, abs=1e-9)
+    assert rows[1]["hc_error_mm"] == pytest.approx(2 * math.pi * 20.0 * 0.2, rel=0.03)   # empty pred: HC 0
+    assert rows[1]["dice"] == 0.0 and rows[1]["hd95"] == pytest.approx(math.hypot(64 * 0.2, 80 * 0.2))
+    ev.write_rows(rows, tmp_path / "m.csv", tmp_path / "m.json")
+    table = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert list(table[0]) == ["case", "class", "unit", "dice", "jaccard", "hd95", "asd", "hc_error_mm"]
+    assert float(table[1]["hd95"]) == pytest.approx(rows[1]["hd95"])
+    payload = json.loads((tmp_path / "m.json").read_text())
+    assert payload["rows"] == rows and payload["summary"]["hc_error_mm"]["mean"] > 0
+    assert payload["per_class"]["head"]["dice"]["mean"] == 0.5
+
+
+def test_report_figure(tmp_path):
+    from matplotlib.image import imread
+
+    rng = np.random.default_rng(0)
+    labels = [_disk((32, 40), 16, 20, 8), np.stack([_disk((24, 24), 12, 12, r) * 2 for r in (0, 3, 6, 8, 4, 0)])]
+    cases = [_case("c0", rng.random((32, 40)), labels[0]), _case("c1", rng.random((6, 24, 24)), labels[1])]
+    preds = {"supervised": [np.roll(l, 2, -1) for l in labels], "mean_teacher": labels}
+    it = np.arange(0, 100, 10)
+    curves = {"supervised": {"step": it, "loss": np.exp(-it / 50), "val_step": it[::3], "val_dice": it[::3] / 99},
+              "mean_teacher": {"step": it, "loss": np.exp(-it / 40)}}
+    out = ev.report_figure(tmp_path / "r.png", cases, preds, curves, class_names=["bg", "A", "B"])
+    png = imread(out)
+    assert png.ndim == 3 and png.shape[0] > 300
+    ev.report_figure(tmp_path / "one.png", cases[:1], [labels[0]])   # one method, no curves
+    with pytest.raises(ValueError, match="a prediction per case"):
+        ev.report_figure(tmp_path / "x.png", cases, [labels[0]])
+
+
+def test_bad_input():
+    spec = SimpleNamespace(spatial_dims=2, num_classes=2, patch_size=(16, 16), class_names=None)
+    with pytest.raises(ValueError, match="case u0 has no label"):
+        ev.evaluate(Oracle(2), [_case("u0", np.zeros((16, 16)), None)], spec)
+    with pytest.raises(ValueError, match="at least one row"):
+        ev.summarise([])
+
+
+def test_evaluate_3d_sliding_window():
+    spec = SimpleNamespace(spatial_dims=3, num_classes=2, patch_size=(8, 8, 8), class_names=["bg", "atrium"])
+    label = np.zeros((10, 20, 12), np.uint8)
+    label[2:8, 5:15, 3:9] = 1
+    rows = ev.evaluate(Oracle(2), [_case("a0", label, label, spacing=(1.0, 0.6, 0.6))], spec)
+    assert rows == [{"case": "a0", "class": "atrium", "unit": "mm", "dice": 1.0, "jaccard": 1.0,
+                     "hd95": 0.0, "asd": 0.0}]

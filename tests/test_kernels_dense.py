@@ -1,0 +1,193 @@
+"""Compiled dense kernels (dice_ce_entropy forward/backward, mix) against minissl.ops.reference.
+
+The extension is built once for the module; with MINISSL_REQUIRE_EXT=1 a failed build fails loudly
+(the build raises), otherwise these tests are skipped when it cannot be built.
+"""
+import os
+
+import pytest
+import torch
+
+from minissl import ops
+from minissl.ops import _build, reference
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if os.environ.get("MINISSL_NO_EXT") == "1":
+        pytest.skip("MINISSL_NO_EXT=1: compiled kernels disabled")
+    path = _build.load()  # raises when MINISSL_REQUIRE_EXT=1 and the build fails
+    if path is None:
+        pytest.skip(f"extension not built: {_build.build_info()['error']}")
+    from minissl.ops import _kernels
+
+    return _kernels
+
+
+def _inputs(B, C, spatial, dtype, soft, weighted, g, device="cpu"):
+    logits = (3 * torch.randn(B, C, *spatial, generator=g, dtype=dtype)).to(device)  # (B, C, *S)
+    if soft:
+        target = torch.rand(B, C, *spatial, generator=g, dtype=dtype).to(device)  # (B, C, *S)
+    else:
+        target = torch.randint(0, max(C, 2), (B, *spatial), generator=g).to(device)  # (B, *S)
+    weight = torch.rand(B, *spatial, generator=g, dtype=dtype).to(device) if weighted else None  # (B, *S)
+    return logits, target, weight
+
+
+CONFIGS = [  # (C, spatial, soft, weighted, squared)
+    (1, (5, 7), False, False, False), (1, (4, 3, 5), True, True, True), (2, (6, 5), False, True, False),
+    (3, (3, 4, 5), False, False, True), (4, (9, 4), True, False, False), (6, (2, 3, 17), False, True, True),
+    (9, (5, 5), True, True, False),
+]
+
+
+def _check_against_reference(kernels, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for C, spatial, soft, weighted, squared in CONFIGS:
+        B = int(torch.randint(1, 4, (1,), generator=g))
+        logits, target, weight = _inputs(B, C, spatial, dtype, soft, weighted, g, device)
+        x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        ours = kernels.dice_ce_entropy(x1, target, weight, squared=squared)
+        ref = reference.dice_ce_entropy(x2, target, weight, squared=squared)
+        for name, a, b in zip(ref._fields, ours, ref):
+            assert a.dtype == dtype and a.shape == b.shape, name
+            torch.testing.assert_close(a, b, **tol, msg=f"{name} C={C} soft={soft} w={weighted} sq={squared}")
+        grads = [torch.randn(r.shape, generator=g, dtype=dtype).to(device) for r in ref]
+        torch.autograd.backward(list(ours), grads)
+        torch.autograd.backward(list(ref), grads)
+        torch.testing.assert_close(x1.grad, x2.grad, **tol, msg=f"grad C={C} soft={soft} w={weighted} sq={squared}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dice_ce_entropy_matches_reference(kernels, dtype):
+    _check_against_reference(kernels, dtype, "cpu")
+
+
+def test_dice_ce_entropy_large_logits_stay_finite(kernels):
+    logits = torch.tensor([[[80.0, -80.0]], [[-80.0, 80.0]]]).view(1, 2, 1, 2).repeat(2, 1, 1, 1)  # (2, 2, 1, 2)
+    labels = torch.tensor([[[0, 1]], [[1, 0]]])  # (2, 1, 2)
+    ours, ref = kernels.dice_ce_entropy(logits, labels), reference.dice_ce_entropy(logits, labels)
+    for a, b in zip(ours, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
+def test_dice_ce_entropy_gradcheck(kernels):
+    g = torch.Generator().manual_seed(1)
+    for C, spatial, soft, weighted, squared in [(3, (3, 4), False, True, True), (1, (2, 2, 3), True, False, False),
+                                                (2, (4, 3), True, True, False)]:
+        logits, target, weight = _inputs(2, C, spatial, torch.float64, soft, weighted, g)
+        logits.requires_grad_()
+        fn = lambda x: tuple(kernels.dice_ce_entropy(x, target, weight, squared=squared))  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-6)
+
+
+def test_opcheck(kernels):
+    g = torch.Generator().manual_seed(2)
+    logits, target, weight = _inputs(2, 3, (4, 5), torch.float32, False, True, g)
+    torch.library.opcheck(torch.ops.minissl.dice_ce_entropy.default, (logits.requires_grad_(), target, weight, False))
+    soft_logits, soft, _ = _inputs(2, 1, (3, 2, 4), torch.float64, True, False, g)
+    torch.library.opcheck(torch.ops.minissl.dice_ce_entropy.default, (soft_logits, soft, None, True))
+    gBC, gB = torch.randn(2, 3, generator=g), torch.randn(2, generator=g)
+    torch.library.opcheck(torch.ops.minissl.dice_ce_entropy_backward.default,
+                          (gBC, gBC, gB, gB, logits.detach(), target, weight, False))
+    a = [torch.randn(2, 1, 6, 8, generator=g), torch.randint(0, 3, (2, 6, 8), generator=g)]
+    b = [torch.randn(2, 1, 6, 8, generator=g), torch.randint(0, 3, (2, 6, 8), generator=g)]
+    boxes = torch.tensor([[1, 2, 4, 7], [0, 0, 6, 8]])
+    torch.library.opcheck(torch.ops.minissl.mix.default, (a, b, boxes, None))
+
+
+def _random_boxes(B, spatial, g):
+    lo = torch.stack([torch.randint(0, s + 1, (B,), generator=g) for s in spatial], 1)  # (B, sd)
+    hi = torch.stack([torch.randint(0, s + 1, (B,), generator=g) for s in spatial], 1)  # (B, sd)
+    return torch.cat([torch.minimum(lo, hi), torch.maximum(lo, hi)], 1)  # (B, 2 sd)
+
+
+def _random_tensor(shape, dtype, g):
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g, dtype=dtype)
+    return torch.randint(0, 100, shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("spatial,grid", [((6, 8), (3, 2)), ((4, 6, 10), (2, 3, 5)), ((1, 9), (1, 3))])
+def test_mix_matches_reference(kernels, spatial, grid):
+    g = torch.Generator().manual_seed(3)
+    B = 3
+    dtypes = [torch.float32, torch.float64, torch.int64, torch.uint8, torch.bool]
+    a = [_random_tensor((B, 2, *spatial) if i % 2 else (B, *spatial), d, g) for i, d in enumerate(dtypes)]
+    b = [_random_tensor(x.shape, x.dtype, g) for x in a]
+    for _ in range(4):
+        boxes = _random_boxes(B, spatial, g)
+        blocks = torch.rand(B, *grid, generator=g) > 0.5  # (B, *G)
+        for kw in (dict(boxes=boxes), dict(blocks=blocks)):
+            for ours, ref in zip(kernels.mix(a, b, **kw), reference.mix(a, b, **kw)):
+                assert ours.dtype == ref.dtype and torch.equal(ours, ref)
+
+
+def test_mix_empty_and_full_box(kernels):
+    a, b = [torch.zeros(2, 4, 5)], [torch.ones(2, 4, 5)]
+    out = kernels.mix(a, b, boxes=torch.tensor([[1, 1, 1, 5], [0, 0, 4, 5]]))[0]
+    assert out[0].sum() == 0 and bool((out[1] == 1).all())
+
+
+def test_bad_input_errors(kernels):
+    op = torch.ops.minissl
+    logits, labels = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 3\)"):
+        op.dice_ce_entropy(logits, labels.clone().fill_(3), None, False)
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 2\)"):
+        op.dice_ce_entropy(logits[:, :1], labels.clone().fill_(-1), None, False)
+    with pytest.raises(ValueError, match="expected logits to be float32 or float64, got Long"):
+        op.dice_ce_entropy(labels.unsqueeze(1), labels, None, False)
+    with pytest.raises(ValueError, match="expected int64 target of shape"):
+        op.dice_ce_entropy(logits, labels[:, :2], None, False)
+    with pytest.raises(ValueError, match="expected int64 labels or a Float soft target, got Double"):
+        op.dice_ce_entropy(logits, logits.double(), None, False)
+    with pytest.raises(ValueError, match="expected weight of shape"):
+        op.dice_ce_entropy(logits, labels, torch.ones(2, 4), False)
+    a, b = [torch.zeros(2, 4, 5)], [torch.ones(2, 4, 5)]
+    with pytest.raises(ValueError, match="exactly one of boxes / blocks, got neither"):
+        op.mix(a, b, None, None)
+    with pytest.raises(ValueError, match=r"expected 0 <= lo <= hi <= 5 on spatial dim 1, got box \(2, 6\)"):
+        op.mix(a, b, torch.tensor([[0, 2, 4, 6], [0, 0, 1, 1]]), None)
+    with pytest.raises(ValueError, match="divisible by the block grid"):
+        op.mix(a, b, None, torch.ones(2, 3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="same shape and dtype"):
+        op.mix(a, [torch.ones(2, 4, 5, dtype=torch.float64)], torch.tensor([[0, 0, 1, 1]] * 2), None)
+    if CUDA:
+        with pytest.raises(ValueError, match="expected target on"):
+            op.dice_ce_entropy(logits.cuda(), labels, None, False)
+
+
+def test_dispatch_uses_kernel(kernels, monkeypatch):
+    assert _build.get_kernel("dice_ce_entropy") is kernels.dice_ce_entropy
+    assert _build.get_kernel("mix") is kernels.mix
+    assert _build.get_kernel("head_circumference") is None  # no kernel: the reference runs
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the reference ran although a kernel is compiled")
+
+    monkeypatch.setattr(reference, "dice_ce_entropy", boom)
+    monkeypatch.setattr(reference, "mix", boom)
+    stats = ops.dice_ce_entropy(torch.randn(2, 2, 4, 4), torch.randint(0, 2, (2, 4, 4)))
+    assert stats.ce.shape == (2,)
+    out = ops.mix([torch.zeros(1, 4, 4)], [torch.ones(1, 4, 4)], boxes=torch.tensor([[0, 0, 2, 2]]))
+    assert out[0].sum() == 4
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_reference(kernels, dtype):
+    assert kernels.has_kernel("dice_ce_entropy", "cuda"), "CUDA torch but the CUDA kernels were not built"
+    _check_against_reference(kernels, dtype, "cuda")
+    g = torch.Generator().manual_seed(4)
+    a = [torch.randn(3, 2, 4, 6, 8, generator=g).cuda(), torch.randint(0, 9, (3, 4, 6, 8), generator=g).cuda()]
+    b = [torch.randn(3, 2, 4, 6, 8, generator=g).cuda(), torch.randint(0, 9, (3, 4, 6, 8), generator=g).cuda()]
+    for kw in (dict(boxes=_random_boxes(3, (4, 6, 8), g).cuda()), dict(blocks=(torch.rand(3, 2, 3, 4) > 0.5).cuda())):
+        for ours, ref in zip(kernels.mix(a, b, **kw), reference.mix(a, b, **kw)):
+            assert torch.equal(ours, ref)

@@ -1,0 +1,67 @@
+"""UNet: shapes in 2D/3D, decoders, feature taps, perturbation, SSL4MIS size, errors."""
+import pytest
+import torch
+from torch import nn
+
+from minissl.nets import UNet
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (32, 24)), (3, (8, 16, 8))])
+def test_shapes_all_decoders(spatial_dims, size):
+    net = UNet(2, 3, spatial_dims, width=4, depth=3, up_modes=("transpose", "linear", "nearest")).eval()
+    x = torch.randn(2, 2, *size)
+    feats = net.encode(x)
+    assert [f.shape[1] for f in feats] == [4, 8, 16, 32]
+    assert feats[-1].shape[2:] == tuple(s // 8 for s in size)
+    outs = net.forward_all(x)
+    assert len(outs) == 3 and all(o.shape == (2, 3, *size) for o in outs)
+    logits, last = net.decode(feats, 1)
+    assert torch.equal(logits, outs[1]) and last.shape == (2, 4, *size)
+    assert torch.equal(net(x), outs[0])
+    assert not torch.equal(outs[0], outs[1])                  # independent decoders
+
+
+def test_layers_follow_ssl4mis():
+    net = UNet(up_modes=("linear",))                          # SSL4MIS UNet: 16..256 channels, bilinear
+    assert sum(p.numel() for p in net.parameters()) == 1_813_474
+    block = net.encoder[0]
+    assert [type(m) for m in block] == [nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU, nn.Dropout,
+                                        nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU]
+    assert [b[3].p for b in net.encoder] == [0.05, 0.1, 0.2, 0.3, 0.5]
+    assert [b[3].p for b in UNet(depth=2).encoder] == [0.2, 0.3, 0.5]
+    net3 = UNet(spatial_dims=3, depth=2, width=4, dropout=0.1, up_modes="nearest")
+    assert isinstance(net3.encoder[1][0], nn.Conv3d) and all(b[3].p == 0.1 for b in net3.encoder)
+    assert isinstance(UNet(depth=2).decoders[0].ups[0], nn.ConvTranspose2d)
+
+
+def test_feature_perturbation():
+    net = UNet(1, 2, 2, width=4, depth=2, feature_dropout=0.5).eval()
+    feats = net.encode(torch.randn(1, 1, 16, 16))
+    torch.manual_seed(0)
+    perturbed, _ = net.decode(feats, perturb=True)            # applied even in eval mode (UniMatch)
+    assert not torch.equal(perturbed, net.decode(feats)[0])
+    assert torch.equal(net.decode(feats)[0], net.decode(feats)[0])
+
+
+def test_gradients_reach_encoder():
+    net = UNet(1, 2, 2, width=4, depth=2, up_modes=("transpose", "linear"))
+    sum(o.sum() for o in net.forward_all(torch.randn(2, 1, 8, 8))).backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_bad_input():
+    net = UNet(1, 2, 2, width=4, depth=3)
+    with pytest.raises(ValueError, match=r"divisible by 2\*\*depth=8, got \(20, 16\)"):
+        net(torch.zeros(1, 1, 20, 16))
+    with pytest.raises(ValueError, match=r"C=1, got \(1, 3, 16, 16\)"):
+        net(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        net(torch.zeros(1, 16, 16))
+    with pytest.raises(ValueError, match="up_modes must be 1 to 3"):
+        UNet(up_modes=("transpose", "bicubic"))
+    with pytest.raises(ValueError, match="dropout needs depth"):
+        UNet(depth=5)
+    with pytest.raises(ValueError, match=r"decoder index must be in \[0, 1\)"):
+        net.decode(net.eval().encode(torch.zeros(1, 1, 8, 8)), 1)
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+        UNet(spatial_dims=1)

@@ -1,0 +1,101 @@
+"""Synthetic suites: determinism, shapes, label semantics, the store on disk, caching."""
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.measure import regionprops
+
+from minissl.data import phantoms, store
+
+
+@pytest.mark.parametrize("name", list(phantoms.SUITES))
+def test_cases_deterministic_and_well_formed(name):
+    spec = phantoms.SUITES[name]
+    a, b, c = (phantoms.generate_case(name, i, seed=s) for i, s in ((3, 0), (3, 0), (3, 1)))
+    assert a.image.tobytes() == b.image.tobytes() and a.label.tobytes() == b.label.tobytes()
+    assert not np.array_equal(a.image, c.image)
+    assert a.image.dtype == np.float32 and a.label.dtype == np.uint8 and np.isfinite(a.image).all()
+    assert a.image.shape == a.label.shape and len(a.spacing) == a.image.ndim
+    assert a.image.ndim == (2 if name == "fetal_head" else 3)
+    assert set(np.unique(a.label)) <= set(range(spec.num_classes)) and a.label.any()
+    assert spec.default_budget == max(2, round(0.1 * spec.n_train))
+    assert all(p % 16 == 0 for p in spec.patch_size[-2:]) and len(spec.class_names) == spec.num_classes
+
+
+def test_cases_vary():
+    """Each case draws its own acquisition and anatomy: sizes and intensity statistics spread widely."""
+    areas = [phantoms.generate_case("fetal_head", i).label.mean() for i in range(12)]
+    assert max(areas) > 1.8 * min(areas)
+    stds = [phantoms.generate_case("cardiac", i).image.std() for i in range(8)]
+    assert max(stds) > 1.2 * min(stds)
+
+
+def test_fetal_head_label_is_the_ellipse_and_hc_is_consistent():
+    for i in range(4):
+        c = phantoms.generate_case("fetal_head", i)
+        cx, cy, a, b, t = c.meta["ellipse"]
+        y, x = np.mgrid[: c.label.shape[0], : c.label.shape[1]]
+        xe, ye = (x - cx) * np.cos(t) + (y - cy) * np.sin(t), -(x - cx) * np.sin(t) + (y - cy) * np.cos(t)
+        np.testing.assert_array_equal(c.label, ((xe / a) ** 2 + (ye / b) ** 2 <= 1).astype(np.uint8))
+        p = regionprops(c.label)[0]
+        if min(p.bbox) > 0 and max(p.bbox) < c.label.shape[0]:  # fully inside the image
+            assert abs(p.axis_major_length / 2 - a) < 0.05 * a and abs(p.axis_minor_length / 2 - b) < 0.05 * b
+        assert 0.7 <= b / a <= 0.95
+        # HC in mm = numeric ellipse perimeter (px) * pixel size
+        s = np.linspace(0, 2 * np.pi, 20001)
+        perim = np.hypot(np.diff(a * np.cos(s)), np.diff(b * np.sin(s))).sum()
+        assert c.spacing == (c.meta["pixel_size_mm"],) * 2
+        np.testing.assert_allclose(perim * c.meta["pixel_size_mm"], c.meta["hc_mm"], rtol=1e-4)
+        assert 150 <= c.meta["hc_mm"] <= 350
+
+
+def test_cardiac_stack_goes_base_to_apex():
+    rv_base, rv_apex = 0, 0
+    for i in range(6):
+        c = phantoms.generate_case("cardiac", i)
+        pos = np.asarray(c.meta["slice_positions"])
+        assert len(pos) == len(c.image) and 6 <= len(pos) <= 10 and np.all(np.diff(pos) > 0) and pos[0] == 0
+        assert c.meta["phase"] in ("ED", "ES") and c.spacing[0] >= 8
+        lv = (c.label == 3).sum((1, 2))
+        assert lv[0] > lv[-1]  # the LV shrinks towards the apex
+        rv_base += (c.label[0] == 1).sum()
+        rv_apex += (c.label[-1] == 1).sum()
+        assert (c.label[0] == 2).any() and (c.label[0] == 1).any()
+    assert rv_apex < 0.2 * rv_base  # the RV crescent disappears towards the apex
+
+
+def test_atrium_label_is_one_blob():
+    for i in range(2):
+        c = phantoms.generate_case("atrium", i)
+        _, n = ndi.label(c.label)
+        assert n == 1
+        assert abs(float(c.image.mean())) < 1e-3 and abs(float(c.image.std()) - 1) < 1e-3  # z-scored
+        assert 0.02 < c.label.mean() < 0.25
+
+
+def test_make_suite_store_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINISSL_DATA", str(tmp_path / "cache"))
+    root = phantoms.make_suite("fetal_head", sizes=(5, 2, 3))
+    assert root == tmp_path / "cache" / f"fetal_head-v{phantoms.VERSION}-s0-5-2-3"
+    info = json.loads((root / "suite.json").read_text())
+    assert info["version"] == phantoms.VERSION and info["seed"] == 0 and info["spatial_dims"] == 2
+    assert info["patch_size"] == [64, 64] and info["class_names"] == ["background", "head"]
+    assert info["n_train"] == 5 and info["default_budget"] == 2 and len(info["spacing"]) == 2
+    st = store.open_store(root)
+    assert [len(st.split(s)) for s in ("train", "val", "test")] == [5, 2, 3]
+    assert not set(st.split("train")) & (set(st.split("val")) | set(st.split("test")))
+    c = st.read(st.split("test")[0])
+    np.testing.assert_array_equal(c.image, phantoms.generate_case("fetal_head", 7).image)
+    mtime = (root / "suite.json").stat().st_mtime_ns
+    assert phantoms.make_suite("fetal_head", sizes=(5, 2, 3)) == root and (root / "suite.json").stat().st_mtime_ns == mtime
+    again = phantoms.make_suite("fetal_head", root=tmp_path / "again", sizes=(5, 2, 3))
+    for f in sorted((root / "cases").iterdir()):  # same seed -> identical files, byte for byte
+        assert f.read_bytes() == (again / "cases" / f.name).read_bytes()
+
+
+def test_unknown_suite_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown suite 'heart'.*atrium.*cardiac.*fetal_head"):
+        phantoms.make_suite("heart")
+    with pytest.raises(ValueError, match="sizes"):
+        phantoms.make_suite("cardiac", sizes=(0, 1, 1))
