@@ -8,11 +8,12 @@ Examples::
     minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
     minissl data make atrium
     minissl methods
+    minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2
+    minissl bench ops
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -70,13 +71,16 @@ def cmd_train(tokens: Sequence[str]) -> int:
     args, rest = p.parse_known_args(tokens)
     cfg = load_config(args.config, _overrides(rest))
     result = train(cfg)
+    if result is None:  # a rank > 0 under torchrun: rank 0 reports
+        return 0
     print(f"run folder: {result.run_dir}")
     print(f"best validation Dice {result.best_val_dice:.4f} at iteration {result.best_step}")
-    print(format_table([summary_row(cfg.method, result)], _columns(result)))
+    print(format_table([summary_row(cfg.method, result)], table_columns(result)))
     return 0
 
 
-def _columns(*results) -> list[tuple[str, str]]:
+def table_columns(*results) -> list[tuple[str, str]]:
+    """Columns of the comparison table for these RunResults (HC error only when a run has it)."""
     unit = results[0].test_rows[0].get("unit", "px") if results and results[0].test_rows else "px"
     cols = [("method", "method"), ("dice", "Dice %"), ("hd95", f"HD95 {unit}")]
     if any("hc_error_mm" in r.test for r in results):
@@ -88,30 +92,20 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     import torch
 
     from . import evaluate as evaluation
-    from .config import Config
-    from .engine import open_data
-    from .methods import get_method
+    from .engine import load_method, open_data
 
     p = argparse.ArgumentParser(prog="minissl eval", description="Evaluate a run's best checkpoint on a split.")
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--device", default="cpu")
     args = p.parse_args(tokens)
-    run = Path(args.run_dir)
-    if not (run / "config.json").exists() or not (run / "best.pt").exists():
-        raise ValueError(f"{run}: expected a run folder with config.json and best.pt")
-    data = json.loads((run / "config.json").read_text())
-    cfg = Config(**{k: v for k, v in data.items() if k in Config.__dataclass_fields__})
-    store = open_data(cfg)
-    method = get_method(cfg.method)(cfg, store.spec).to(args.device)
-    method.load_state_dict(torch.load(run / "best.pt", map_location=args.device, weights_only=False)["method"])
-    method.eval()
+    method = load_method(args.run_dir, device=args.device)
+    store = open_data(method.cfg)
     cases = [store.read(i) for i in store.split(args.split)]
     rows = evaluation.evaluate(method.predict, cases, store.spec, device=torch.device(args.device))
-    out = run / f"eval_{args.split}"
+    out = Path(args.run_dir) / f"eval_{args.split}"
     evaluation.write_rows(rows, out.with_suffix(".csv"), out.with_suffix(".json"))
-    summ = evaluation.summarise(rows)
-    for metric, v in summ.items():
+    for metric, v in evaluation.summarise(rows).items():
         print(f"{metric:>12s}: {v['mean']:.4f} ± {v['std']:.4f}")
     return 0
 
@@ -155,9 +149,13 @@ def cmd_demo(tokens: Sequence[str]) -> int:
 
 
 def cmd_bench(tokens: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="minissl bench", description="Benchmarks: kernels (ops).")
-    p.add_argument("what", choices=["ops"])
+    p = argparse.ArgumentParser(prog="minissl bench", description="Benchmarks: methods (leaderboard) or ops (kernels).")
+    p.add_argument("what", choices=["methods", "ops"])
     args, rest = p.parse_known_args(tokens)
+    if args.what == "methods":
+        from .bench import main as bench_main
+
+        return bench_main(rest)
     root = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ops.py"
     if not root.exists():
         raise ValueError(f"benchmarks need a source checkout: {root} not found")

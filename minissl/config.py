@@ -42,7 +42,7 @@ class Config:
     weight_decay: float = 1e-4  # SGD weight decay
     lr_schedule: str = "poly"  # poly: lr (1 - t)^0.9 | cosine | constant ; t = iter / max_iters
     # --- network
-    width: int = 16  # channels of the first UNet level (doubles per level)
+    width: int = 8  # channels of the first UNet level (doubles per level); CPU-sized, GPU recipes use 16
     depth: int = 4  # number of down-samplings
     # --- shared semi-supervised knobs (methods read them through the base class)
     ema_decay: float = 0.99  # EMA teacher decay

@@ -10,25 +10,41 @@ from __future__ import annotations
 import csv
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-import torch
-
-from .cli import _columns, format_table, summary_row
+from .cli import format_table, summary_row, table_columns
 from .config import load_config
 
 # The semi-supervised method shown by default on each suite.
 DEMO_METHOD = {"fetal_head": "mean_teacher", "cardiac": "mean_teacher", "atrium": "mean_teacher"}
 
 
-def _curves(run_dir: Path) -> dict:
-    """``{"loss": (iterations, values), "val_dice": (iterations, values)}`` from a run's log.csv."""
-    rows = list(csv.DictReader(open(run_dir / "log.csv")))
-    out = {}
-    for key in ("loss", "val_dice"):
-        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
-        out[key] = ([p[0] for p in pts], [p[1] for p in pts])
-    return out
+def read_curves(run_dir: Path) -> dict:
+    """``{"step", "loss", "val_step", "val_dice"}`` lists from a run's log.csv (for report_figure)."""
+    rows = list(csv.DictReader(open(Path(run_dir) / "log.csv")))
+    loss = [(int(r["step"]), float(r["loss"])) for r in rows if r.get("loss")]
+    val = [(int(r["step"]), float(r["val_dice"])) for r in rows if r.get("val_dice")]
+    return {"step": [s for s, _ in loss], "loss": [v for _, v in loss],
+            "val_step": [s for s, _ in val], "val_dice": [v for _, v in val]}
+
+
+def report(results: Sequence, path: str | Path, n_cases: int = 4) -> Path:
+    """PNG report of finished runs on the same data: the first test cases with ground truth and each
+    run's prediction (its best checkpoint), plus loss and validation-Dice curves."""
+    from . import evaluate as evaluation
+    from .engine import load_method, open_data
+    from .inference import predict_case
+
+    store = open_data(results[0].config)
+    spec = store.spec
+    cases = [store.read(i) for i in store.split("test")[:n_cases]]
+    preds = {}
+    for res in results:
+        method = load_method(res.run_dir)
+        preds[res.config.method] = [predict_case(method.predict, c.image, spec.spatial_dims, spec.patch_size)
+                                    for c in cases]
+    curves = {res.config.method: read_curves(res.run_dir) for res in results}
+    return evaluation.report_figure(path, cases, preds, curves=curves, class_names=spec.class_names)
 
 
 def run_demo(suite: str = "fetal_head", method: Optional[str] = None, iters: Optional[int] = None,
@@ -38,10 +54,7 @@ def run_demo(suite: str = "fetal_head", method: Optional[str] = None, iters: Opt
     Returns:
         The table rows (one dict per method).
     """
-    from . import evaluate as evaluation
-    from .engine import open_data, train
-    from .inference import predict_case
-    from .methods import get_method
+    from .engine import train
 
     method = method or DEMO_METHOD.get(suite, "mean_teacher")
     t_start = time.perf_counter()
@@ -56,21 +69,7 @@ def run_demo(suite: str = "fetal_head", method: Optional[str] = None, iters: Opt
     cfg = results[0].config
     print(f"\nminissl demo: {suite}, {cfg.budget} labeled cases, {cfg.max_iters} iterations, seed {seed} "
           f"(test means over {results[0].test['dice']['n']} cases)")
-    print(format_table(rows, _columns(*results)))
-
-    # report figure: a few test cases, ground truth and each method's prediction, plus curves
-    store = open_data(cfg)
-    cases = [store.read(i) for i in store.split("test")[:4]]
-    preds = {}
-    for res in results:
-        m = get_method(res.config.method)(res.config, store.spec)
-        m.load_state_dict(torch.load(res.run_dir / "best.pt", map_location="cpu", weights_only=False)["method"])
-        m.eval()
-        preds[res.config.method] = [predict_case(m.predict, c.image, store.spec.spatial_dims, store.spec.patch_size)
-                                    for c in cases]
-    curves = {res.config.method: _curves(res.run_dir) for res in results}
-    path = Path(out) / "report.png"
-    evaluation.report_figure(path, [c.image for c in cases], [c.label for c in cases], preds, curves=curves,
-                             class_names=store.spec.class_names, case_ids=[c.id for c in cases])
+    print(format_table(rows, table_columns(*results)))
+    path = report(results, Path(out) / "report.png")
     print(f"report: {path}   ({time.perf_counter() - t_start:.0f} s in all)")
     return rows

@@ -11,6 +11,10 @@ What it guarantees (the protocol):
   the model, optimisers, every random generator (torch, numpy, python, the method's own, the
   batch stream position) and the log are restored, so an interrupted run ends where an
   uninterrupted one would. SIGTERM and Ctrl-C save ``last.pt`` before leaving;
+* **many processes** with ``torchrun`` (one per GPU, NCCL; or CPU processes, gloo) and no other
+  change: each rank draws its own batches, gradients are averaged over ranks before every
+  optimiser step (so every method, whatever its networks, is data-parallel), and rank 0 validates,
+  writes checkpoints and tests. Exact resume is guaranteed for one process;
 * a run folder ``<out_dir>/<run_name>/`` with ``config.json``, ``log.csv`` (TensorBoard events too
   when ``tensorboard`` is installed), ``best.pt``, ``last.pt``, ``test_cases.csv/json`` and
   ``metrics.json``.
@@ -30,11 +34,13 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import evaluate as evaluation
 from . import metrics
 from .config import Config
 from .data import datasets, phantoms, store as store_mod
+from .data.store import write_text_atomic
 from .inference import predict_case
 from .methods import Method, get_method
 
@@ -100,7 +106,9 @@ class _Log:
     """Rows of ``log.csv`` (kept in memory and in checkpoints; TensorBoard when installed)."""
 
     def __init__(self, path: Path, rows: Optional[list[dict]] = None):
-        self.path, self.rows = path, rows or []
+        self.path, self.rows, self.tb = path, rows or [], None
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -152,6 +160,53 @@ class RunResult:
     seconds_per_iter: float
 
 
+class _Dist:
+    """``torchrun`` support: rank and world size from the environment, process group set up once."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device(device)
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (a stop request reaches everyone)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+class _GradAverage:
+    """An optimiser whose ``step`` first averages the gradients over all ranks (data parallelism
+    that works for any method, whatever networks it trains)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, world: int):
+        self.opt, self.world = opt, world
+
+    def step(self) -> None:
+        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])  # one collective per step
+            dist.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+        self.opt.step()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.opt, name)
+
+
 class _Stop:
     """SIGTERM / SIGINT flag: the loop saves ``last.pt`` and leaves at the end of the step."""
 
@@ -177,7 +232,7 @@ class _Stop:
             signal.signal(sig, handler)
 
 
-def train(cfg: Config, overwrite: bool = False) -> RunResult:
+def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
     """Train ``cfg.method`` on ``cfg``'s data, choose the checkpoint on validation, test once.
 
     Args:
@@ -185,12 +240,14 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
         overwrite: start afresh even if the run folder already holds a run.
 
     Returns:
-        A RunResult; the run folder holds everything needed to inspect or resume it.
+        A RunResult (None on ranks > 0 under torchrun); the run folder holds everything needed to
+        inspect or resume it.
     """
+    ddp = _Dist(cfg.device)
     store = open_data(cfg)
     cfg = resolve(cfg, store)
     spec = store.spec
-    device = torch.device(cfg.device)
+    device = ddp.device
     run_dir = Path(cfg.out_dir) / cfg.run_name
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if last_path.exists() and not (cfg.resume or overwrite):
@@ -200,10 +257,13 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
         raise ValueError(f"--resume: expected a checkpoint at {last_path}, found none")
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same seed on every rank: identical initial weights
     method = get_method(cfg.method)(cfg, spec).to(device)
     optimizers = method.optimizers()
-    cfg.to_json(run_dir / "config.json", {"method_resolved": method.resolved_args(), "suite_spec": _spec_dict(spec)})
+    if ddp.world > 1:
+        optimizers = [_GradAverage(o, ddp.world) for o in optimizers]
+    if ddp.main:
+        cfg.to_json(run_dir / "config.json", {"method_resolved": method.resolved_args(), "suite_spec": _spec_dict(spec)})
     labeled = store.labeled(cfg.budget, cfg.seed)
     val_cases = [store.read(i) for i in store.split("val")]
 
@@ -218,7 +278,8 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
     if cfg.resume:
         _set_rng_state(method, ckpt["rng"])
     # supervised methods draw only the labeled stream: the same labeled images per step as the others
-    batches = datasets.make_train_loader(store, labeled, seed=cfg.seed, batch_size=cfg.batch_size,
+    # rank r > 0 draws its own batches (seed + 7919 r); rank 0 draws those of a single-process run
+    batches = datasets.make_train_loader(store, labeled, seed=cfg.seed + 7919 * ddp.rank, batch_size=cfg.batch_size,
                                          labeled_bs=cfg.labeled_bs, unlabeled=method.semi_supervised, start=start)
 
     def checkpoint(step: int) -> dict:
@@ -228,7 +289,7 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
 
     train_time, done = 0.0, 0  # seconds in update() only (validation excluded)
     method.train()
-    bar = _progress(cfg, start)
+    bar = _progress(cfg, start) if ddp.main else None
     with _Stop() as stop:
         for step in range(start, cfg.max_iters):
             lr = learning_rate(cfg, step)
@@ -247,7 +308,8 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
             row = None
             if it % cfg.log_every == 0 or it == cfg.max_iters:
                 row = {"step": it, "lr": lr, **parts}
-            if it % cfg.val_every == 0 or it == cfg.max_iters:
+            stopping = ddp.any(stop.requested)
+            if (it % cfg.val_every == 0 or it == cfg.max_iters) and ddp.main:
                 val = validate(method, val_cases, spec, device)
                 row = (row or {"step": it}) | {"val_dice": val}
                 if val > best_val:
@@ -258,10 +320,10 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts['loss']:.3f}", best=f"{best_val:.3f}")
-            if (it % cfg.val_every == 0 or it == cfg.max_iters or stop.requested):
+            if (it % cfg.val_every == 0 or it == cfg.max_iters or stopping) and ddp.main:
                 log.flush()
                 _save_atomic(checkpoint(it), last_path)
-            if stop.requested and it < cfg.max_iters:
+            if stopping and it < cfg.max_iters:
                 if bar is not None:
                     bar.close()
                 raise KeyboardInterrupt(f"stopped at iteration {it}; continue with --resume "
@@ -269,6 +331,10 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
     if bar is not None:
         bar.close()
     sec_per_iter = train_time / max(done, 1)
+    if ddp.world > 1:
+        dist.barrier()
+        if not ddp.main:
+            return None
 
     # test once, with the checkpoint chosen on validation
     method.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["method"])
@@ -277,10 +343,22 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
     test_rows = evaluation.evaluate(method.predict, test_cases, spec, device=device)
     evaluation.write_rows(test_rows, run_dir / "test_cases.csv", run_dir / "test_cases.json")
     summary = evaluation.summarise(test_rows)
-    (run_dir / "metrics.json").write_text(json.dumps(
+    write_text_atomic(run_dir / "metrics.json", json.dumps(
         {"best_step": best_step, "best_val_dice": best_val, "seconds_per_iter": sec_per_iter, "test": summary},
         indent=2))
     return RunResult(run_dir, cfg, best_step, best_val, summary, test_rows, sec_per_iter)
+
+
+def load_method(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cpu") -> Method:
+    """The method of a finished run with the weights of ``checkpoint``, in eval mode."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() or not (run_dir / checkpoint).is_file():
+        raise ValueError(f"{run_dir}: expected a run folder with config.json and {checkpoint}")
+    data = json.loads((run_dir / "config.json").read_text())
+    cfg = Config(**{k: v for k, v in data.items() if k in Config.__dataclass_fields__})
+    method = get_method(cfg.method)(cfg, open_data(cfg).spec).to(device)
+    method.load_state_dict(torch.load(run_dir / checkpoint, map_location=device, weights_only=False)["method"])
+    return method.eval()
 
 
 def _spec_dict(spec: Any) -> dict:

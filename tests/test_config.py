@@ -54,3 +54,14 @@ def test_config_saved_as_json(tmp_path):
     cfg.to_json(tmp_path / "config.json", {"method_resolved": {"noise_std": 0.1}})
     data = json.loads((tmp_path / "config.json").read_text())
     assert data["method"] == "mean_teacher" and data["method_resolved"] == {"noise_std": 0.1}
+
+
+def test_published_recipes_load():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        cfg = load_config(str(path))
+        assert cfg.method_args == {}, f"{path.name}: unknown keys {cfg.method_args}"
+        assert cfg.max_iters >= 10000 and cfg.device == "cuda"

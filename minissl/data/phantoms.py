@@ -29,12 +29,12 @@ from scipy import ndimage as ndi
 
 from .store import Case, SuiteSpec, write_case, write_store
 
-VERSION = 1
+VERSION = 2
 
 SUITES: dict[str, SuiteSpec] = {
     "fetal_head": SuiteSpec(
-        name="fetal_head", spatial_dims=2, num_classes=2, patch_size=(64, 64), n_train=100, n_val=20, n_test=40,
-        default_budget=10, default_iters=600, class_names=("background", "head"),
+        name="fetal_head", spatial_dims=2, num_classes=2, patch_size=(64, 64), n_train=60, n_val=20, n_test=40,
+        default_budget=6, default_iters=600, class_names=("background", "head"),
         description="2D fetal-head ultrasound: speckled skull ellipse, shadows, dropout, distractor echoes "
                     "(HC18-like; pixel size in mm for head circumference)"),
     "cardiac": SuiteSpec(
@@ -104,18 +104,20 @@ def fetal_head_case(rng: np.random.Generator, case_id: str, size: int = 64) -> C
     speckle std 5.6 dB, i.e. 0.09-0.12 of the display range) -> sector (fan) mask.
 
     Echo levels (dB re skull): skull (bone, specular, angle dependent: x(0.25 + 0.75 |cos i|^1.5)
-    for incidence angle i, so lateral skull segments are up to 12 dB weaker) 0; falx/midline
+    for incidence angle i, so lateral skull segments are up to 12 dB weaker) -10..0 per case
+    (ossification, probe angle); falx/midline
     -22..-14; near-field abdominal-wall layers -16..-8; placenta -16..-10; uterine/maternal soft
     tissue -30..-20 (+-2.5 dB texture); brain parenchyma -38..-28 (skull-to-brain contrast 28-38 dB,
     bone-soft tissue reflection ~ -6 dB vs ~ -40 dB soft-soft interfaces); amniotic fluid, bladder,
-    cavum septi pellucidi -50..-40 (anechoic). Artefacts: 1-3 boundary dropout arcs (15-55 deg,
-    -20..-10 dB), 0-2 acoustic shadow wedges (4-12 deg wide, -14..-6 dB) behind the near skull or a
-    rib/limb. Distractors: a second ellipse-like echo beside the head (p = 0.75): a fetal abdomen /
-    limb section (interior -34..-26 dB, rim -14..-8 dB) or the maternal bladder (anechoic, wall
-    -16..-10 dB); a placenta arc (p = 0.5).
+    cavum septi pellucidi -50..-40 (anechoic). Artefacts: 1-4 boundary dropout arcs (20-70 deg,
+    -20..-10 dB), 0-3 acoustic shadow wedges (4-14 deg wide, -20..-6 dB) behind the near skull or a
+    rib/limb; display map gamma 0.7-1.5 (scanner presets). Distractors: 1-2 ellipse-like echoes
+    beside the head, of head-like size (0.6-1.15 a): a fetal abdomen section (interior -34..-24 dB,
+    rib rim -10..0 dB as bright as the skull, stomach bubble, spine echo) or the maternal bladder
+    (anechoic, wall -14..-4 dB); a placenta arc (p = 0.5).
 
     Anatomy: head centre anywhere leaving the skull inside the fan, angle uniform in [0, pi), semi-major
-    axis 0.20-0.34 of the image, axis ratio b/a in [0.7, 0.95]; skull thickness 1.2-2.6 px inside the
+    axis 0.16-0.36 of the image, axis ratio b/a in [0.7, 0.95]; skull thickness 1.2-2.6 px inside the
     label boundary (HC18 annotates the outer skull ellipse). Head circumference HC ~ U(150, 350) mm sets
     the pixel size: ``pixel_size_mm = HC / Ramanujan perimeter in px``.
 
@@ -143,7 +145,7 @@ def fetal_head_case(rng: np.random.Generator, case_id: str, size: int = 64) -> C
     fan = (np.abs(phi) <= half) & (depth >= r_min)
 
     # anatomy: head ellipse
-    a = u(0.20, 0.34) * S
+    a = u(0.16, 0.36) * S
     b = a * u(0.70, 0.95)
     theta = u(0.0, np.pi)
     for _ in range(20):
@@ -170,22 +172,28 @@ def fetal_head_case(rng: np.random.Generator, case_id: str, size: int = 64) -> C
     fluid_margin = u(0.1, 0.6) + 0.15 * smooth_field(rng, (S, S), 3)
     fluid = rho < 1.0 + fluid_margin
     # distractors (placed outside the head, the head occludes them)
-    if u() < 0.75:  # second ellipse-like echo: fetal abdomen/limb with a bright rim, or maternal bladder
-        a2 = a * u(0.6, 1.1)
-        b2 = a2 * u(0.55, 0.95)
+    for _ in range(int(rng.integers(1, 3))):  # ellipse-like echoes: fetal abdomen / limb section or bladder
+        a2 = a * u(0.6, 1.15)
+        b2 = a2 * u(0.6, 0.95)
         side = u(0, 2 * np.pi)
-        dist2 = (a + a2) * u(0.8, 1.2)
+        dist2 = (a + a2) * u(0.75, 1.2)
         c2 = (cx + dist2 * np.cos(side), cy + dist2 * np.sin(side))
-        x2, y2 = ellipse_coords(x, y, c2[0], c2[1], u(0, np.pi))
+        t2 = u(0, np.pi)
+        x2, y2 = ellipse_coords(x, y, c2[0], c2[1], t2)
         rho2 = np.sqrt((x2 / a2) ** 2 + (y2 / b2) ** 2)
-        rim = np.abs(rho2 - 1.0) * np.sqrt(a2 * b2) < u(0.7, 1.6)
+        rim = np.abs(rho2 - 1.0) * np.sqrt(a2 * b2) < u(0.7, 1.8)
         inside2 = rho2 < 1.0
-        if u() < 0.5:  # abdomen / limb: mid-level interior, bright rim
-            amp = np.where(inside2, db(u(-34, -26)), amp)
-            amp = np.where(rim, db(u(-14, -8)), amp)
+        if u() < 0.6:  # abdomen: mid-level interior, ribs/spine rim as bright as a thin skull, stomach bubble
+            amp = np.where(inside2, db(u(-34, -24) + 2.0 * smooth_field(rng, (S, S), 6)), amp)
+            amp = np.where(rim, db(u(-10, 0)), amp)
+            sa = u(-np.pi, np.pi)
+            stomach = np.hypot(x2 - 0.35 * a2 * np.cos(sa), y2 - 0.35 * b2 * np.sin(sa)) < u(0.15, 0.3) * b2
+            amp = np.where(stomach & inside2, db(u(-50, -40)), amp)
+            spine = np.hypot(x2 + 0.8 * a2 * np.cos(sa), y2 + 0.8 * b2 * np.sin(sa)) < u(0.1, 0.18) * b2
+            amp = np.where(spine, db(u(-4, 0)), amp)
         else:  # bladder: anechoic interior, bright wall
             amp = np.where(inside2, db(u(-50, -40)), amp)
-            amp = np.where(rim, db(u(-16, -10)), amp)
+            amp = np.where(rim, db(u(-14, -4)), amp)
         fluid &= ~(inside2 | rim)
     if u() < 0.5:  # placenta: a thick granular arc
         R = u(0.8, 1.6) * S
@@ -211,18 +219,18 @@ def fetal_head_case(rng: np.random.Generator, case_id: str, size: int = 64) -> C
     nx = gx * np.cos(theta) - gy * np.sin(theta)
     ny = gx * np.sin(theta) + gy * np.cos(theta)
     cos_i = np.abs(nx * rx + ny * ry) / (np.hypot(nx, ny) * depth + 1e-9)
-    skull_amp = 0.25 + 0.75 * cos_i ** 1.5
+    skull_amp = db(u(-10, 0)) * (0.25 + 0.75 * cos_i ** 1.5)
     par = np.arctan2(ye / b, xe / a)
-    for _ in range(rng.integers(1, 4)):
-        c0, w = u(-np.pi, np.pi), np.deg2rad(u(15, 55))
+    for _ in range(rng.integers(1, 5)):
+        c0, w = u(-np.pi, np.pi), np.deg2rad(u(20, 70))
         dphi = np.angle(np.exp(1j * (par - c0)))
         skull_amp = skull_amp * np.where(np.abs(dphi) < w / 2, db(u(-20, -10)), 1.0)
     amp = np.where(skull, skull_amp, amp)
     # acoustic shadows (wedges in fan angle), behind the near skull or anywhere
-    for _ in range(rng.integers(0, 3)):
-        c0, w = u(-half, half), np.deg2rad(u(4, 12))
+    for _ in range(rng.integers(0, 4)):
+        c0, w = u(-half, half), np.deg2rad(u(4, 14))
         start = np.hypot(cx - apex[0], cy - apex[1]) - a if u() < 0.6 else u(r_min, r_min + S)
-        amp = amp * np.where((np.abs(phi - c0) < w / 2) & (depth > start), db(u(-14, -6)), 1.0)
+        amp = amp * np.where((np.abs(phi - c0) < w / 2) & (depth > start), db(u(-20, -6)), 1.0)
 
     # acquisition: speckle, PSF, noise floor, gain, TGC residue, log compression
     n = (rng.standard_normal((2, S, S)) / np.sqrt(2.0)) * amp
@@ -236,7 +244,7 @@ def fetal_head_case(rng: np.random.Generator, case_id: str, size: int = 64) -> C
     gain_db = u(-6, 6) + u(-8, 6) * (depth - r_min) / S
     dr = u(45, 60)
     img = (20 * np.log10(env + 1e-6) + gain_db + dr) / dr
-    img = ndi.gaussian_filter(np.clip(img, 0, 1), u(0.2, 0.5))  # scan conversion
+    img = ndi.gaussian_filter(np.clip(img, 0, 1), u(0.2, 0.5)) ** u(0.7, 1.5)  # scan conversion, display map
     img = np.where(fan, img, 0.0).astype(np.float32)
 
     hc_mm = u(150, 350)
@@ -609,14 +617,12 @@ def gallery(path: str | os.PathLike, n: int = 4, seed: int = 0) -> Path:
         n: cases per suite.
         seed: generation seed.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
     cmap = ListedColormap([(0, 0, 0, 0), (1, 0.2, 0.2, 0.45), (0.2, 1, 0.2, 0.45), (0.2, 0.5, 1, 0.45)])
-    fig, axes = plt.subplots(len(SUITES), 2 * n, figsize=(2 * n * 1.6, len(SUITES) * 1.75))
+    fig = Figure(figsize=(2 * n * 1.6, len(SUITES) * 1.75))
+    axes = fig.subplots(len(SUITES), 2 * n)
     for r, name in enumerate(SUITES):
         for i in range(n):
             case = generate_case(name, i, seed)
@@ -633,5 +639,4 @@ def gallery(path: str | os.PathLike, n: int = 4, seed: int = 0) -> Path:
             axes[r, 2 * i].set_title(f"{name} {i}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)

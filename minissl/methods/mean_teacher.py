@@ -66,9 +66,9 @@ class MeanTeacher(Method):
         sup = self.supervised_loss(logits[:bl], y_l)
         with torch.no_grad():
             probs_t = torch.softmax(self.teacher(x_u + self.noise(x_u)), dim=1)  # (Bu, C, *S)
-        cons = losses.consistency_mse(logits[bl:], probs_t)
+        unsup = losses.consistency_mse(logits[bl:], probs_t)
         w = self.cons_weight(step)
-        return {"loss": sup + w * cons, "sup": sup, "cons": cons, "w": torch.tensor(w)}
+        return {"loss": sup + w * unsup, "sup": sup, "unsup": unsup, "w": torch.tensor(w)}
 
     def after_step(self, step: int) -> None:
         ema_update(self.teacher, self.student, self.cfg.ema_decay, step)

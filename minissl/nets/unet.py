@@ -10,9 +10,8 @@ up-sampling per level, concatenates the skip feature and applies the same block 
   or nearest up-sampling by 2 (SSL4MIS's plain UNet uses "linear"; the minissl default is "transpose").
 
 Feature perturbation (UniMatch): ``decode(feats, index, perturb=True)`` applies channel dropout
-(``Dropout2d``/``Dropout3d`` with p = ``feature_dropout``, default 0.5) to every encoder feature before
-decoding. It is applied whenever ``perturb=True``, in train and eval mode alike (UniMatch builds a fresh
-``nn.Dropout2d(0.5)`` in its forward pass, which is always in training mode).
+(``Dropout2d``/``Dropout3d``, p = ``feature_dropout``, default 0.5) to every encoder feature, in train and
+eval mode alike (UniMatch builds a fresh ``nn.Dropout2d(0.5)``, always in training mode, in its forward).
 """
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ UP_MODES = ("transpose", "linear", "nearest")
 
 
 def _layers(spatial_dims: int) -> tuple[type, type, type]:
-    """(Conv, ConvTranspose, BatchNorm) classes of ``spatial_dims``."""
     return (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d) if spatial_dims == 2 else \
         (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d)
 
@@ -39,21 +37,25 @@ def conv_block(c_in: int, c_out: int, spatial_dims: int, dropout: float = 0.0) -
                          conv(c_out, c_out, 3, padding=1), norm(c_out), nn.LeakyReLU())
 
 
+def up_layer(c_in: int, c_out: int, spatial_dims: int, mode: str) -> nn.Module:
+    """x2 up-sampling c_in -> c_out: a transposed conv, or a 1x1 conv then linear/nearest interpolation."""
+    conv, tconv, _ = _layers(spatial_dims)
+    if mode == "transpose":
+        return tconv(c_in, c_out, 2, stride=2)
+    linear = "bilinear" if spatial_dims == 2 else "trilinear"
+    return nn.Sequential(conv(c_in, c_out, 1), nn.Upsample(scale_factor=2, mode=linear if mode == "linear" else mode,
+                                                           align_corners=True if mode == "linear" else None))
+
+
 class Decoder(nn.Module):
     """One decoder: per level up-sample, concatenate the skip, conv block; then a 3x3 conv head."""
 
     def __init__(self, chans: Sequence[int], num_classes: int, spatial_dims: int, up_mode: str):
         super().__init__()
-        conv, tconv, _ = _layers(spatial_dims)
-        interp = {"linear": "bilinear" if spatial_dims == 2 else "trilinear", "nearest": "nearest"}
-        self.ups, self.blocks = nn.ModuleList(), nn.ModuleList()
-        for k in reversed(range(len(chans) - 1)):
-            corners = True if up_mode == "linear" else None
-            self.ups.append(tconv(chans[k + 1], chans[k], 2, stride=2) if up_mode == "transpose" else nn.Sequential(
-                conv(chans[k + 1], chans[k], 1), nn.Upsample(scale_factor=2, mode=interp.get(up_mode),
-                                                             align_corners=corners)))
-            self.blocks.append(conv_block(2 * chans[k], chans[k], spatial_dims))
-        self.head = conv(chans[0], num_classes, 3, padding=1)
+        levels = list(reversed(range(len(chans) - 1)))
+        self.ups = nn.ModuleList(up_layer(chans[k + 1], chans[k], spatial_dims, up_mode) for k in levels)
+        self.blocks = nn.ModuleList(conv_block(2 * chans[k], chans[k], spatial_dims) for k in levels)
+        self.head = _layers(spatial_dims)[0](chans[0], num_classes, 3, padding=1)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x = feats[-1]                                                   # (B, c_depth, *S / 2**depth)

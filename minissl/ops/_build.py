@@ -76,7 +76,7 @@ def cache_key(srcs: list[Path], flags: dict[str, list[str]]) -> str:
     h.update(repr(sorted(flags.items())).encode())
     headers = sorted(p for p in CSRC.rglob("*") if p.suffix in (".h", ".cuh"))
     for p in list(srcs) + headers:
-        h.update(str(p.relative_to(CSRC)).encode())
+        h.update((p.relative_to(CSRC).as_posix() if p.is_relative_to(CSRC) else p.name).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 

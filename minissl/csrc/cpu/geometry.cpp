@@ -13,8 +13,11 @@
 // edge midpoints (s - 1/2, y), (e - 1/2, y) and (x, y -+ 1/2) for its columns not covered by any
 // run of row y -+ 1 (a 4-neighbour in the mask belongs to the same component). Each point is added
 // to the 15 moments of kernels/ellipse.h straight away; no point list is stored.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -57,11 +60,16 @@ template <typename T, bool kBinary>
 void scan_row(const T* a, int32_t W, RunSet& rs) {
   int32_t x = 0;
   while (x < W) {
-    if constexpr (sizeof(T) == 1) {
-      uint64_t w;
+    if constexpr (sizeof(T) == 1) {  // skip background 32, then 8 bytes at a time
+      uint64_t w[4];
+      while (x + 32 <= W) {
+        std::memcpy(w, a + x, 32);
+        if (w[0] | w[1] | w[2] | w[3]) break;
+        x += 32;
+      }
       while (x + 8 <= W) {
-        std::memcpy(&w, a + x, 8);
-        if (w) break;
+        std::memcpy(w, a + x, 8);
+        if (w[0]) break;
         x += 8;
       }
     }
@@ -183,17 +191,17 @@ void largest_component_sample(const T* in, T* out, int64_t depth, int64_t H, int
 
 at::Tensor largest_component_cpu(const at::Tensor& labels, int64_t num_classes) {
   check_device_type(labels, c10::DeviceType::CPU, "labels");
-  TORCH_CHECK(labels.dim() == 3 || labels.dim() == 4,
+  TORCH_CHECK_VALUE(labels.dim() == 3 || labels.dim() == 4,
               "minissl: expected labels of shape (B, H, W) or (B, D, H, W), got shape ", labels.sizes());
   const auto dt = labels.scalar_type();
-  TORCH_CHECK(dt == at::kLong || dt == at::kByte || dt == at::kBool,
+  TORCH_CHECK_VALUE(dt == at::kLong || dt == at::kByte || dt == at::kBool,
               "minissl: expected labels to be int64, uint8 or bool, got ", dt);
-  TORCH_CHECK(num_classes >= 1, "minissl: expected num_classes >= 1, got ", num_classes);
+  TORCH_CHECK_VALUE(num_classes >= 1, "minissl: expected num_classes >= 1, got ", num_classes);
   const at::Tensor in = labels.contiguous();
   at::Tensor out = at::empty_like(in);
   const int64_t B = in.size(0);
   const int64_t W = in.size(-1), H = in.size(-2), depth = labels.dim() == 4 ? in.size(1) : 1;
-  TORCH_CHECK(W < INT32_MAX, "minissl: expected width < 2^31, got ", W);
+  TORCH_CHECK_VALUE(W < INT32_MAX, "minissl: expected width < 2^31, got ", W);
   const int64_t per = depth * H * W;
   if (out.numel() == 0) return out;
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -275,12 +283,12 @@ bool fit_ellipse_sample(const T* mask, int64_t H, int32_t W, RunSet& rs, double*
 
 std::tuple<at::Tensor, at::Tensor> fit_ellipse_cpu(const at::Tensor& masks) {
   check_device_type(masks, c10::DeviceType::CPU, "masks");
-  TORCH_CHECK(masks.dim() == 3, "minissl: expected masks of shape (B, H, W), got shape ", masks.sizes());
-  TORCH_CHECK(masks.scalar_type() == at::kByte || masks.scalar_type() == at::kBool,
+  TORCH_CHECK_VALUE(masks.dim() == 3, "minissl: expected masks of shape (B, H, W), got shape ", masks.sizes());
+  TORCH_CHECK_VALUE(masks.scalar_type() == at::kByte || masks.scalar_type() == at::kBool,
               "minissl: expected masks to be uint8 or bool, got ", masks.scalar_type());
   const at::Tensor m = masks.contiguous();
   const int64_t B = m.size(0), H = m.size(1), W = m.size(2);
-  TORCH_CHECK(W < INT32_MAX, "minissl: expected width < 2^31, got ", W);
+  TORCH_CHECK_VALUE(W < INT32_MAX, "minissl: expected width < 2^31, got ", W);
   at::Tensor params = at::zeros({B, 5}, m.options().dtype(at::kDouble));
   at::Tensor valid = at::zeros({B}, m.options().dtype(at::kBool));
   if (H == 0 || W == 0) return {params, valid};
@@ -296,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor> fit_ellipse_cpu(const at::Tensor& masks) {
 
 std::tuple<at::Tensor, at::Tensor> fit_ellipse_points_cpu(const at::Tensor& points) {
   check_device_type(points, c10::DeviceType::CPU, "points");
-  TORCH_CHECK(points.dim() == 2 && points.size(1) == 2, "minissl: expected points of shape (N, 2), got shape ",
+  TORCH_CHECK_VALUE(points.dim() == 2 && points.size(1) == 2, "minissl: expected points of shape (N, 2), got shape ",
               points.sizes());
   check_dtype(points, at::kDouble, "points");
   const at::Tensor pts = points.contiguous();
@@ -331,11 +339,12 @@ std::tuple<at::Tensor, at::Tensor> fit_ellipse_points_cpu(const at::Tensor& poin
 // ellipse_refine / ellipse_mask (per pixel; rows in parallel)
 
 void check_params(const at::Tensor& params, const at::Tensor& valid, int64_t B) {
-  TORCH_CHECK(params.dim() == 2 && params.size(1) == 5 && params.size(0) == B,
+  TORCH_CHECK_VALUE(params.dim() == 2 && params.size(1) == 5 && params.size(0) == B,
               "minissl: expected params of shape (", B, ", 5), got shape ", params.sizes());
-  TORCH_CHECK(valid.dim() == 1 && valid.size(0) == B, "minissl: expected valid of shape (", B, ",), got shape ",
+  TORCH_CHECK_VALUE(valid.dim() == 1 && valid.size(0) == B, "minissl: expected valid of shape (", B, ",), got shape ",
               valid.sizes());
   check_dtype(valid, at::kBool, "valid");
+  check_floating(params, "params");
   check_device_type(params, c10::DeviceType::CPU, "params");
   check_device_type(valid, c10::DeviceType::CPU, "valid");
 }
@@ -344,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> ellipse_refine_cpu(const at::Tensor& probs, c
                                                       const at::Tensor& valid, double threshold, double fill_base,
                                                       double fill_power, double decay) {
   check_device_type(probs, c10::DeviceType::CPU, "probs");
-  TORCH_CHECK(probs.dim() == 3, "minissl: expected probs of shape (B, H, W), got shape ", probs.sizes());
+  TORCH_CHECK_VALUE(probs.dim() == 3, "minissl: expected probs of shape (B, H, W), got shape ", probs.sizes());
   check_floating(probs, "probs");
   const int64_t B = probs.size(0), H = probs.size(1), W = probs.size(2);
   check_params(params, valid, B);
@@ -374,13 +383,23 @@ std::tuple<at::Tensor, at::Tensor> ellipse_refine_cpu(const at::Tensor& probs, c
           }
           continue;
         }
+        // d at the pixel centres of this row (double, rounded to scalar_t as the reference does) ...
         const ellipse::Frame f = ellipse::make_frame(pp + 5 * b);
-        for (int64_t x = 0; x < W; ++x) {
-          const scalar_t d = static_cast<scalar_t>(ellipse::distance(f, double(x), double(y)));
-          const scalar_t v = ellipse::refine<scalar_t>(in[x], d, fb, fp, dc);
-          out[x] = v;
-          ps[x] = v > thr;
+        for (int64_t x = 0; x < W; ++x) out[x] = static_cast<scalar_t>(ellipse::distance(f, double(x), double(y)));
+        // ... then the ERSR rule, SIMD across the row (the same at::vec exp/pow torch itself uses).
+        using Vec = at::vec::Vectorized<scalar_t>;
+        const Vec one(scalar_t(1)), zero(scalar_t(0)), vfb(fb), vfp(fp), vneg_decay(-dc);
+        int64_t x = 0;
+        for (; x + Vec::size() <= W; x += Vec::size()) {
+          const Vec d = Vec::loadu(out + x), p = Vec::loadu(in + x);
+          const Vec t = at::vec::maximum(one - d, zero);
+          const Vec fill = at::vec::clamp(vfb + (fp == scalar_t(2) ? t * t : t.pow(vfp)), zero, one);
+          const Vec inside = at::vec::maximum(p, fill);
+          const Vec outside = p * ((d - one) * vneg_decay).exp();
+          Vec::blendv(outside, inside, d <= one).store(out + x);
         }
+        for (; x < W; ++x) out[x] = ellipse::refine<scalar_t>(in[x], out[x], fb, fp, dc);
+        for (x = 0; x < W; ++x) ps[x] = out[x] > thr;
       }
     });
   });
@@ -388,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor> ellipse_refine_cpu(const at::Tensor& probs, c
 }
 
 at::Tensor ellipse_mask_cpu(const at::Tensor& params, const at::Tensor& valid, int64_t height, int64_t width) {
-  TORCH_CHECK(height >= 0 && width >= 0, "minissl: expected a non-negative shape, got (", height, ", ", width, ")");
+  TORCH_CHECK_VALUE(height >= 0 && width >= 0, "minissl: expected a non-negative shape, got (", height, ", ", width, ")");
   const int64_t B = params.dim() >= 1 ? params.size(0) : -1;
   check_params(params, valid, B);
   const at::Tensor prm = params.to(at::kDouble).contiguous();

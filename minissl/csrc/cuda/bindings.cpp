@@ -104,18 +104,18 @@ std::vector<at::Tensor> mix_cuda(at::TensorList a, at::TensorList b, const std::
 // ---- geometry ops (kernel engineer #2): tensor -> launcher glue goes below --------------------------
 
 int32_t int32_total(int64_t n, const char* what) {
-  TORCH_CHECK(n < INT32_MAX, "minissl: expected fewer than 2^31 voxels in ", what, " on CUDA, got ", n);
+  TORCH_CHECK_VALUE(n < INT32_MAX, "minissl: expected fewer than 2^31 voxels in ", what, " on CUDA, got ", n);
   return static_cast<int32_t>(n);
 }
 
 at::Tensor largest_component_cuda(const at::Tensor& labels, int64_t num_classes) {
   check_device_type(labels, c10::DeviceType::CUDA, "labels");
-  TORCH_CHECK(labels.dim() == 3 || labels.dim() == 4,
+  TORCH_CHECK_VALUE(labels.dim() == 3 || labels.dim() == 4,
               "minissl: expected labels of shape (B, H, W) or (B, D, H, W), got shape ", labels.sizes());
   const auto dt = labels.scalar_type();
-  TORCH_CHECK(dt == at::kLong || dt == at::kByte || dt == at::kBool,
+  TORCH_CHECK_VALUE(dt == at::kLong || dt == at::kByte || dt == at::kBool,
               "minissl: expected labels to be int64, uint8 or bool, got ", dt);
-  TORCH_CHECK(num_classes >= 1, "minissl: expected num_classes >= 1, got ", num_classes);
+  TORCH_CHECK_VALUE(num_classes >= 1, "minissl: expected num_classes >= 1, got ", num_classes);
   const c10::cuda::CUDAGuard guard(labels.device());
   const at::Tensor in = labels.contiguous();
   at::Tensor out = at::empty_like(in);
@@ -132,8 +132,8 @@ at::Tensor largest_component_cuda(const at::Tensor& labels, int64_t num_classes)
 
 std::tuple<at::Tensor, at::Tensor> fit_ellipse_cuda(const at::Tensor& masks) {
   check_device_type(masks, c10::DeviceType::CUDA, "masks");
-  TORCH_CHECK(masks.dim() == 3, "minissl: expected masks of shape (B, H, W), got shape ", masks.sizes());
-  TORCH_CHECK(masks.scalar_type() == at::kByte || masks.scalar_type() == at::kBool,
+  TORCH_CHECK_VALUE(masks.dim() == 3, "minissl: expected masks of shape (B, H, W), got shape ", masks.sizes());
+  TORCH_CHECK_VALUE(masks.scalar_type() == at::kByte || masks.scalar_type() == at::kBool,
               "minissl: expected masks to be uint8 or bool, got ", masks.scalar_type());
   const c10::cuda::CUDAGuard guard(masks.device());
   const at::Tensor m = masks.contiguous();
@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> fit_ellipse_cuda(const at::Tensor& masks) {
 
 std::tuple<at::Tensor, at::Tensor> fit_ellipse_points_cuda(const at::Tensor& points) {
   check_device_type(points, c10::DeviceType::CUDA, "points");
-  TORCH_CHECK(points.dim() == 2 && points.size(1) == 2, "minissl: expected points of shape (N, 2), got shape ",
+  TORCH_CHECK_VALUE(points.dim() == 2 && points.size(1) == 2, "minissl: expected points of shape (N, 2), got shape ",
               points.sizes());
   check_dtype(points, at::kDouble, "points");
   const c10::cuda::CUDAGuard guard(points.device());
@@ -162,9 +162,9 @@ std::tuple<at::Tensor, at::Tensor> fit_ellipse_points_cuda(const at::Tensor& poi
 }
 
 void check_ellipses(const at::Tensor& params, const at::Tensor& valid, int64_t B, const at::Tensor& ref) {
-  TORCH_CHECK(params.dim() == 2 && params.size(0) == B && params.size(1) == 5, "minissl: expected params of shape (",
+  TORCH_CHECK_VALUE(params.dim() == 2 && params.size(0) == B && params.size(1) == 5, "minissl: expected params of shape (",
               B, ", 5), got shape ", params.sizes());
-  TORCH_CHECK(valid.dim() == 1 && valid.size(0) == B, "minissl: expected valid of shape (", B, ",), got shape ",
+  TORCH_CHECK_VALUE(valid.dim() == 1 && valid.size(0) == B, "minissl: expected valid of shape (", B, ",), got shape ",
               valid.sizes());
   check_dtype(valid, at::kBool, "valid");
   check_floating(params, "params");
@@ -176,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> ellipse_refine_cuda(const at::Tensor& probs, 
                                                        const at::Tensor& valid, double threshold, double fill_base,
                                                        double fill_power, double decay) {
   check_device_type(probs, c10::DeviceType::CUDA, "probs");
-  TORCH_CHECK(probs.dim() == 3, "minissl: expected probs of shape (B, H, W), got shape ", probs.sizes());
+  TORCH_CHECK_VALUE(probs.dim() == 3, "minissl: expected probs of shape (B, H, W), got shape ", probs.sizes());
   check_floating(probs, "probs");
   check_ellipses(params, valid, probs.size(0), probs);
   const c10::cuda::CUDAGuard guard(probs.device());
@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> ellipse_refine_cuda(const at::Tensor& probs, 
 
 at::Tensor ellipse_mask_cuda(const at::Tensor& params, const at::Tensor& valid, int64_t height, int64_t width) {
   check_device_type(params, c10::DeviceType::CUDA, "params");
-  TORCH_CHECK(height >= 0 && width >= 0, "minissl: expected a non-negative shape, got (", height, ", ", width, ")");
+  TORCH_CHECK_VALUE(height >= 0 && width >= 0, "minissl: expected a non-negative shape, got (", height, ", ", width, ")");
   check_ellipses(params, valid, params.dim() >= 1 ? params.size(0) : -1, params);
   const c10::cuda::CUDAGuard guard(params.device());
   const at::Tensor prm = params.to(at::kDouble).contiguous(), ok = valid.contiguous();

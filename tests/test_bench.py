@@ -1,0 +1,23 @@
+import pytest
+
+from minissl import bench, engine
+
+
+def test_table_mean_std_over_seeds():
+    runs = [bench.BenchRun("mt", s, 4, d, h, None, 0.1) for s, (d, h) in enumerate([(80.0, 2.0), (90.0, 4.0)])]
+    text = bench.table(runs)
+    assert "| mt | 4 | 2 | 85.00 ± 5.00 | 3.00 ± 1.00 | 0.100 |" in text
+    assert "HC err" not in text
+
+
+def test_run_is_read_back_not_retrained(tiny_stores, tmp_path, monkeypatch):
+    over = ["--width", "4", "--depth", "2", "--batch_size", "4", "--labeled_bs", "2", "--val_every", "2"]
+    first = bench.run_one("fetal_head", "supervised", 0, None, 2, tmp_path, str(tiny_stores["fetal_head"]), over)
+    assert (tmp_path / "fetal_head" / "supervised-b2-s0" / "metrics.json").is_file()
+
+    def no_training(cfg):
+        raise AssertionError("a finished run must be read back")
+
+    monkeypatch.setattr(engine, "train", no_training)
+    again = bench.run_one("fetal_head", "supervised", 0, None, 2, tmp_path, str(tiny_stores["fetal_head"]), over)
+    assert again == first and first.hc_error_mm is not None

@@ -1,0 +1,49 @@
+"""Two CPU processes with gloo, as torchrun would start them: gradients are averaged over ranks, so
+the ranks' weights stay identical while each rank trains on its own batches; rank 0 alone writes."""
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from minissl import engine
+from minissl.config import load_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, root, out, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    seen = {}
+    real_step = engine._GradAverage.step
+
+    def recording_step(self):
+        real_step(self)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        seen["weights"] = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+        seen["grad"] = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).clone()
+
+    engine._GradAverage.step = recording_step
+    cfg = load_config(method="mean_teacher", data_root=root, out_dir=out, width=4, depth=2, batch_size=4,
+                      labeled_bs=2, max_iters=4, val_every=2, progress=False)
+    res = engine.train(cfg)
+    # numpy arrays pickle by value (tensors would be shared through a socket that dies with the process)
+    queue.put((rank, res is not None, seen["weights"].numpy(), seen["grad"].numpy()))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_gloo(tiny_stores, tmp_path):
+    queue = mp.get_context("spawn").Queue()
+    mp.spawn(_worker, args=(2, _free_port(), str(tiny_stores["fetal_head"]), str(tmp_path), queue), nprocs=2)
+    (r0, main0, w0, g0), (r1, main1, w1, g1) = sorted((queue.get() for _ in range(2)), key=lambda t: t[0])
+    assert (main0, main1) == (True, False)  # rank 0 validates, checkpoints and tests
+    assert (w0 == w1).all() and (g0 == g1).all()  # averaged gradients -> identical weights
+    assert abs(g0).sum() > 0
+    run = tmp_path / "fetal_head-mean_teacher-b2-s0"
+    assert (run / "metrics.json").is_file()

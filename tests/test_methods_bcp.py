@@ -1,0 +1,124 @@
+"""BCP's parts: bidirectional targets, 1.0 / 0.5 region weights, the labeled-only pre-training stage."""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minissl import ops
+from minissl.config import load_config
+from minissl.data import phantoms
+from minissl.methods.bcp import BCP, mix_loss
+
+
+def make(spatial=(12, 12), iters=8, **args):
+    suite = "cardiac" if len(spatial) == 2 else "atrium"
+    spec = replace(phantoms.SUITES[suite], patch_size=spatial)
+    cfg = load_config(method="bcp", max_iters=iters, width=4, depth=2, progress=False, method_args=args)
+    torch.manual_seed(0)
+    return BCP(cfg, spec)
+
+
+def const(value, n=2, spatial=(12, 12)):
+    return torch.full((n, 1, *spatial), float(value))
+
+
+def batch(spatial=(12, 12), n=4):
+    g = torch.Generator().manual_seed(1)
+    return {"x_l": torch.randn(n, 1, *spatial, generator=g), "y_l": torch.randint(0, 4, (n, *spatial), generator=g),
+            "x_u": torch.randn(n, 1, *spatial, generator=g)}
+
+
+def test_bidirectional_targets():
+    y = [torch.full((2, 12, 12), v, dtype=torch.int64) for v in (1, 2, 3, 0)]  # y_a, y_b, pl_a, pl_b
+    boxes = ops.bcp_box((12, 12), 2, torch.Generator().manual_seed(0))
+    (x_in, t_in, g_in), (x_out, t_out, g_out) = BCP.bidirectional_mix(
+        const(1), y[0], const(2), y[1], const(3), y[2], const(4), y[3], boxes)
+    box = ops.region_mask((12, 12), boxes=boxes)  # (2, 12, 12)
+    assert int(box[0].sum()) == 8 * 8 and torch.equal(box[0], box[1])  # one 2/3-size box for the batch
+    # X_in = U_a outside the box, L_a inside; targets PL_a / Y_a; ground truth inside
+    assert torch.equal(x_in[:, 0], torch.where(box, 1.0, 3.0))
+    assert torch.equal(t_in, torch.where(box, 1, 3)) and torch.equal(g_in, box.float())
+    # X_out = L_b outside, U_b inside; targets Y_b / PL_b; ground truth outside
+    assert torch.equal(x_out[:, 0], torch.where(box, 4.0, 2.0))
+    assert torch.equal(t_out, torch.where(box, 0, 2)) and torch.equal(g_out, (~box).float())
+
+
+def reference_region_loss(logits, target, region):
+    """BCP's masked (Dice + CE) / 2 written out with plain torch ops."""
+    ce = F.cross_entropy(logits, target, reduction="none")[region].mean()
+    p, t = torch.softmax(logits, 1), F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
+    r = region[:, None].float()
+    inter, psum, tsum = [(v * r).sum((0, 2, 3)) for v in (p * t, p * p, t)]  # (C,) pooled over the batch
+    dice = (1 - (2 * inter + 1e-10) / (psum + tsum + 1e-10)).mean()
+    return (dice + ce) / 2
+
+
+def test_mix_loss_regions_are_normalised_separately():
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(3, 4, 10, 10, generator=g), torch.randint(0, 4, (3, 10, 10), generator=g)
+    region = torch.rand(3, 10, 10, generator=g) < 0.3
+    gt, pl = mix_loss(logits, target, region.float())
+    torch.testing.assert_close(gt, reference_region_loss(logits, target, region))
+    torch.testing.assert_close(pl, reference_region_loss(logits, target, ~region))
+
+
+def test_region_weights_one_and_half():
+    method = make()
+    out = method.training_step(batch(), step=5)  # self-training stage (pre-training = steps 0, 1)
+    torch.testing.assert_close(out["loss"], out["sup"] + 0.5 * out["unsup"])
+    assert out["unsup"] > 0
+    sup_only = make(u_weight=0.0)  # same initial weights
+    runs = []
+    for m in (method, sup_only):
+        m.rng.manual_seed(3)  # same box
+        torch.manual_seed(3)  # same dropout
+        runs.append(m.training_step(batch(), step=5))
+    a, b = runs
+    torch.testing.assert_close(b["loss"], a["sup"])  # the weight scales the pseudo-labelled region only
+
+
+def test_pretrain_stage_is_labeled_only():
+    method = make()
+    assert method.pretrain_iters == 2  # 25 % of 8
+    method.teacher.forward = lambda x: pytest.fail("the teacher must not run during pre-training")
+    seen = []
+    method.student.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+    b = {"x_l": torch.cat([const(1), const(2)]), "y_l": torch.ones(4, 12, 12, dtype=torch.int64),
+         "x_u": torch.cat([const(3), const(4)])}
+    out = method.training_step(b, step=1)
+    assert out["unsup"] == 0 and out["loss"] == out["sup"]
+    assert set(seen[0].unique().tolist()) == {1.0, 2.0}  # L_a outside the box, L_b inside, no unlabeled image
+    losses = []
+    for x_u in (b["x_u"], -b["x_u"]):  # the unlabeled images must not matter
+        method.rng.manual_seed(0)
+        torch.manual_seed(0)
+        losses.append(method.training_step(b | {"x_u": x_u}, step=0)["loss"])
+    assert losses[0] == losses[1]
+
+
+def test_stage_switch_reinitialises_teacher_from_student():
+    method = make()
+    opts = method.optimizers()
+    method.update(batch(), 0, opts)
+    student, teacher = method.student.state_dict(), method.teacher.state_dict()
+    assert not all(torch.equal(student[k], teacher[k]) for k in student)
+    assert opts[0].state  # momentum buffers exist
+    method.update(batch(), 1, opts)  # last pre-training iteration: the switch happens after it
+    student, teacher = method.student.state_dict(), method.teacher.state_dict()
+    assert all(torch.equal(student[k], teacher[k]) for k in student)
+    assert not opts[0].state  # a fresh optimiser state, as the official code's new optimiser
+    assert all(not p.requires_grad for p in method.teacher.parameters())
+
+
+def test_3d_step():
+    spatial = (8, 12, 12)
+    method = make(spatial)
+    b = batch(spatial) | {"y_l": torch.randint(0, 2, (4, *spatial))}
+    out = method.training_step(b, step=5)
+    assert torch.isfinite(out["loss"]) and out["unsup"] > 0
+
+
+def test_too_few_labeled_images():
+    with pytest.raises(ValueError, match="at least 2 labeled"):
+        make().training_step({k: v[:1] for k, v in batch().items()}, step=0)
