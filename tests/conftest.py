@@ -42,3 +42,12 @@ def tiny_stores(tmp_path_factory) -> dict[str, Path]:
     """One tiny store per suite, made once per test session."""
     base = tmp_path_factory.mktemp("stores")
     return {s: make_tiny_store(base / s, s) for s in TINY}
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets one thread: two workers with two threads each on a
+    2-core machine spend their time waiting for each other (measured 3-10x slower)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)

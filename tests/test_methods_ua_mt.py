@@ -75,7 +75,8 @@ def test_mc_passes_differ_through_teacher_dropout():
 
 def batch(bl=2, bu=2, size=8):
     g = torch.Generator().manual_seed(1)
-    return {"x_l": torch.rand(bl, 1, size, size, generator=g), "y_l": torch.randint(0, 2, (bl, size, size), generator=g),
+    return {"x_l": torch.rand(bl, 1, size, size, generator=g),
+            "y_l": torch.randint(0, 2, (bl, size, size), generator=g),
             "x_u": torch.rand(bu, 1, size, size, generator=g)}
 
 

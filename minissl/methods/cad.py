@@ -50,10 +50,9 @@ GUESSES (none is from the paper):
       0.5 (CE + Dice); no displacement of labeled images (ABD-I) and no CPS on the un-displaced images.
 Reported parts: ``sup`` (both students), ``unsup`` (MT + CPS terms before ``w``), ``w``, ``tau``, ``a_max``.
 
-Paper: W. Xiao, Z. Xu, G. Liang, Y. Deng, Y. Xiao, "Confidence-Aware Adaptive Displacement for
-Semi-Supervised Medical Image Segmentation", arXiv 2502.00536, 2025. Base method: H. Chi et al.,
-"Adaptive Bidirectional Displacement for Semi-Supervised Medical Image Segmentation", CVPR 2024
-(chy-upc/ABD).
+Paper: W. Xiao, Z. Xu, G. Liang, Y. Deng, Y. Xiao, CAD (Confidence-Aware adaptive Displacement),
+arXiv 2502.00536, 2025 (abstract only; no code). Base method: ABD, "Adaptive Bidirectional
+Displacement for Semi-Supervised Medical Image Segmentation", CVPR 2024 (code: chy-upc/ABD).
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ Where minissl differs from the code, and why:
       scores +inf (ranked last); in the code it gets D = 0 and ranks as the most regular;
     * ``ops.fit_ellipse`` uses every edge of the component, holes included, while the code fits the
       external contour (``cv2.findContours(RETR_EXTERNAL)``): the mask's holes are filled first
-      (``fill_holes``, a batched torch flood fill), else low-confidence holes shrink the ellipse;
+      (``fill_holes``, one scipy call per batch), else low-confidence holes shrink the ellipse;
     * invalid ellipse fits (empty mask, too few points): the code raises on an empty contour list or
       gives an all-zero pseudo-label; here Y = 1[P > tau] is kept for L_pl and the sample is left out of
       L_aug / L_mirror (no axis);
@@ -65,8 +65,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor
 
 from .. import ops
@@ -144,19 +146,14 @@ def select_regular(scores: Tensor, history: Tensor, keep_ratio: float, min_keep:
 def fill_holes(mask: Tensor) -> Tensor:
     """Fill the holes of binary masks (B, H, W) bool: background not 4-connected to the image border.
 
-    Flood fill from the border by repeated cross-shaped dilation inside the background, batched; equals
-    ``scipy.ndimage.binary_fill_holes``. Used so that the ellipse is fitted to the outer contour only,
-    as ``cv2.findContours(RETR_EXTERNAL)`` in the code (``ops.fit_ellipse`` also uses hole edges).
+    One ``scipy.ndimage.binary_fill_holes`` call for the whole batch (an in-plane structuring element, so
+    the samples never touch). Used so that the ellipse is fitted to the outer contour only, as
+    ``cv2.findContours(RETR_EXTERNAL)`` in the code (``ops.fit_ellipse`` also uses the edges of holes).
     """
-    bg = F.pad((~mask).float()[:, None], (1, 1, 1, 1), value=1.0)  # (B, 1, H+2, W+2) background, framed
-    cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], device=mask.device)[None, None]
-    reach = torch.zeros_like(bg)
-    reach[..., 0, :] = reach[..., -1, :] = reach[..., :, 0] = reach[..., :, -1] = 1.0  # the frame
-    while True:
-        grown = (F.conv2d(reach, cross, padding=1) > 0).float() * bg
-        if torch.equal(grown, reach):
-            return reach[:, 0, 1:-1, 1:-1] == 0
-        reach = grown
+    cross = ndimage.generate_binary_structure(2, 1)  # (3, 3) 4-connectivity of the background
+    structure = np.stack([np.zeros_like(cross), cross, np.zeros_like(cross)])  # (3, 3, 3): no link across B
+    filled = ndimage.binary_fill_holes(mask.detach().cpu().numpy(), structure=structure)  # (B, H, W)
+    return torch.from_numpy(filled).to(mask.device)
 
 
 def axis_coords(params: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:

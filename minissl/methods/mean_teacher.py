@@ -4,21 +4,22 @@ Idea: a teacher whose weights are an exponential moving average (EMA) of the stu
 stable targets than the student itself. On unlabeled images the student is asked to agree with the
 teacher under different input noise.
 
-Equations, with ``f_s`` the student, ``f_t`` the teacher, ``sigma`` the softmax and ``n, n'`` noise:
+Equations, with ``f_s`` the student, ``f_t`` the teacher, ``sigma`` the softmax and ``n`` noise:
 
-    L     = L_sup(f_s(x_l), y_l) + w(t) * mean( (sigma f_s(x_u + n) - sigma f_t(x_u + n'))^2 )
+    L     = L_sup(f_s(x_l), y_l) + w(t) * mean( (sigma f_s(x_u) - sigma f_t(x_u + n))^2 )
     theta_t <- a theta_t + (1 - a) theta_s,   a = min(1 - 1/(step + 1), ema_decay)
     w(t)  = cons_weight * exp(-5 (1 - t / rampup)^2)          (t = step / max_iters)
 
 Algorithm (per iteration):
-    1. student logits on ``[x_l; x_u + n]``; supervised loss on the labeled half;
-    2. teacher probabilities on ``x_u + n'`` (no gradient);
+    1. student logits on ``[x_l; x_u]``; supervised loss on the labeled half;
+    2. teacher probabilities on ``x_u + n`` (no gradient);
     3. consistency MSE between the two softmaxes on the unlabeled images, weighted by ``w(t)``;
     4. SGD step on the student, then the EMA update of the teacher.
 SSL4MIS validates and tests the student; so does minissl by default (``eval_teacher=True``
 evaluates the teacher instead).
 
-Noise: ``n = clip(0.1 * N(0, 1), -0.2, 0.2)``, independent for student and teacher (SSL4MIS).
+Noise: ``n = clip(0.1 * N(0, 1), -0.2, 0.2)`` on the teacher's input only; the student sees the clean
+batch (SSL4MIS ``train_mean_teacher_2D.py``; the paper perturbs both inputs).
 Schedule: SSL4MIS ramps the weight 0 -> 0.1 over the whole 30k-iteration run (``rampup = 1.0``); the
 minissl default is ``rampup = 0.4`` so short CPU runs reach the full weight (``configs/`` holds the
 published recipe).
@@ -62,7 +63,7 @@ class MeanTeacher(Method):
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
         bl = x_l.shape[0]
-        logits = self.student(torch.cat([x_l, x_u + self.noise(x_u)]))  # (Bl + Bu, C, *S)
+        logits = self.student(torch.cat([x_l, x_u]))  # (Bl + Bu, C, *S)
         sup = self.supervised_loss(logits[:bl], y_l)
         with torch.no_grad():
             probs_t = torch.softmax(self.teacher(x_u + self.noise(x_u)), dim=1)  # (Bu, C, *S)

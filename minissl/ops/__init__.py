@@ -102,14 +102,18 @@ def largest_component(labels: torch.Tensor, num_classes: Optional[int] = None) -
     """
     op = "largest_component"
     _check_tensor(op, "labels", labels, (torch.int64, torch.uint8, torch.bool), (3, 4))
-    if labels.numel() and labels.dtype == torch.int64 and int(labels.min()) < 0:
-        _fail(op, "labels", ">= 0", f"min {int(labels.min())}")
-    if num_classes is not None:
-        if num_classes < 1:
-            _fail(op, "num_classes", ">= 1", num_classes)
-        if labels.numel() and int(labels.max()) >= num_classes:
-            _fail(op, "labels", f"in [0, {num_classes})", f"max {int(labels.max())}")
-    return _dispatch(op, [labels], labels, num_classes)
+    if num_classes is not None and num_classes < 1:
+        _fail(op, "num_classes", ">= 1", num_classes)
+    if labels.dtype == torch.bool:
+        num_classes = num_classes or 2
+    elif labels.numel():  # one pass for both bounds; the default num_classes comes from it too
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0:
+            _fail(op, "labels", ">= 0", f"min {lo}")
+        if num_classes is not None and hi >= num_classes:
+            _fail(op, "labels", f"in [0, {num_classes})", f"max {hi}")
+        num_classes = num_classes or hi + 1
+    return _dispatch(op, [labels], labels, num_classes or 1)
 
 
 def fit_ellipse(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,12 +2,13 @@
 // ellipse_refine, ellipse_mask (semantics: minissl/ops/reference.py).
 //
 // Connected components are labelled on runs, not pixels: each row (the last axis) is scanned once
-// for maximal runs of one value (8 bytes at a time for uint8/bool), a run is united with the
+// for maximal runs of one value (skipping background 32 bytes at a time for uint8/bool), a run is united with the
 // overlapping same-valued runs of the earlier neighbour rows (columns overlapping with a +-1 margin
 // give 8-connectivity in 2D and, over the 4 earlier rows of the 3x3 row neighbourhood, 26 in 3D),
 // and union-find always hangs the larger root under the smaller one. A root is therefore the first
 // run of its component in C order, which gives the reference's tie rule (the component reached first
-// in a raster scan wins) for free. Samples run in parallel with at::parallel_for.
+// in a raster scan wins) for free. Samples run in parallel (for_each_sample). The rows are copied to
+// the output during the scan, and only the runs of the smaller components are zeroed afterwards.
 //
 // fit_ellipse walks the runs of the largest component only: a run [s, e) of row y contributes the
 // edge midpoints (s - 1/2, y), (e - 1/2, y) and (x, y -+ 1/2) for its columns not covered by any
@@ -21,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -41,6 +43,7 @@ struct RunSet {
   std::vector<int64_t> row_begin;  // (rows + 1,) first run of each row
   std::vector<int32_t> parent;
   std::vector<int64_t> size;  // pixels per root
+  std::vector<int32_t> best;  // largest root per class (largest_component)
 
   void clear() {
     runs.clear();
@@ -49,6 +52,19 @@ struct RunSet {
     parent.clear();
   }
 };
+
+// Runs fn(b, scratch) for every sample b in [0, B) on the intra-op threads, handing samples out one
+// at a time: a thread the OS deschedules (the CPUs here are shared) does not hold the others up the
+// way a static split would. Each thread keeps one RunSet, so buffers are reused across its samples.
+template <typename F>
+void for_each_sample(int64_t B, const F& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t tasks = std::min<int64_t>(B, at::get_num_threads());
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    RunSet rs;
+    for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) fn(b, rs);
+  });
+}
 
 inline bool has_zero_byte(uint64_t w) {
   return ((w - 0x0101010101010101ULL) & ~w & 0x8080808080808080ULL) != 0;
@@ -169,12 +185,13 @@ void label_runs(const T* data, int64_t depth, int64_t H, int32_t W, RunSet& rs, 
 
 template <typename T>
 void largest_component_sample(const T* in, T* out, int64_t depth, int64_t H, int32_t W, int64_t num_classes,
-                              RunSet& rs, std::vector<int32_t>& best) {
+                              RunSet& rs) {
   label_runs<T, false>(in, depth, H, W, rs, out);
   const int32_t n = static_cast<int32_t>(rs.runs.size());
   int64_t vmax = 0;
   for (int32_t i = 0; i < n; ++i) vmax = std::max(vmax, rs.value[i]);
   const int64_t nc = std::min(num_classes, vmax + 1);
+  std::vector<int32_t>& best = rs.best;
   best.assign(std::max<int64_t>(nc, 1), -1);
   for (int32_t i = 0; i < n; ++i) {  // roots in C order; strictly larger wins, so ties keep the first
     const int64_t v = rs.value[i];
@@ -204,18 +221,14 @@ at::Tensor largest_component_cpu(const at::Tensor& labels, int64_t num_classes) 
   TORCH_CHECK_VALUE(W < INT32_MAX, "minissl: expected width < 2^31, got ", W);
   const int64_t per = depth * H * W;
   if (out.numel() == 0) return out;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    RunSet rs;
-    std::vector<int32_t> best;
-    for (int64_t b = b0; b < b1; ++b) {
-      if (dt == at::kLong)
-        largest_component_sample<int64_t>(in.data_ptr<int64_t>() + b * per, out.data_ptr<int64_t>() + b * per, depth,
-                                          H, (int32_t)W, num_classes, rs, best);
-      else  // bool is stored as one byte holding 0 or 1
-        largest_component_sample<uint8_t>(static_cast<const uint8_t*>(in.data_ptr()) + b * per,
-                                          static_cast<uint8_t*>(out.data_ptr()) + b * per, depth, H, (int32_t)W,
-                                          num_classes, rs, best);
-    }
+  for_each_sample(B, [&](int64_t b, RunSet& rs) {
+    if (dt == at::kLong)
+      largest_component_sample<int64_t>(in.data_ptr<int64_t>() + b * per, out.data_ptr<int64_t>() + b * per, depth, H,
+                                        (int32_t)W, num_classes, rs);
+    else  // bool is stored as one byte holding 0 or 1
+      largest_component_sample<uint8_t>(static_cast<const uint8_t*>(in.data_ptr()) + b * per,
+                                        static_cast<uint8_t*>(out.data_ptr()) + b * per, depth, H, (int32_t)W,
+                                        num_classes, rs);
   });
   return out;
 }
@@ -295,9 +308,8 @@ std::tuple<at::Tensor, at::Tensor> fit_ellipse_cpu(const at::Tensor& masks) {
   const uint8_t* src = static_cast<const uint8_t*>(m.data_ptr());
   double* pp = params.data_ptr<double>();
   bool* vp = valid.data_ptr<bool>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    RunSet rs;
-    for (int64_t b = b0; b < b1; ++b) vp[b] = fit_ellipse_sample<uint8_t>(src + b * H * W, H, (int32_t)W, rs, pp + 5 * b);
+  for_each_sample(B, [&](int64_t b, RunSet& rs) {
+    vp[b] = fit_ellipse_sample<uint8_t>(src + b * H * W, H, (int32_t)W, rs, pp + 5 * b);
   });
   return {params, valid};
 }
