@@ -2,7 +2,7 @@
 
 Examples::
 
-    minissl demo                                   # supervised vs mean teacher on fetal_head, table + PNG
+    minissl demo                                   # supervised vs BCP on fetal_head, table + PNG
     minissl train --method mean_teacher --suite cardiac --iters 300
     minissl train --run_name my-run --resume true  # continue an interrupted run
     minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
@@ -139,7 +139,7 @@ def cmd_demo(tokens: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="minissl demo",
                                 description="Supervised baseline vs a semi-supervised method on an embedded suite.")
     p.add_argument("--suite", default="fetal_head")
-    p.add_argument("--method", default=None, help="semi-supervised method (default: the suite's demo method)")
+    p.add_argument("--method", default=None, help="semi-supervised method (default: bcp)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo")

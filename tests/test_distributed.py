@@ -3,6 +3,7 @@ the ranks' weights stay identical while each rank trains on its own batches; ran
 import os
 import socket
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 
@@ -16,7 +17,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, root, out, queue):
+def _worker(rank, world, port, root, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -33,15 +34,16 @@ def _worker(rank, world, port, root, out, queue):
     cfg = load_config(method="mean_teacher", data_root=root, out_dir=out, width=4, depth=2, batch_size=4,
                       labeled_bs=2, max_iters=4, val_every=2, progress=False)
     res = engine.train(cfg)
-    # numpy arrays pickle by value (tensors would be shared through a socket that dies with the process)
-    queue.put((rank, res is not None, seen["weights"].numpy(), seen["grad"].numpy()))
+    # results go through files: a queue would deadlock (the child flushes while the parent joins)
+    np.savez(f"{out}/rank{rank}.npz", main=res is not None, weights=seen["weights"].numpy(),
+             grad=seen["grad"].numpy())
     torch.distributed.destroy_process_group()
 
 
 def test_two_processes_gloo(tiny_stores, tmp_path):
-    queue = mp.get_context("spawn").Queue()
-    mp.spawn(_worker, args=(2, _free_port(), str(tiny_stores["fetal_head"]), str(tmp_path), queue), nprocs=2)
-    (r0, main0, w0, g0), (r1, main1, w1, g1) = sorted((queue.get() for _ in range(2)), key=lambda t: t[0])
+    mp.spawn(_worker, args=(2, _free_port(), str(tiny_stores["fetal_head"]), str(tmp_path)), nprocs=2)
+    r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in range(2))
+    (main0, w0, g0), (main1, w1, g1) = ((r["main"], r["weights"], r["grad"]) for r in (r0, r1))
     assert (main0, main1) == (True, False)  # rank 0 validates, checkpoints and tests
     assert (w0 == w1).all() and (g0 == g1).all()  # averaged gradients -> identical weights
     assert abs(g0).sum() > 0
