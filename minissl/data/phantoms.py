@@ -42,8 +42,8 @@ SUITES: dict[str, SuiteSpec] = {
         default_budget=4, default_iters=600, class_names=("background", "RV", "MYO", "LV"),
         description="2D short-axis cine MRI (bSSFP): stacks of 6-10 slices base to apex, RV/MYO/LV (ACDC-like)"),
     "atrium": SuiteSpec(
-        name="atrium", spatial_dims=3, num_classes=2, patch_size=(16, 32, 32), n_train=40, n_val=8, n_test=16,
-        default_budget=4, default_iters=400, class_names=("background", "left atrium"),
+        name="atrium", spatial_dims=3, num_classes=2, patch_size=(16, 32, 32), n_train=20, n_val=8, n_test=16,
+        default_budget=2, default_iters=1000, class_names=("background", "left atrium"),
         description="3D LGE-MRI: left-atrium blob with pulmonary-vein stubs, aorta and LV distractors (LA-like)"),
 }
 _KEYS = {"fetal_head": 1, "cardiac": 2, "atrium": 3}
