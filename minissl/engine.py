@@ -374,4 +374,4 @@ def _progress(cfg: Config, start: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.max_iters, initial=start, desc=f"{cfg.method}", leave=False, dynamic_ncols=True)
+    return tqdm(total=cfg.max_iters, initial=start, desc=f"{cfg.method}", leave=False, dynamic_ncols=True, disable=None)  # no bar when not a terminal
