@@ -51,8 +51,7 @@ def test_notebook_is_stripped(path: Path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
+    import nbclient  # a test extra: a missing install must fail, not skip
     monkeypatch.setenv("MINISSL_CI", "1")  # the kernel inherits this environment
     # small CPU models run fastest single-threaded, and CI machines are shared
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
@@ -60,6 +59,9 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=_ensure_kernel(),
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError naming the failing cell
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.execution_count is not None for c in code), f"{path.name}: a code cell did not run"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
 
 
 if __name__ == "__main__":
