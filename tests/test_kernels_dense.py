@@ -144,6 +144,16 @@ def test_bad_input_errors(kernels):
         op.dice_ce_entropy(logits, labels.clone().fill_(3), None, False)
     with pytest.raises(ValueError, match=r"expected labels in \[0, 2\)"):
         op.dice_ce_entropy(logits[:, :1], labels.clone().fill_(-1), None, False)
+    # the range check runs on whole SIMD vectors and on the padded last one, forward and backward
+    big_logits = torch.randn(2, 3, 37, 41)
+    for where, value in [((1, 30, 40), 2 ** 40), ((0, 0, 0), -1), ((1, 36, 40), 3), ((0, 17, 5), -(2 ** 62))]:
+        bad = torch.randint(0, 3, (2, 37, 41))
+        bad[where] = value
+        with pytest.raises(ValueError, match=r"expected labels in \[0, 3\)"):
+            op.dice_ce_entropy(big_logits, bad, None, False)
+        g2, g1 = torch.ones(2, 3), torch.ones(2)
+        with pytest.raises(ValueError, match=r"expected labels in \[0, 3\)"):
+            op.dice_ce_entropy_backward(g2, g2, g1, g1, big_logits, bad, None, False)
     with pytest.raises(ValueError, match="expected logits to be float32 or float64, got Long"):
         op.dice_ce_entropy(labels.unsqueeze(1), labels, None, False)
     with pytest.raises(ValueError, match="expected int64 target of shape"):

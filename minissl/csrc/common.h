@@ -31,6 +31,8 @@ MINISSL_HD inline double vabs(double x) { return fabs(x); }
 MINISSL_HD inline float vmax(float a, float b) { return a > b ? a : b; }
 MINISSL_HD inline double vmax(double a, double b) { return a > b ? a : b; }
 MINISSL_HD inline float vmin(float a, float b) { return a < b ? a : b; }
+MINISSL_HD inline float vrecip(float x) { return 1.0f / x; }
+MINISSL_HD inline double vrecip(double x) { return 1.0 / x; }
 MINISSL_HD inline double vmin(double a, double b) { return a < b ? a : b; }
 
 }  // namespace minissl

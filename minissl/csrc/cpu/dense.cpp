@@ -15,6 +15,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <type_traits>
@@ -30,6 +31,23 @@ template <class S>
 inline at::vec::Vectorized<S> vexp(const at::vec::Vectorized<S>& x) { return x.exp_u20(); }  // < 2 ulp
 template <class S>
 inline at::vec::Vectorized<S> vlog(const at::vec::Vectorized<S>& x) { return x.log(); }
+template <class S>
+inline at::vec::Vectorized<S> vrecip(const at::vec::Vectorized<S>& x) { return x.reciprocal(); }
+// float: the division and Sleef's 1-ulp log are the two slowest instructions of the loss loop; a 3.5-ulp
+// log and an approximate reciprocal refined by one Newton step (r (2 - x r), about 1 ulp) cost less.
+#if defined(CPU_CAPABILITY_AVX512)
+inline at::vec::Vectorized<float> vlog(const at::vec::Vectorized<float>& x) { return Sleef_logf16_u35(x); }
+inline at::vec::Vectorized<float> vrecip(const at::vec::Vectorized<float>& x) {
+  const __m512 r = _mm512_rcp14_ps(x);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.0f)));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline at::vec::Vectorized<float> vlog(const at::vec::Vectorized<float>& x) { return Sleef_logf8_u35(x); }
+inline at::vec::Vectorized<float> vrecip(const at::vec::Vectorized<float>& x) {
+  const __m256 r = _mm256_rcp_ps(x);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(2.0f)));
+}
+#endif
 template <class S>
 inline at::vec::Vectorized<S> vlog1p(const at::vec::Vectorized<S>& x) { return x.log1p(); }
 template <class S>
@@ -53,17 +71,22 @@ namespace {
 constexpr int64_t kChunk = 2048;  // voxels per task (multiple of every vector width)
 
 // Loads the inputs of one vector of voxels [n, n + cnt) of sample b: logits z[c], targets t[c], weight.
+// Hard labels are read as int64 and converted in registers (no separate pass over them), so their loads
+// overlap the math; out-of-range labels set lanes of `bad`, checked once per task.
 template <class scalar_t>
 struct DceLoader {
   using Vec = at::vec::Vectorized<scalar_t>;
+  static constexpr int kLab = Vec::size() / at::vec::Vectorized<int64_t>::size();  // int64 vectors per Vec
+  using VecLab = at::vec::VectorizedN<int64_t, kLab>;
   const scalar_t* logits;
+  const int64_t* labels;     // (B, N) or null
   const scalar_t* soft;      // (B, C, N) or null
   const scalar_t* weight;    // (B, N) or null
   int64_t N;
+  scalar_t c_eff;            // labels must lie in [0, c_eff)
 
   // C is passed by the caller (a compile-time constant there, so the loops unroll).
-  MINISSL_INLINE void load(int64_t b, int64_t n, int64_t cnt, const scalar_t* labf, Vec* z, Vec* t, Vec& w,
-                           int C) const {
+  MINISSL_INLINE void load(int64_t b, int64_t n, int64_t cnt, Vec* z, Vec* t, Vec& w, Vec& bad, int C) const {
     static const scalar_t ones[64] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
                                       1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
                                       1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
@@ -73,8 +96,11 @@ struct DceLoader {
       const scalar_t* zp = logits + (b * C + c) * N + n;
       z[c] = full ? Vec::loadu(zp) : Vec::loadu(zp, cnt);
     }
-    if (labf != nullptr) {  // hard labels, already converted to scalar_t for this chunk
-      const Vec lab = full ? Vec::loadu(labf) : Vec::loadu(labf, cnt);
+    if (labels != nullptr) {
+      const int64_t* lp = labels + b * N + n;
+      const VecLab raw = full ? VecLab::loadu(lp) : VecLab::loadu(lp, cnt);  // padded lanes read 0
+      const Vec lab = at::vec::convert<scalar_t, 1, int64_t, kLab>(raw);
+      bad = bad | (lab < Vec(scalar_t(0))) | (lab >= Vec(c_eff));
       if (C == 1) {
         t[0] = lab;
       } else {
@@ -92,33 +118,21 @@ struct DceLoader {
       w = full ? Vec(scalar_t(1)) : Vec::loadu(ones, cnt);  // padded lanes get weight 0
     }
   }
-};
 
-// Converts the labels of [n0, n1) of sample b to scalar_t; returns false if one is outside [0, C_eff).
-template <class scalar_t>
-bool convert_labels(const int64_t* labels, int64_t b, int64_t N, int64_t n0, int64_t n1, int64_t c_eff,
-                    scalar_t* out) {
-  const int64_t* lp = labels + b * N;
-  bool ok = true;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t v = lp[n];
-    ok &= (v >= 0) & (v < c_eff);
-    out[n - n0] = static_cast<scalar_t>(v);
-  }
-  return ok;
-}
+  static bool any_bad(const Vec& bad) { return bad.zero_mask() != (1 << Vec::size()) - 1; }
+};
 
 // Scratch arrays of CC vectors: fixed-size (registers after unrolling) for CC > 0, heap for CC == 0.
 template <class Vec, int CC>
 struct Scratch {
-  std::array<Vec, CC> z, t, p, logp, gz, gI, gP;
+  std::array<Vec, CC> z, t, p, gz, gI, gP;
   std::array<Vec, 3 * CC + 3> acc;
   explicit Scratch(int64_t) {}
 };
 template <class Vec>
 struct Scratch<Vec, 0> {
-  std::vector<Vec> z, t, p, logp, gz, gI, gP, acc;
-  explicit Scratch(int64_t C) : z(C), t(C), p(C), logp(C), gz(C), gI(C), gP(C), acc(3 * C + 3) {}
+  std::vector<Vec> z, t, p, gz, gI, gP, acc;
+  explicit Scratch(int64_t C) : z(C), t(C), p(C), gz(C), gI(C), gP(C), acc(3 * C + 3) {}
 };
 
 // Runs fn.template operator()<CC>() with CC = C for the common channel counts, else CC = 0 (runtime C).
@@ -142,26 +156,26 @@ std::vector<at::Tensor> dce_forward_impl(const at::Tensor& logits, const at::Ten
   const int64_t V = Vec::size(), K = 3 * C + 3;
   const int64_t nchunks = std::max<int64_t>(1, (N + kChunk - 1) / kChunk);
   const int64_t ntasks = B * nchunks;
-  DceLoader<scalar_t> loader{logits.data_ptr<scalar_t>(), hard ? nullptr : target.data_ptr<scalar_t>(),
-                             weight.defined() ? weight.data_ptr<scalar_t>() : nullptr, N};
-  const int64_t* labels = hard ? target.data_ptr<int64_t>() : nullptr;
   const int64_t c_eff = C == 1 ? 2 : C;
+  const DceLoader<scalar_t> loader{logits.data_ptr<scalar_t>(), hard ? target.data_ptr<int64_t>() : nullptr,
+                                   hard ? nullptr : target.data_ptr<scalar_t>(),
+                                   weight.defined() ? weight.data_ptr<scalar_t>() : nullptr, N,
+                                   static_cast<scalar_t>(c_eff)};
   std::vector<double> partial(ntasks * K, 0.0);
   std::atomic<bool> bad{false};
 
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     Scratch<Vec, CC> sc(C);
-    std::vector<scalar_t> labf(hard ? kChunk : 0);
     alignas(64) scalar_t lanes[64];
+    Vec badv(scalar_t(0));
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / nchunks, n0 = (task % nchunks) * kChunk, n1 = std::min(N, n0 + kChunk);
-      if (hard && !convert_labels(labels, b, N, n0, n1, c_eff, labf.data())) bad = true;
       for (int64_t k = 0; k < K; ++k) sc.acc[k] = Vec(scalar_t(0));
       Vec w;
       for (int64_t n = n0; n < n1; n += V) {
         const int64_t cnt = std::min(V, n1 - n);
-        loader.load(b, n, cnt, hard ? labf.data() + (n - n0) : nullptr, sc.z.data(), sc.t.data(), w, C);
-        dce_forward_voxel(sc.z.data(), sc.t.data(), w, C, squared, sc.acc.data(), sc.p.data(), sc.logp.data());
+        loader.load(b, n, cnt, sc.z.data(), sc.t.data(), w, badv, C);
+        dce_forward_voxel(sc.z.data(), sc.t.data(), w, C, squared, sc.acc.data(), sc.p.data());
       }
       double* out = partial.data() + task * K;
       for (int64_t k = 0; k < K; ++k) {
@@ -171,6 +185,7 @@ std::vector<at::Tensor> dce_forward_impl(const at::Tensor& logits, const at::Ten
         out[k] = s;
       }
     }
+    if (DceLoader<scalar_t>::any_bad(badv)) bad = true;
   });
   TORCH_CHECK_VALUE(!bad, "minissl: expected labels in [0, ", c_eff, ") for ", C,
                     " channel logits, got a label outside that range");
@@ -198,20 +213,20 @@ at::Tensor dce_backward_impl(const at::Tensor& gI, const at::Tensor& gP, const a
   const int64_t nchunks = std::max<int64_t>(1, (N + kChunk - 1) / kChunk);
   at::Tensor grad = at::empty_like(logits);
   scalar_t* gp = grad.data_ptr<scalar_t>();
-  DceLoader<scalar_t> loader{logits.data_ptr<scalar_t>(), hard ? nullptr : target.data_ptr<scalar_t>(),
-                             weight.defined() ? weight.data_ptr<scalar_t>() : nullptr, N};
-  const int64_t* labels = hard ? target.data_ptr<int64_t>() : nullptr;
   const int64_t c_eff = C == 1 ? 2 : C;
+  const DceLoader<scalar_t> loader{logits.data_ptr<scalar_t>(), hard ? target.data_ptr<int64_t>() : nullptr,
+                                   hard ? nullptr : target.data_ptr<scalar_t>(),
+                                   weight.defined() ? weight.data_ptr<scalar_t>() : nullptr, N,
+                                   static_cast<scalar_t>(c_eff)};
   const scalar_t *gIp = gI.data_ptr<scalar_t>(), *gPp = gP.data_ptr<scalar_t>();
   const scalar_t *gCEp = gCE.data_ptr<scalar_t>(), *gHp = gH.data_ptr<scalar_t>();
   std::atomic<bool> bad{false};
 
   at::parallel_for(0, B * nchunks, 1, [&](int64_t t0, int64_t t1) {
     Scratch<Vec, CC> sc(C);
-    std::vector<scalar_t> labf(hard ? kChunk : 0);
+    Vec badv(scalar_t(0));
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / nchunks, n0 = (task % nchunks) * kChunk, n1 = std::min(N, n0 + kChunk);
-      if (hard && !convert_labels(labels, b, N, n0, n1, c_eff, labf.data())) bad = true;
       for (int c = 0; c < C; ++c) {
         sc.gI[c] = Vec(gIp[b * C + c]);
         sc.gP[c] = Vec(gPp[b * C + c]);
@@ -220,15 +235,16 @@ at::Tensor dce_backward_impl(const at::Tensor& gI, const at::Tensor& gP, const a
       Vec w;
       for (int64_t n = n0; n < n1; n += V) {
         const int64_t cnt = std::min(V, n1 - n);
-        loader.load(b, n, cnt, hard ? labf.data() + (n - n0) : nullptr, sc.z.data(), sc.t.data(), w, C);
+        loader.load(b, n, cnt, sc.z.data(), sc.t.data(), w, badv, C);
         dce_backward_voxel(sc.z.data(), sc.t.data(), w, C, squared, sc.gI.data(), sc.gP.data(), vCE, vH,
-                           sc.gz.data(), sc.p.data(), sc.logp.data());
+                           sc.gz.data(), sc.p.data());
         for (int c = 0; c < C; ++c) {
           scalar_t* dst = gp + (b * C + c) * N + n;
           if (cnt == V) sc.gz[c].store(dst); else sc.gz[c].store(dst, cnt);
         }
       }
     }
+    if (DceLoader<scalar_t>::any_bad(badv)) bad = true;
   });
   TORCH_CHECK_VALUE(!bad, "minissl: expected labels in [0, ", c_eff, ") for ", C,
                     " channel logits, got a label outside that range");
@@ -278,8 +294,28 @@ at::Tensor dice_ce_entropy_backward_cpu(const at::Tensor& gI, const at::Tensor& 
 
 // ---- mix -------------------------------------------------------------------------------------------
 
+// Copies n bytes. Inside a box the runs are short (tens to hundreds of bytes, two per row), where a
+// libc call per run costs as much as the copy: short runs use inline SIMD moves (bit-exact, the float
+// type only carries bytes), long ones memcpy.
+MINISSL_INLINE void copy_run(char* dst, const char* src, int64_t n) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t kVecBytes = Vec::size() * sizeof(float);
+  if (n >= 2048) {
+    std::memcpy(dst, src, n);
+    return;
+  }
+  int64_t i = 0;
+  for (; i + kVecBytes <= n; i += kVecBytes) Vec::loadu(src + i).store(dst + i);
+  const int64_t words = (n - i) / 4;
+  if (words > 0) {
+    Vec::loadu(src + i, words).store(dst + i, words);
+    i += 4 * words;
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
 // Walks the rows (last spatial dim) of rows [r0, r1) of a (B, L, S) tensor and copies each piece from
-// a or b, merging consecutive pieces of the same source into one memcpy.
+// a or b, merging consecutive pieces of the same source into one copy.
 struct RunCopier {
   const char* a;
   const char* b;
@@ -299,7 +335,7 @@ struct RunCopier {
     end = hi;
   }
   void flush() {
-    if (start >= 0) std::memcpy(out + start * es, (from_b ? b : a) + start * es, (end - start) * es);
+    if (start >= 0) copy_run(out + start * es, (from_b ? b : a) + start * es, (end - start) * es);
     start = -1;
   }
 };
@@ -320,14 +356,22 @@ void mix_one_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, cons
 
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     RunCopier cp{ap, bp, op, es};
-    int64_t coord[3] = {0, 0, 0};
-    for (int64_t row = r0; row < r1; ++row) {
-      const int64_t s = row / (L * R);
-      int64_t rr = row % R;
-      for (int d = sd - 2; d >= 0; --d) {
-        coord[d] = rr % g.S[d];
-        rr /= g.S[d];
+    // Coordinates of the row within its (b, l) plane, advanced like an odometer (no divisions per row):
+    // coord[d] on spatial dim d < sd - 1, and for blocks the block index blk[d] and offset in it inb[d].
+    int64_t coord[3] = {0, 0, 0}, blk[3] = {0, 0, 0}, inb[3] = {0, 0, 0}, bs[3] = {1, 1, 1};
+    int64_t plane = r0 / R, rr = r0 % R;
+    for (int d = sd - 2; d >= 0; --d) {
+      coord[d] = rr % g.S[d];
+      rr /= g.S[d];
+      if (boxes == nullptr) {
+        bs[d] = g.S[d] / g.G[d];
+        blk[d] = coord[d] / bs[d];
+        inb[d] = coord[d] % bs[d];
       }
+    }
+    int64_t s = plane / L;
+    const int64_t GL = boxes == nullptr ? g.G[sd - 1] : 1, bw = W / GL;
+    for (int64_t row = r0; row < r1; ++row) {
       const int64_t base = row * W;
       if (boxes != nullptr) {
         const int64_t* bx = boxes + s * 2 * sd;
@@ -342,10 +386,19 @@ void mix_one_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, cons
         }
       } else {
         int64_t gi = s;  // flat index of this row's first block in (B, *G)
-        for (int d = 0; d < sd - 1; ++d) gi = gi * g.G[d] + coord[d] / (g.S[d] / g.G[d]);
-        const int64_t GL = g.G[sd - 1], bw = W / GL;
+        for (int d = 0; d < sd - 1; ++d) gi = gi * g.G[d] + blk[d];
         gi *= GL;
         for (int64_t k = 0; k < GL; ++k) cp.add(base + k * bw, base + (k + 1) * bw, blocks[gi + k]);
+      }
+      for (int d = sd - 2; d >= 0; --d) {  // next row
+        ++coord[d];
+        if (++inb[d] == bs[d]) {
+          inb[d] = 0;
+          ++blk[d];
+        }
+        if (coord[d] < g.S[d]) break;
+        coord[d] = blk[d] = inb[d] = 0;
+        if (d == 0) s = ++plane / L;
       }
     }
     cp.flush();

@@ -45,12 +45,12 @@ __global__ void dce_fwd_kernel(const T* logits, const int64_t* labels, const T* 
   T* smem = reinterpret_cast<T*>(smem_raw);  // (K, blockDim.x)
   const int K = 3 * C + 3;
   const int64_t b = blockIdx.y;
-  T z[kMaxClasses], t[kMaxClasses], p[kMaxClasses], logp[kMaxClasses], acc[3 * kMaxClasses + 3];
+  T z[kMaxClasses], t[kMaxClasses], p[kMaxClasses], acc[3 * kMaxClasses + 3];
   for (int k = 0; k < K; ++k) acc[k] = T(0);
   for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
     T w;
     load_voxel(logits, labels, soft, weight, b, n, C, N, z, t, w, bad);
-    dce_forward_voxel(z, t, w, C, squared, acc, p, logp);
+    dce_forward_voxel(z, t, w, C, squared, acc, p);
   }
   for (int k = 0; k < K; ++k) smem[k * blockDim.x + threadIdx.x] = acc[k];
   __syncthreads();
@@ -70,7 +70,7 @@ __global__ void dce_bwd_kernel(const T* gI, const T* gP, const T* gCE, const T* 
                                const int64_t* labels, const T* soft, const T* weight, int C, int64_t N,
                                bool squared, T* grad) {
   const int64_t b = blockIdx.y;
-  T z[kMaxClasses], t[kMaxClasses], p[kMaxClasses], logp[kMaxClasses], gz[kMaxClasses];
+  T z[kMaxClasses], t[kMaxClasses], p[kMaxClasses], gz[kMaxClasses];
   T vI[kMaxClasses], vP[kMaxClasses];
   for (int c = 0; c < C; ++c) {
     vI[c] = gI[b * C + c];
@@ -79,7 +79,7 @@ __global__ void dce_bwd_kernel(const T* gI, const T* gP, const T* gCE, const T* 
   for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
     T w;
     load_voxel(logits, labels, soft, weight, b, n, C, N, z, t, w, static_cast<int*>(nullptr));
-    dce_backward_voxel(z, t, w, C, squared, vI, vP, gCE[b], gH[b], gz, p, logp);
+    dce_backward_voxel(z, t, w, C, squared, vI, vP, gCE[b], gH[b], gz, p);
     for (int c = 0; c < C; ++c) grad[(b * C + c) * N + n] = gz[c];
   }
 }

@@ -18,22 +18,21 @@
 
 namespace minissl {
 
-// Softmax with log-probabilities, stable: m = max z, log p_c = z_c - m - log(sum_k exp(z_k - m)).
+// Stable softmax that shifts the logits in place: z_c <- z_c - max_k z_k (<= 0), p_c = exp(z_c) / s and
+// lse = log s, s = sum_k exp(z_k) >= 1, so log p_c = z_c - lse. No log-probability array is kept:
+// CE and entropy need only sums of t z and p z (below), which saves registers and a log per class.
 template <class T>
-MINISSL_HD MINISSL_INLINE void softmax_logp(const T* z, int C, T* p, T* logp) {
+MINISSL_HD MINISSL_INLINE void softmax_shifted(T* z, int C, T* p, T& s) {
   T m = z[0];
   for (int c = 1; c < C; ++c) m = vmax(m, z[c]);
-  T s = T(0.0);
+  s = T(0.0);
   for (int c = 0; c < C; ++c) {
-    p[c] = vexp(z[c] - m);
+    z[c] = z[c] - m;
+    p[c] = vexp(z[c]);
     s = s + p[c];
   }
-  const T inv = T(1.0) / s;
-  const T lse = m + vlog(s);
-  for (int c = 0; c < C; ++c) {
-    p[c] = p[c] * inv;
-    logp[c] = z[c] - lse;
-  }
+  const T inv = vrecip(s);
+  for (int c = 0; c < C; ++c) p[c] = p[c] * inv;
 }
 
 // Sigmoid in log space: log s = -softplus(-z) = min(z, 0) - log1p(exp(-|z|)), log(1 - s) = log s - z.
@@ -45,10 +44,10 @@ MINISSL_HD MINISSL_INLINE void sigmoid_logp(T z, T& s, T& s1, T& logs, T& log1ms
   s1 = vexp(log1ms);
 }
 
-// Forward: add voxel i's contributions to acc (layout above). p and logp are scratch of length C.
+// Forward: add voxel i's contributions to acc (layout above). z is overwritten (shifted); p is scratch of
+// length C.
 template <class T>
-MINISSL_HD MINISSL_INLINE void dce_forward_voxel(const T* z, const T* t, T w, int C, bool squared, T* acc, T* p,
-                                         T* logp) {
+MINISSL_HD MINISSL_INLINE void dce_forward_voxel(T* z, const T* t, T w, int C, bool squared, T* acc, T* p) {
   if (C == 1) {
     T s, s1, logs, log1ms;
     sigmoid_logp(z[0], s, s1, logs, log1ms);
@@ -60,23 +59,29 @@ MINISSL_HD MINISSL_INLINE void dce_forward_voxel(const T* z, const T* t, T w, in
     acc[5] = acc[5] + w;
     return;
   }
-  softmax_logp(z, C, p, logp);
-  T ce = T(0.0), ent = T(0.0);
+  // With z shifted (z_c <- z_c - max) and lse = log s:  log p_c = z_c - lse, so
+  //   ce = -sum_c t_c log p_c = lse * sum_c t_c - sum_c t_c z_c,
+  //   entropy = -sum_c p_c log p_c = lse - sum_c p_c z_c  (sum_c p_c = 1).
+  T s;
+  softmax_shifted(z, C, p, s);
+  T tz = T(0.0), pz = T(0.0), tsum = T(0.0);
   for (int c = 0; c < C; ++c) {
     const T wp = w * p[c];
     acc[c] = acc[c] + wp * t[c];
     acc[C + c] = acc[C + c] + (squared ? wp * p[c] : wp);
     acc[2 * C + c] = acc[2 * C + c] + w * (squared ? t[c] * t[c] : t[c]);
-    ce = ce + t[c] * logp[c];
-    ent = ent + p[c] * logp[c];
+    tz = tz + t[c] * z[c];
+    pz = pz + p[c] * z[c];
+    tsum = tsum + t[c];
   }
-  acc[3 * C] = acc[3 * C] - w * ce;
-  acc[3 * C + 1] = acc[3 * C + 1] - w * ent;
+  const T lse = vlog(s);
+  acc[3 * C] = acc[3 * C] + w * (tsum * lse - tz);
+  acc[3 * C + 1] = acc[3 * C + 1] + w * (lse - pz);
   acc[3 * C + 2] = acc[3 * C + 2] + w;
 }
 
 // Backward: gradient of  L = sum_c gI_c I_c + sum_c gP_c P_c + gCE ce + gH entropy  w.r.t. voxel i's
-// logits (target_sum and weight_sum do not depend on z). gz has length C; p, logp are scratch.
+// logits (target_sum and weight_sum do not depend on z). gz has length C.
 //
 // Softmax. Jacobian dp_c/dz_k = p_c (delta_ck - p_k), so for any f(p) with g_c = df/dp_c:
 //   df/dz_k = p_k (g_k - sum_c p_c g_c).
@@ -84,16 +89,18 @@ MINISSL_HD MINISSL_INLINE void dce_forward_voxel(const T* z, const T* t, T w, in
 //   CE:  d(-sum_c t_c log p_c)/dz_k = -sum_c t_c (delta_ck - p_k) = T p_k - t_k,  T = sum_c t_c
 //        (T = 1 for hard labels; soft targets need not sum to one).
 //   Entropy: H = -sum_c p_c log p_c, g_c = -(log p_c + 1), sum_c p_c g_c = H - 1, so
-//        dH/dz_k = p_k (-(log p_k + 1) - (H - 1)) = -p_k (log p_k + H).
-//   => gz_k = w [ p_k (G_k - sum_c p_c G_c) + gCE (T p_k - t_k) - gH p_k (log p_k + H) ].
+//        dH/dz_k = p_k (-(log p_k + 1) - (H - 1)) = -p_k (log p_k + H),
+//        and with shifted z (see softmax_shifted) log p_k + H = z_k - sum_c p_c z_c: no log needed.
+//   => gz_k = w [ p_k (G_k - sum_c p_c G_c) + gCE (T p_k - t_k) - gH p_k (z_k - sum_c p_c z_c) ].
 // Sigmoid (C == 1). ds/dz = s (1 - s).
 //   Dice parts: w (gI t + gP q'(s)) s (1 - s).
 //   BCE: d(-(t log s + (1 - t) log(1 - s)))/dz = s - t.
 //   Binary entropy: dH/ds = -(log s - log(1 - s)) = -z, so dH/dz = -z s (1 - s).
 //   => gz = w [ (gI t + gP q'(s) - gH z) s (1 - s) + gCE (s - t) ].
+// z is overwritten (shifted); p is scratch of length C.
 template <class T>
-MINISSL_HD MINISSL_INLINE void dce_backward_voxel(const T* z, const T* t, T w, int C, bool squared, const T* gI,
-                                          const T* gP, T gCE, T gH, T* gz, T* p, T* logp) {
+MINISSL_HD MINISSL_INLINE void dce_backward_voxel(T* z, const T* t, T w, int C, bool squared, const T* gI,
+                                          const T* gP, T gCE, T gH, T* gz, T* p) {
   if (C == 1) {
     T s, s1, logs, log1ms;
     sigmoid_logp(z[0], s, s1, logs, log1ms);
@@ -101,17 +108,18 @@ MINISSL_HD MINISSL_INLINE void dce_backward_voxel(const T* z, const T* t, T w, i
     gz[0] = w * ((gI[0] * t[0] + gP[0] * dq - gH * z[0]) * (s * s1) + gCE * (s - t[0]));
     return;
   }
-  softmax_logp(z, C, p, logp);
-  T H = T(0.0), tsum = T(0.0), pG = T(0.0);
+  T s;
+  softmax_shifted(z, C, p, s);
+  T pz = T(0.0), tsum = T(0.0), pG = T(0.0);
   for (int c = 0; c < C; ++c) {
-    H = H - p[c] * logp[c];
+    pz = pz + p[c] * z[c];
     tsum = tsum + t[c];
     const T G = gI[c] * t[c] + gP[c] * (squared ? T(2.0) * p[c] : T(1.0));
     gz[c] = G;  // G_c kept in gz until the sum is known
     pG = pG + p[c] * G;
   }
   for (int c = 0; c < C; ++c) {
-    gz[c] = w * (p[c] * (gz[c] - pG) + gCE * (tsum * p[c] - t[c]) - gH * p[c] * (logp[c] + H));
+    gz[c] = w * (p[c] * (gz[c] - pG) + gCE * (tsum * p[c] - t[c]) - gH * p[c] * (z[c] - pz));
   }
 }
 
