@@ -4,7 +4,8 @@ Every method runs on the same suite with the same labeled budget, iterations, au
 and seeds; only the method differs. Each run lives in ``<out>/<suite>/<method>-b<budget>-s<seed>``:
 a finished run (``metrics.json``) is read back, an interrupted one (``last.pt``) is resumed, so the
 command can be stopped and started again at no cost. The table gives mean ± std over seeds of the
-per-run test means (Dice %, HD95, HC error for fetal_head, CPU seconds per iteration).
+per-run test means (Dice %, HD95, HC error for fetal_head, CPU seconds per iteration) and, per method,
+the Dice gain over ``supervised`` paired by seed (same labeled cases, initial weights and data order).
 
 Example::
 
@@ -60,20 +61,40 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
                     t["hc_error_mm"]["mean"] if "hc_error_mm" in t else None, m["seconds_per_iter"])
 
 
-def table(runs: list[BenchRun]) -> str:
-    """Markdown table: one row per (method, budget), mean ± std over seeds."""
+def paired_gain(rs: list[BenchRun], baseline: dict[int, BenchRun]) -> Optional[str]:
+    """Dice gain over the baseline run of the same seed: ``mean ± std (wins/n)``, or None if no seed pairs.
+
+    The seed fixes the labeled subset, the initial weights and the data order, so per-seed differences
+    remove most of the between-seed spread that dominates a few-label benchmark.
+    """
+    diffs = [r.dice - baseline[r.seed].dice for r in rs if r.seed in baseline]
+    if not diffs:
+        return None
+    wins = sum(d > 0 for d in diffs)
+    return f"{np.mean(diffs):+.2f} ± {np.std(diffs):.2f} ({wins}/{len(diffs)})"
+
+
+def table(runs: list[BenchRun], baseline: str = "supervised") -> str:
+    """Markdown table: one row per (method, budget), mean ± std over seeds.
+
+    The "Δ Dice" column is ``paired_gain`` against the ``baseline`` method's run with the same budget
+    and seed (the number of seeds where the method is ahead in brackets); "-" when there is none.
+    """
     groups: dict[tuple[str, int], list[BenchRun]] = {}
     for r in runs:
         groups.setdefault((r.method, r.budget), []).append(r)
     has_hc = any(r.hc_error_mm is not None for r in runs)
-    head = "| method | labeled | seeds | Dice % | HD95 |" + (" HC err mm |" if has_hc else "") + " s/iter |"
+    head = (f"| method | labeled | seeds | Dice % | Δ Dice vs {baseline} (wins) | HD95 |"
+            + (" HC err mm |" if has_hc else "") + " s/iter |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def ms(xs: list[float], digits: int = 2) -> str:
         return f"{np.mean(xs):.{digits}f} ± {np.std(xs):.{digits}f}"
 
     for (method, budget), rs in groups.items():
-        row = f"| {method} | {budget} | {len(rs)} | {ms([r.dice for r in rs])} | {ms([r.hd95 for r in rs])} |"
+        base = {r.seed: r for r in groups.get((baseline, budget), [])}
+        gain = paired_gain(rs, base) if method != baseline else None
+        row = f"| {method} | {budget} | {len(rs)} | {ms([r.dice for r in rs])} | {gain or '-'} | {ms([r.hd95 for r in rs])} |"
         if has_hc:
             row += f" {ms([r.hc_error_mm for r in rs])} |"
         lines.append(row + f" {np.mean([r.s_per_iter for r in rs]):.3f} |")

@@ -86,3 +86,8 @@ def test_training_step_weights_and_gradients(size):
 def test_confidence_threshold_off_gives_zero_unlabeled_loss():
     out = make(conf_thresh=1.01).training_step(batch(), step=0)
     assert out["unsup"].item() == 0.0 and out["mask_ratio"].item() == 0.0
+
+
+def test_total_scale_one_keeps_the_supervised_term_at_full_weight():
+    out = make(conf_thresh=0.0, total_scale=1.0).training_step(batch(), step=0)
+    assert out["loss"].item() == pytest.approx(out["sup"].item() + out["unsup"].item(), rel=1e-5)

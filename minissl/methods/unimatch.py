@@ -35,7 +35,8 @@ Semi-Supervised Semantic Segmentation", CVPR 2023. Code: LiheYoung/UniMatch ``mo
 
 Where the official medical code differs from the paper, and what minissl follows:
     * The paper uses CE on the unlabeled views; the medical code uses the masked Dice above only, and
-      divides the total by 2. minissl follows the medical code (for the unlabeled terms; ``L_x`` is
+      divides the total by 2 (``total_scale = 0.5``; with plain SGD that also halves the step of the
+      supervised term compared with every other method). minissl follows the medical code (for the unlabeled terms; ``L_x`` is
       the library's shared ``0.5 (CE + Dice)``, whose Dice is per-sample rather than batch-pooled).
     * The code's partner images come from a second unlabeled loader and their pseudo-labels from an
       extra eval-mode pass; minissl rolls the unlabeled batch by one and reuses the (detached) weak
@@ -74,6 +75,7 @@ class UniMatchArgs:
     cutmix_p: float = 0.5  # probability of a CutMix box per strong view and image
     fp_weight: float = 0.5  # weight of the feature-perturbation loss
     strong_weight: float = 0.25  # weight of each of the two strong-view losses
+    total_scale: float = 0.5  # the medical code's final "/ 2", which halves the supervised step as well
 
 
 @register("unimatch")
@@ -113,5 +115,5 @@ class UniMatch(Method):
         loss_fp = masked_dice(logits_fp, pseudo, conf, tau)
         loss_s1, loss_s2 = masked_dice(logits_s1, y_1, c_1, tau), masked_dice(logits_s2, y_2, c_2, tau)
         unsup = self.args.fp_weight * loss_fp + self.args.strong_weight * (loss_s1 + loss_s2)
-        return {"loss": (sup + unsup) / 2, "sup": sup, "unsup": unsup, "loss_fp": loss_fp,
+        return {"loss": self.args.total_scale * (sup + unsup), "sup": sup, "unsup": unsup, "loss_fp": loss_fp,
                 "loss_s": (loss_s1 + loss_s2) / 2, "mask_ratio": (conf >= tau).float().mean()}
