@@ -2,12 +2,16 @@
 //
 // dice_ce_entropy: the (B, C, N) logits are split into tasks (sample b, chunk of N voxels) run by
 // at::parallel_for; inside a task at::vec::Vectorized<scalar_t> holds one voxel per lane and the
-// per-voxel math of kernels/loss.h runs on whole vectors (Sleef exp/log, no -ffast-math). Each task
-// writes its partial sums to its own slot; the slots are added in a fixed order afterwards, so the
-// result does not depend on the thread count. The backward recomputes the softmax in the same pass.
+// per-voxel math of kernels/loss.h runs on whole vectors (exp per class, one log per voxel in the
+// forward and none in the backward; no -ffast-math). Int64 labels are converted to float in registers
+// as they are loaded. Each task writes its partial sums to its own slot; the slots are added in a fixed
+// order afterwards, so the result does not depend on the thread count. The backward recomputes the
+// softmax in the same pass. Where the time went (perf, 1 thread, B=4 C=2 112x112x80): a separate
+// label-conversion pass and the vector division/log were half of it; see benchmarks/bench_ops.py.
 //
-// mix: every tensor is walked row by row along its last (contiguous) dim; consecutive pieces that come
-// from the same source are merged, so the copy is a few large memcpy calls per plane.
+// mix: every tensor is walked row by row along its last (contiguous) dim, the row's coordinates kept
+// like an odometer (no divisions per row); consecutive pieces that come from the same source are
+// merged, so outside a box a plane is one large memcpy and inside it each row is two short SIMD copies.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
