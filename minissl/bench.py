@@ -33,7 +33,8 @@ class BenchRun:
     dice: float  # test mean over cases, %
     hd95: float
     hc_error_mm: Optional[float]
-    s_per_iter: float
+    s_per_iter: float  # wall seconds per iteration (inflated when other jobs share the CPU)
+    cpu_s_per_iter: Optional[float] = None  # process CPU seconds per iteration (None: run older than the field)
 
 
 def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Optional[int], out: Path,
@@ -58,7 +59,8 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     m = json.loads((run_dir / "metrics.json").read_text())
     t = m["test"]
     return BenchRun(method, seed, cfg.budget, 100 * t["dice"]["mean"], t["hd95"]["mean"],
-                    t["hc_error_mm"]["mean"] if "hc_error_mm" in t else None, m["seconds_per_iter"])
+                    t["hc_error_mm"]["mean"] if "hc_error_mm" in t else None, m["seconds_per_iter"],
+                    m.get("cpu_seconds_per_iter"))
 
 
 def paired_gain(rs: list[BenchRun], baseline: dict[int, BenchRun]) -> Optional[str]:
@@ -84,8 +86,9 @@ def table(runs: list[BenchRun], baseline: str = "supervised") -> str:
     for r in runs:
         groups.setdefault((r.method, r.budget), []).append(r)
     has_hc = any(r.hc_error_mm is not None for r in runs)
+    cpu = all(r.cpu_s_per_iter is not None for r in runs)  # else wall time, which other jobs inflate
     head = (f"| method | labeled | seeds | Dice % | Δ Dice vs {baseline} (wins) | HD95 |"
-            + (" HC err mm |" if has_hc else "") + " s/iter |")
+            + (" HC err mm |" if has_hc else "") + (" CPU s/iter |" if cpu else " wall s/iter |"))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def ms(xs: list[float], digits: int = 2) -> str:
@@ -97,7 +100,8 @@ def table(runs: list[BenchRun], baseline: str = "supervised") -> str:
         row = f"| {method} | {budget} | {len(rs)} | {ms([r.dice for r in rs])} | {gain or '-'} | {ms([r.hd95 for r in rs])} |"
         if has_hc:
             row += f" {ms([r.hc_error_mm for r in rs])} |"
-        lines.append(row + f" {np.mean([r.s_per_iter for r in rs]):.3f} |")
+        secs = [r.cpu_s_per_iter if cpu else r.s_per_iter for r in rs]
+        lines.append(row + f" {np.mean(secs):.3f} |")
     return "\n".join(lines)
 
 

@@ -289,7 +289,7 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
                 "config": cfg}
 
     _build.get_kernel("dice_ce_entropy")  # the one-time kernel build is not training time
-    train_time, done = 0.0, 0  # seconds in update() only (validation excluded)
+    train_time, cpu_time, done = 0.0, 0.0, 0  # wall / process-CPU seconds in update() only (no validation)
     method.train()
     bar = _progress(cfg, start) if ddp.main else None
     with _Stop() as stop:
@@ -299,9 +299,10 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
                 for group in opt.param_groups:
                     group["lr"] = lr
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             parts = method.update(batch, step, optimizers)
             train_time += time.perf_counter() - t0
+            cpu_time += time.process_time() - c0
             if not math.isfinite(parts["loss"]):
                 raise FloatingPointError(f"loss became {parts['loss']} at iteration {step} ({parts}); "
                                          f"lower --lr or check the data")
@@ -332,7 +333,7 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
                                         f"(run folder {run_dir})")
     if bar is not None:
         bar.close()
-    sec_per_iter = train_time / max(done, 1)
+    sec_per_iter, cpu_per_iter = train_time / max(done, 1), cpu_time / max(done, 1)
     if ddp.world > 1:
         dist.barrier()
         if not ddp.main:
@@ -346,7 +347,8 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
     evaluation.write_rows(test_rows, run_dir / "test_cases.csv", run_dir / "test_cases.json")
     summary = evaluation.summarise(test_rows)
     write_text_atomic(run_dir / "metrics.json", json.dumps(
-        {"best_step": best_step, "best_val_dice": best_val, "seconds_per_iter": sec_per_iter, "test": summary},
+        {"best_step": best_step, "best_val_dice": best_val, "seconds_per_iter": sec_per_iter,
+         "cpu_seconds_per_iter": cpu_per_iter, "test": summary},
         indent=2))
     return RunResult(run_dir, cfg, best_step, best_val, summary, test_rows, sec_per_iter)
 
