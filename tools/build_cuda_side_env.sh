@@ -12,6 +12,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 "$VENV/bin/pip" install -q "${TORCH_SPEC:-torch==2.14.1}" ninja numpy scipy
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(mktemp -d)} MINISSL_REQUIRE_EXT=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2}
+# torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script in /usr/local/bin makes that /usr/local,
+# where cuda_runtime.h is not. Point it at the toolkit unless the caller did.
+if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then export CUDA_HOME=/usr/local/cuda; fi
 cd "$ROOT"
 PYTHONPATH="$ROOT" "$VENV/bin/python" - <<'PY'
 import time
