@@ -116,7 +116,8 @@ def _random_tensor(shape, dtype, g):
     return torch.randint(0, 100, shape, generator=g).to(dtype)
 
 
-@pytest.mark.parametrize("spatial,grid", [((6, 8), (3, 2)), ((4, 6, 10), (2, 3, 5)), ((1, 9), (1, 3))])
+@pytest.mark.parametrize("spatial,grid", [((6, 8), (3, 2)), ((4, 6, 10), (2, 3, 5)), ((1, 9), (1, 3)),
+                                          ((3, 150), (1, 50)), ((2, 3, 130), (1, 3, 13))])  # rows of many vectors
 def test_mix_matches_reference(kernels, spatial, grid):
     g = torch.Generator().manual_seed(3)
     B = 3
@@ -129,6 +130,21 @@ def test_mix_matches_reference(kernels, spatial, grid):
         for kw in (dict(boxes=boxes), dict(blocks=blocks)):
             for ours, ref in zip(kernels.mix(a, b, **kw), reference.mix(a, b, **kw)):
                 assert ours.dtype == ref.dtype and torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("width", [96, 90])  # rows of whole vectors (streamed) or not (plain stores)
+def test_mix_large_outputs_match_reference(kernels, width):
+    # outputs of >= 4 MiB take the streaming-store path of the CPU kernel
+    g = torch.Generator().manual_seed(5)
+    S = (48, 64, width)
+    a = [torch.randn(2, 2, *S, generator=g), torch.randint(0, 9, (2, *S), generator=g)]
+    b = [torch.randn(2, 2, *S, generator=g), torch.randint(0, 9, (2, *S), generator=g)]
+    assert a[0].nbytes >= 4 << 20
+    boxes = torch.tensor([[5, 0, 7, 40, 64, 61], [0, 3, 0, 48, 30, width]])
+    blocks = torch.rand(2, 4, 4, 3, generator=g) > 0.5  # (B, *G)
+    for kw in (dict(boxes=boxes), dict(blocks=blocks)):
+        for ours, ref in zip(kernels.mix(a, b, **kw), reference.mix(a, b, **kw)):
+            assert torch.equal(ours, ref)
 
 
 def test_mix_empty_and_full_box(kernels):
