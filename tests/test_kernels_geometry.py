@@ -201,6 +201,25 @@ def test_fit_ellipse_matches_reference_on_messy_masks(kernels):
     assert_params_close(ours, ref, atol=1e-7)
 
 
+def test_fit_ellipse_fills_holes_like_the_reference(kernels):
+    """Rings with specks in the cavity, cavities opened by a 1-px channel, pinholes: same fit as the twin."""
+    g = torch.Generator().manual_seed(7)
+    outer = random_params(16, g, a_range=(12.0, 30.0), ratio=(0.5, 1.0), centre=(40.0, 36.0), jitter=8.0)
+    inner = outer.clone()
+    inner[:, :2] += 3 * (2 * torch.rand(16, 2, generator=g, dtype=torch.float64) - 1)
+    inner[:, 2:4] *= 0.3 + 0.4 * torch.rand(16, 1, generator=g, dtype=torch.float64)
+    shape = (72, 80)
+    masks = torch.from_numpy(ellipse_masks(outer.numpy(), shape) & (1 - ellipse_masks(inner.numpy(), shape)))
+    masks |= (torch.rand(masks.shape, generator=g) < 0.02).to(torch.uint8)  # specks, some in the cavities
+    masks &= (torch.rand(masks.shape, generator=g) > 0.03).to(torch.uint8)  # pinholes
+    for i in range(0, 16, 2):  # a channel from the cavity's centre to the right border
+        masks[i, int(inner[i, 1]), int(inner[i, 0]):] = 0
+    ours, ok = kernels.fit_ellipse(masks)
+    ref, ref_ok = reference.fit_ellipse(masks)
+    assert torch.equal(ok, ref_ok) and int(ok.sum()) >= 14
+    assert_params_close(ours, ref, atol=1e-7)
+
+
 def test_fit_ellipse_degenerate_masks_are_invalid(kernels):
     masks = torch.zeros(6, 16, 16, dtype=torch.uint8)
     masks[1, 5, 5] = 1  # single pixel: 4 points

@@ -10,8 +10,8 @@ from scipy import ndimage
 from minissl import ops
 from minissl.config import load_config
 from minissl.data import phantoms
-from minissl.methods.ersr import (ERSR, contour_regularity, distance_to_mask, edge_smoothness, fill_holes,
-                                  mirror_images, mirror_targets, reflect, regularity_score, select_regular)
+from minissl.methods.ersr import (ERSR, contour_regularity, distance_to_mask, edge_smoothness, mirror_images,
+                                  mirror_targets, reflect, regularity_score, select_regular)
 
 S = 32
 
@@ -68,15 +68,6 @@ def test_filter_keeps_lowest_and_at_least_80_percent():
     probs = torch.stack([ellipse(b=b)[0][0].float() for b in (3.0, 4.0, 5.0, 6.0, 7.0)])  # (5, H, W)
     assert int(method.filter(probs, 0).sum()) == 4  # int(0.8 * 5)
     torch.testing.assert_close(method.score_history, regularity_score(probs)[-4:])  # running window
-
-
-def test_fill_holes_matches_scipy():
-    g = torch.Generator().manual_seed(3)
-    mask = torch.rand(4, 19, 23, generator=g) < torch.tensor([0.3, 0.6, 0.8, 0.0])[:, None, None]
-    mask[0, 5:12, 5:12] = True
-    mask[0, 7:10, 7:10] = False  # one square hole
-    for m, f in zip(mask, fill_holes(mask)):
-        np.testing.assert_array_equal(f.numpy(), ndimage.binary_fill_holes(m.numpy()))
 
 
 def test_ellipse_refinement_fills_the_ellipse():

@@ -264,6 +264,38 @@ def test_fit_ellipse_on_rasterised_ellipses(a, ratio, theta):
         assert math.degrees(_angle_diff(p[4], theta)) < 2
 
 
+def test_fit_ellipse_ignores_holes():
+    """Outer boundary only: a head with a hole (holding a speck) fits as the filled head, close to OpenCV's
+    external contour; a cavity open to the outside through a 4-connected channel is not a hole."""
+    size, (cx, cy, a, b, t) = 96, (47.6, 45.2, 38.0, 30.0, 0.7)
+    head = _raster((size, size), cx, cy, a, b, t)
+    holed = head & ~_raster((size, size), cx + 8, cy - 3, 16, 11, 2.0)
+    holed[int(cy) - 3, int(cx) + 8] = True  # a speck inside the hole (another component)
+    masks = torch.from_numpy(np.stack([head, holed]))  # (2, H, W) bool
+    params, valid = ops.fit_ellipse(masks)
+    assert valid.all()
+    torch.testing.assert_close(params[1], params[0], rtol=0, atol=1e-9)
+    contours, _ = cv2.findContours(holed.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    (ocx, ocy), (w, h), _ = cv2.fitEllipseDirect(max(contours, key=len).astype(np.float32))
+    p = params[1].tolist()  # OpenCV's contour runs through pixel centres: half a pixel inside our edges
+    assert abs(p[0] - ocx) < 0.5 and abs(p[1] - ocy) < 0.5 and abs(p[2] - max(w, h) / 2) < 1.0
+    # square rings with a 4x4 cavity: background that meets the outside only diagonally is closed
+    # off by the 8-connected ring (a hole), a 4-connected channel opens the cavity (not a hole)
+    ring = torch.zeros(2, 12, 12, dtype=torch.bool)
+    ring[:, 2:10, 2:10] = True
+    ring[:, 4:8, 4:8] = False
+    ring[0, 2, 2] = ring[0, 3, 3] = False  # cavity (4, 4) - (3, 3) - (2, 2) - outside: diagonal steps
+    ring[1, 5, 2:4] = False  # cavity (5, 4) - (5, 3) - (5, 2) - outside: a channel
+    filled = ring.clone()
+    filled[:, 4:8, 4:8] = True
+    filled[0, 3, 3] = True  # (3, 3) is a one-pixel hole; (2, 2) touches the outside
+    got, ok = ops.fit_ellipse(ring)
+    want, want_ok = ops.fit_ellipse(filled)
+    assert ok.all() and want_ok.all()
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-9)
+    assert (got[1, :4] - want[1, :4]).abs().max() > 0.05
+
+
 def test_fit_ellipse_boundary_points_of_a_square():
     # 2x2 square: its 8 edge midpoints lie on a circle of radius sqrt(1.25) around (1.5, 1.5)
     mask = torch.zeros(1, 4, 4, dtype=torch.uint8)

@@ -43,9 +43,10 @@ Where minissl differs from the code, and why:
       approximates it by soft-min convolutions). Its Laplacian pads by replication: the code's zero
       padding makes the image border, where the distance is large, dominate S_reg. An empty mask
       scores +inf (ranked last); in the code it gets D = 0 and ranks as the most regular;
-    * ``ops.fit_ellipse`` uses every edge of the component, holes included, while the code fits the
-      external contour (``cv2.findContours(RETR_EXTERNAL)``): the mask's holes are filled first
-      (``fill_holes``, one scipy call per batch), else low-confidence holes shrink the ellipse;
+    * ``ops.fit_ellipse`` fits the outer boundary of the largest component (its holes filled), like the
+      code's external contour (``cv2.findContours(RETR_EXTERNAL)``): low-confidence holes inside the
+      head do not shrink the ellipse. Its points are pixel-edge midpoints, OpenCV's contour pixels'
+      centres (half a pixel further in);
     * invalid ellipse fits (empty mask, too few points): the code raises on an empty contour list or
       gives an all-zero pseudo-label; here Y = 1[P > tau] is kept for L_pl and the sample is left out of
       L_aug / L_mirror (no axis);
@@ -65,10 +66,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import Tensor
 
 from .. import ops
@@ -141,19 +140,6 @@ def select_regular(scores: Tensor, history: Tensor, keep_ratio: float, min_keep:
     n = max(int(keep.sum()), max(1, int(min_keep * scores.numel())))
     order = torch.argsort(torch.where(keep, -math.inf, scores), stable=True)  # kept first, then by score
     return torch.zeros_like(keep).index_fill_(0, order[:n], True)
-
-
-def fill_holes(mask: Tensor) -> Tensor:
-    """Fill the holes of binary masks (B, H, W) bool: background not 4-connected to the image border.
-
-    One ``scipy.ndimage.binary_fill_holes`` call for the whole batch (an in-plane structuring element, so
-    the samples never touch). Used so that the ellipse is fitted to the outer contour only, as
-    ``cv2.findContours(RETR_EXTERNAL)`` in the code (``ops.fit_ellipse`` also uses the edges of holes).
-    """
-    cross = ndimage.generate_binary_structure(2, 1)  # (3, 3) 4-connectivity of the background
-    structure = np.stack([np.zeros_like(cross), cross, np.zeros_like(cross)])  # (3, 3, 3): no link across B
-    filled = ndimage.binary_fill_holes(mask.detach().cpu().numpy(), structure=structure)  # (B, H, W)
-    return torch.from_numpy(filled).to(mask.device)
 
 
 def axis_coords(params: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -269,7 +255,7 @@ class ERSR(Method):
     def pseudo_labels(self, probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Ellipse fit (outer contour of the largest component of P > tau) and refinement: pseudo (K, H, W) uint8, params (K, 5), valid (K,)."""
         a = self.args
-        params, valid = ops.fit_ellipse(fill_holes(probs > a.threshold).to(torch.uint8))
+        params, valid = ops.fit_ellipse(probs > a.threshold)
         _, pseudo = ops.ellipse_refine(probs, params, valid, threshold=a.threshold, fill_base=a.fill_base,
                                        fill_power=a.fill_power, decay=a.decay)
         return pseudo, params, valid

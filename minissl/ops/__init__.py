@@ -117,10 +117,11 @@ def largest_component(labels: torch.Tensor, num_classes: Optional[int] = None) -
 
 
 def fit_ellipse(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Direct least-squares ellipse fit to the boundary of the largest 8-connected component of each mask.
+    """Direct least-squares ellipse fit to the outer boundary of the largest 8-connected component of each mask.
 
-    Points are the midpoints of the edges between component pixels and their outside 4-neighbours;
-    pixel (row y, col x) has its centre at (x, y).
+    Points are the midpoints of the edges between component pixels and their 4-neighbours outside it,
+    holes not counted: background not 4-connected to the image border is filled first (as
+    ``cv2.findContours(RETR_EXTERNAL)``). Pixel (row y, col x) has its centre at (x, y).
 
     Args:
         masks: (B, H, W) uint8/bool.

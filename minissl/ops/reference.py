@@ -187,8 +187,13 @@ def fit_ellipse_points(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def fit_ellipse(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit an ellipse to the boundary of the largest 8-connected foreground component of each mask.
+    """Fit an ellipse to the outer boundary of the largest 8-connected foreground component of each mask.
 
+    Outer boundary: the boundary of the component with its holes filled, where a hole is background
+    (anything not in the component) that is not 4-connected to the image border (4 is the dual of the
+    component's 8-connectivity; ``ndimage.binary_fill_holes``' default). The edges of holes are left
+    out, as in ``cv2.findContours(..., RETR_EXTERNAL)``: a segmentation with a low-confidence patch
+    inside the head still gives the head's ellipse.
     Also not valid when the fitted minor semi-axis b < 1 pixel: a mask thinner than 2 px is a line.
 
     Args:
@@ -201,7 +206,8 @@ def fit_ellipse(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     params = torch.zeros(masks.shape[0], 5, dtype=torch.float64)
     valid = torch.zeros(masks.shape[0], dtype=torch.bool)
     for i in range(masks.shape[0]):
-        p, ok = fit_ellipse_points(boundary_points(fg[i]))
+        filled = torch.from_numpy(ndimage.binary_fill_holes(fg[i].numpy()))  # (H, W) bool
+        p, ok = fit_ellipse_points(boundary_points(filled))
         if ok and p[3] >= 1.0:
             params[i], valid[i] = p, True
     return params.to(masks.device), valid.to(masks.device)

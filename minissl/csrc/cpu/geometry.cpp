@@ -10,10 +10,11 @@
 // in a raster scan wins) for free. Samples run in parallel (for_each_sample). The rows are copied to
 // the output during the scan, and only the runs of the smaller components are zeroed afterwards.
 //
-// fit_ellipse walks the runs of the largest component only: a run [s, e) of row y contributes the
-// edge midpoints (s - 1/2, y), (e - 1/2, y) and (x, y -+ 1/2) for its columns not covered by any
-// run of row y -+ 1 (a 4-neighbour in the mask belongs to the same component). Each point is added
-// to the 15 moments of kernels/ellipse.h straight away; no point list is stored.
+// fit_ellipse walks the runs of the largest component only, with its holes filled (the gaps between
+// its runs, labelled on runs with 4-connectivity, that do not reach the edge of its bounding box): a
+// filled run [s, e) of row y contributes the edge midpoints (s - 1/2, y), (e - 1/2, y) and
+// (x, y -+ 1/2) for its columns not covered by a filled run of row y -+ 1. Each point is added to
+// the 15 moments of kernels/ellipse.h straight away; no point list is stored.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
@@ -44,6 +45,12 @@ struct RunSet {
   std::vector<int32_t> parent;
   std::vector<int64_t> size;  // pixels per root
   std::vector<int32_t> best;  // largest root per class (largest_component)
+  // fit_ellipse only, rows y0..y1 of the component's bounding box: the gaps between its runs, their
+  // union-find forest and exterior flag, and the runs of the filled component
+  std::vector<Run> gaps, filled;
+  std::vector<int64_t> gap_begin, filled_begin;
+  std::vector<int32_t> gap_parent;
+  std::vector<uint8_t> exterior;
 
   void clear() {
     runs.clear();
@@ -236,21 +243,92 @@ at::Tensor largest_component_cpu(const at::Tensor& labels, int64_t num_classes) 
 // ------------------------------------------------------------------------------------------------
 // fit_ellipse
 
-// Adds the points (x, y) of the columns of [s, e) not covered by the runs [k, kend) of a neighbour row.
-inline void add_uncovered(ellipse::Moments& m, const RunSet& rs, int64_t k, int64_t kend, int32_t s, int32_t e,
+// Adds the points (x, y) of the columns of [s, e) not covered by runs[k .. kend) (sorted, disjoint).
+inline void add_uncovered(ellipse::Moments& m, const Run* runs, int64_t k, int64_t kend, int32_t s, int32_t e,
                           double y, double cx, double cy, double inv) {
   const double v = (y - cy) * inv;
   int32_t x = s;
-  for (; k < kend && rs.runs[k].s < e; ++k) {
-    if (rs.runs[k].e <= x) continue;
-    for (; x < rs.runs[k].s; ++x) ellipse::moments_add(m, (x - cx) * inv, v);
-    x = std::max(x, rs.runs[k].e);
+  for (; k < kend && runs[k].s < e; ++k) {
+    if (runs[k].e <= x) continue;
+    for (; x < runs[k].s; ++x) ellipse::moments_add(m, (x - cx) * inv, v);
+    x = std::max(x, runs[k].e);
     if (x >= e) return;
   }
   for (; x < e; ++x) ellipse::moments_add(m, (x - cx) * inv, v);
 }
 
-// Fits the largest component of one (H, W) mask; returns validity, writes params (5,).
+// Fills rs.filled / rs.filled_begin (rows y0..y1, local index t = y - y0) with the runs of component
+// `best` and its holes. The gaps between its runs inside the bounding box [x0, x1] are labelled with
+// 4-connectivity (two gaps of adjacent rows touch when their columns overlap); a gap is exterior when
+// it reaches the box's edge (all that lies outside the box is connected to the image border) or
+// touches an exterior gap, and every other gap is a hole.
+void fill_component(RunSet& rs, int32_t best, int64_t y0, int64_t y1, int32_t x0, int32_t x1) {
+  const int64_t rows = y1 - y0 + 1;
+  rs.gaps.clear();
+  rs.gap_begin.resize(rows + 1);
+  for (int64_t t = 0; t < rows; ++t) {
+    rs.gap_begin[t] = static_cast<int64_t>(rs.gaps.size());
+    int32_t x = x0;
+    for (int64_t i = rs.row_begin[y0 + t]; i < rs.row_begin[y0 + t + 1]; ++i) {
+      if (rs.parent[i] != best) continue;
+      if (rs.runs[i].s > x) rs.gaps.push_back({x, rs.runs[i].s});
+      x = rs.runs[i].e;
+    }
+    if (x <= x1) rs.gaps.push_back({x, x1 + 1});
+  }
+  rs.gap_begin[rows] = static_cast<int64_t>(rs.gaps.size());
+  const int32_t n = static_cast<int32_t>(rs.gaps.size());
+  rs.gap_parent.resize(n);
+  rs.exterior.assign(n, 0);
+  int32_t* p = rs.gap_parent.data();
+  for (int32_t i = 0; i < n; ++i) p[i] = i;
+  for (int64_t t = 1; t < rows; ++t) {  // 4-connectivity: overlapping columns in the row above
+    int64_t j = rs.gap_begin[t - 1];
+    const int64_t jend = rs.gap_begin[t];
+    for (int64_t i = rs.gap_begin[t]; i < rs.gap_begin[t + 1]; ++i) {
+      while (j < jend && rs.gaps[j].e <= rs.gaps[i].s) ++j;
+      for (int64_t k = j; k < jend && rs.gaps[k].s < rs.gaps[i].e; ++k)
+        unite(p, static_cast<int32_t>(i), static_cast<int32_t>(k));
+    }
+  }
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t i = rs.gap_begin[t]; i < rs.gap_begin[t + 1]; ++i) {
+      p[i] = p[p[i]];  // parents point to smaller indices: one forward pass flattens
+      if (t == 0 || t == rows - 1 || rs.gaps[i].s == x0 || rs.gaps[i].e == x1 + 1) rs.exterior[p[i]] = 1;
+    }
+  // Filled runs: the component's runs and the hole gaps of each row, in column order, merged.
+  rs.filled.clear();
+  rs.filled_begin.resize(rows + 1);
+  for (int64_t t = 0; t < rows; ++t) {
+    rs.filled_begin[t] = static_cast<int64_t>(rs.filled.size());
+    int64_t i = rs.row_begin[y0 + t], g = rs.gap_begin[t];
+    const int64_t iend = rs.row_begin[y0 + t + 1];
+    for (int32_t x = x0; x <= x1;) {
+      while (i < iend && rs.parent[i] != best) ++i;
+      Run piece;
+      bool in = true;
+      if (i < iend && rs.runs[i].s == x) {
+        piece = rs.runs[i++];
+      } else {  // the gaps and the component's runs tile [x0, x1]
+        piece = rs.gaps[g];
+        in = !rs.exterior[p[g]];
+        ++g;
+      }
+      if (in) {
+        if (static_cast<int64_t>(rs.filled.size()) > rs.filled_begin[t] && rs.filled.back().e == piece.s) {
+          rs.filled.back().e = piece.e;
+        } else {
+          rs.filled.push_back(piece);
+        }
+      }
+      x = piece.e;
+    }
+  }
+  rs.filled_begin[rows] = static_cast<int64_t>(rs.filled.size());
+}
+
+// Fits the outer boundary of the largest component of one (H, W) mask; returns validity, writes
+// params (5,).
 template <typename T>
 bool fit_ellipse_sample(const T* mask, int64_t H, int32_t W, RunSet& rs, double* params) {
   for (int k = 0; k < 5; ++k) params[k] = 0.0;
@@ -271,22 +349,25 @@ bool fit_ellipse_sample(const T* mask, int64_t H, int32_t W, RunSet& rs, double*
         x0 = std::min(x0, rs.runs[i].s);
         x1 = std::max(x1, rs.runs[i].e - 1);
       }
+  fill_component(rs, best, y0, y1, x0, x1);
   const double cx = 0.5 * (x0 + x1), cy = 0.5 * (y0 + y1);
   const double scale = 0.5 * std::max(x1 - x0, static_cast<int32_t>(y1 - y0)) + 0.5;
   const double inv = 1.0 / scale;
   ellipse::Moments m;
   ellipse::moments_zero(m);
-  for (int64_t r = y0; r <= y1; ++r)
-    for (int64_t i = rs.row_begin[r]; i < rs.row_begin[r + 1]; ++i) {
-      if (rs.parent[i] != best) continue;
-      const int32_t s = rs.runs[i].s, e = rs.runs[i].e;
-      const double v = (r - cy) * inv;
+  const Run* f = rs.filled.data();
+  const int64_t rows = y1 - y0 + 1;
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t i = rs.filled_begin[t]; i < rs.filled_begin[t + 1]; ++i) {
+      const int32_t s = f[i].s, e = f[i].e;
+      const double y = static_cast<double>(y0 + t), v = (y - cy) * inv;
       ellipse::moments_add(m, (s - 0.5 - cx) * inv, v);
       ellipse::moments_add(m, (e - 0.5 - cx) * inv, v);
-      const int64_t up = r > 0 ? rs.row_begin[r - 1] : 0, up_end = r > 0 ? rs.row_begin[r] : 0;
-      add_uncovered(m, rs, up, up_end, s, e, r - 0.5, cx, cy, inv);
-      const int64_t dn = r + 1 < H ? rs.row_begin[r + 1] : 0, dn_end = r + 1 < H ? rs.row_begin[r + 2] : 0;
-      add_uncovered(m, rs, dn, dn_end, s, e, r + 0.5, cx, cy, inv);
+      // vertical edges: columns not covered by the filled runs of the row above / below
+      const int64_t up = t > 0 ? rs.filled_begin[t - 1] : 0, up_end = t > 0 ? rs.filled_begin[t] : 0;
+      add_uncovered(m, f, up, up_end, s, e, y - 0.5, cx, cy, inv);
+      const int64_t dn = t + 1 < rows ? rs.filled_begin[t + 1] : 0, dn_end = t + 1 < rows ? rs.filled_begin[t + 2] : 0;
+      add_uncovered(m, f, dn, dn_end, s, e, y + 0.5, cx, cy, inv);
     }
   const bool ok = ellipse::fit_from_moments(m, cx, cy, scale, params) && params[3] >= 1.0;
   if (!ok)

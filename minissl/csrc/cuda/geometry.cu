@@ -10,10 +10,12 @@
 // picked with one 64-bit atomicMax of (size << 32 | ~index): larger first, then earlier in raster
 // order, the reference's tie rule.
 //
-// fit_ellipse: the same labelling on the binary mask, then the bounding box of the largest component
-// (its centre and scale normalise the coordinates), then each thread adds the edge midpoints of its
-// component pixels to 15 moment sums in registers, reduced per block and added atomically per sample;
-// one thread per sample solves the 3x3 problem.
+// fit_ellipse: the same labelling on the binary mask; a second labelling, 4-connected, of the pixels
+// outside the largest component, whose groups touching the image border are the exterior (the rest
+// are holes); the bounding box of the component (its centre and scale normalise the coordinates);
+// then each thread adds the midpoints of its component pixels' edges to the exterior to 15 moment
+// sums in registers, reduced per block and added atomically per sample; one thread per sample solves
+// the 3x3 problem.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -196,6 +198,43 @@ __global__ void fit_bbox(const int32_t* parent, const unsigned long long* best, 
   }
 }
 
+// Holes of the largest component: every pixel not in it (par2[i] = i; -1 in it) is united with its
+// left and upper neighbours not in it (4-connectivity, the dual of the component's 8), one pass of
+// ccl_flatten, then the roots of the groups that touch the image border are marked exterior
+// (par2[root] = kExterior). What is neither in the component nor exterior is a hole.
+constexpr int32_t kExterior = -2;
+
+__global__ void ext_init(const int32_t* parent, const unsigned long long* best, int32_t* par2, int64_t total,
+                         int64_t N) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    par2[i] = parent[i] == best_root(best[i / N], i / N, N) ? -1 : static_cast<int32_t>(i);
+}
+
+__global__ void ext_merge(int32_t* par2, int64_t total, int64_t H, int64_t W) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    if (par2[i] < 0) continue;
+    const int64_t x = i % W, y = (i / W) % H;
+    if (x > 0 && par2[i - 1] >= 0) unite(par2, static_cast<int32_t>(i), static_cast<int32_t>(i - 1));
+    if (y > 0 && par2[i - W] >= 0) unite(par2, static_cast<int32_t>(i), static_cast<int32_t>(i - W));
+  }
+}
+
+// After ccl_flatten: every pixel not in the component points at its root, so only roots are written.
+__global__ void ext_mark(int32_t* par2, int64_t total, int64_t H, int64_t W) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t x = i % W, y = (i / W) % H;
+    if (x != 0 && x != W - 1 && y != 0 && y != H - 1) continue;
+    const int32_t r = par2[i];
+    if (r >= 0) par2[r] = kExterior;
+  }
+}
+
+// Pixel j (in the image, not in the component) is outside it: background connected to the border.
+__device__ __forceinline__ bool exterior(const int32_t* par2, int64_t j) {
+  const int32_t r = par2[j];
+  return r == kExterior || (r >= 0 && par2[r] == kExterior);
+}
+
 __device__ __forceinline__ void frame_of(const int32_t* bb, double& cx, double& cy, double& scale) {
   cx = 0.5 * (bb[0] + bb[2]);
   cy = 0.5 * (bb[1] + bb[3]);
@@ -203,7 +242,7 @@ __device__ __forceinline__ void frame_of(const int32_t* bb, double& cx, double& 
 }
 
 // Moments of the edge midpoints of the largest component (grid: (chunks, B); moments zeroed).
-__global__ void fit_moments(const uint8_t* mask, const int32_t* parent, const unsigned long long* best,
+__global__ void fit_moments(const int32_t* parent, const int32_t* par2, const unsigned long long* best,
                             const int32_t* bbox, double* moments, int64_t H, int64_t W) {
   const int64_t b = blockIdx.y, N = H * W;
   const int64_t root = best_root(best[b], b, N);
@@ -213,16 +252,17 @@ __global__ void fit_moments(const uint8_t* mask, const int32_t* parent, const un
   const double inv = 1.0 / scale;
   ellipse::Moments m;
   ellipse::moments_zero(m);
-  const uint8_t* mk = mask + b * N;
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
-    if (parent[b * N + k] != root) continue;
+    const int64_t i = b * N + k;
+    if (parent[i] != root) continue;
     const int64_t x = k % W, y = k / W;
     const double u = (x - cx) * inv, v = (y - cy) * inv, h = 0.5 * inv;
-    // A 4-neighbour in the mask is in the same component, so "outside" is background or off-image.
-    if (x == 0 || mk[k - 1] == 0) ellipse::moments_add(m, u - h, v);
-    if (x == W - 1 || mk[k + 1] == 0) ellipse::moments_add(m, u + h, v);
-    if (y == 0 || mk[k - W] == 0) ellipse::moments_add(m, u, v - h);
-    if (y == H - 1 || mk[k + W] == 0) ellipse::moments_add(m, u, v + h);
+    // Outer edges only: the 4-neighbour is off-image or exterior (a 4-neighbour in the mask is in the
+    // component, and a hole pixel is inside the filled component).
+    if (x == 0 || exterior(par2, i - 1)) ellipse::moments_add(m, u - h, v);
+    if (x == W - 1 || exterior(par2, i + 1)) ellipse::moments_add(m, u + h, v);
+    if (y == 0 || exterior(par2, i - W)) ellipse::moments_add(m, u, v - h);
+    if (y == H - 1 || exterior(par2, i + W)) ellipse::moments_add(m, u, v + h);
   }
   __shared__ double part[kThreads / 32][15];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -408,12 +448,18 @@ const char* fit_ellipse(const uint8_t* masks, int64_t B, int64_t H, int64_t W, v
     return last_error();
   }
   if (const char* err = label<uint8_t, true>(masks, parent, count, best, B, 1, H, W, 2, s)) return err;
+  int32_t* par2 = count;  // the sizes are no longer needed: the hole labelling reuses the buffer
+  const unsigned g = blocks_for(total, 4);
+  ext_init<<<g, kThreads, 0, s>>>(parent, best, par2, total, N);
+  ext_merge<<<g, kThreads, 0, s>>>(par2, total, H, W);
+  ccl_flatten<<<g, kThreads, 0, s>>>(par2, total);
+  ext_mark<<<g, kThreads, 0, s>>>(par2, total, H, W);
   cudaMemsetAsync(moments, 0, sizeof(double) * 15 * B, s);
   bbox_init<<<blocks_for(4 * B), kThreads, 0, s>>>(bbox, B);
   const int64_t chunks = (N + 4 * kThreads - 1) / (4 * kThreads);
   const dim3 grid(static_cast<unsigned>(chunks < 1 ? 1 : chunks), static_cast<unsigned>(B));
   fit_bbox<<<grid, kThreads, 0, s>>>(parent, best, bbox, H, W);
-  fit_moments<<<grid, kThreads, 0, s>>>(masks, parent, best, bbox, moments, H, W);
+  fit_moments<<<grid, kThreads, 0, s>>>(parent, par2, best, bbox, moments, H, W);
   fit_solve<<<blocks_for(B), kThreads, 0, s>>>(best, bbox, moments, params, valid, B);
   return last_error();
 }
