@@ -220,6 +220,18 @@ def test_fit_ellipse_fills_holes_like_the_reference(kernels):
     assert_params_close(ours, ref, atol=1e-7)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), density=st.floats(0.4, 0.9), h=st.integers(3, 24), w=st.integers(3, 24))
+def test_fit_ellipse_random_masks_match_reference(kernels, seed, density, h, w):
+    """Random masks: tangled holes, gaps meeting diagonally, holes at the bounding box's edge."""
+    g = torch.Generator().manual_seed(seed)
+    masks = (torch.rand(4, h, w, generator=g) < density).to(torch.uint8)  # (4, h, w)
+    ours, ok = kernels.fit_ellipse(masks)
+    ref, ref_ok = reference.fit_ellipse(masks)
+    assert torch.equal(ok, ref_ok)
+    assert_params_close(ours, ref, atol=1e-6)
+
+
 def test_fit_ellipse_degenerate_masks_are_invalid(kernels):
     masks = torch.zeros(6, 16, 16, dtype=torch.uint8)
     masks[1, 5, 5] = 1  # single pixel: 4 points
