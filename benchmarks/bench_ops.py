@@ -5,8 +5,9 @@
 
 For each row, ours and that row's competitor run round-robin in one loop, so a slow patch of a shared
 machine hits both alike (one loop per pair, see ``run``); the table shows median milliseconds, the
-ratio other / ours (> 1: ours is faster) and the target of the issue. Rows are registered with ``@case(op, description)``: the function
-builds its inputs and returns a ``Case``; add new ops' rows the same way.
+ratio other / ours (> 1: ours is faster) and the target of the issue. Rows are registered with
+``@case(op, description)``: the function builds its inputs and returns a ``Case``; add new ops' rows
+the same way.
 """
 from __future__ import annotations
 

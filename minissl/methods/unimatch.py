@@ -36,8 +36,9 @@ Semi-Supervised Semantic Segmentation", CVPR 2023. Code: LiheYoung/UniMatch ``mo
 Where the official medical code differs from the paper, and what minissl follows:
     * The paper uses CE on the unlabeled views; the medical code uses the masked Dice above only, and
       divides the total by 2 (``total_scale = 0.5``; with plain SGD that also halves the step of the
-      supervised term compared with every other method). minissl follows the medical code (for the unlabeled terms; ``L_x`` is
-      the library's shared ``0.5 (CE + Dice)``, whose Dice is per-sample rather than batch-pooled).
+      supervised term compared with every other method). minissl follows the medical code (for the
+      unlabeled terms; ``L_x`` is the library's shared ``0.5 (CE + Dice)``, whose Dice is per-sample
+      rather than batch-pooled).
     * The code's partner images come from a second unlabeled loader and their pseudo-labels from an
       extra eval-mode pass; minissl rolls the unlabeled batch by one and reuses the (detached) weak
       predictions of the training pass, which saves a forward and a loader.

@@ -308,9 +308,8 @@ at::Tensor dice_ce_entropy_backward_cpu(const at::Tensor& gI, const at::Tensor& 
 // (before, inside, after the box on dim sd - 2), a block grid one per block row. Segments are
 // computed with a few divisions each, so the per-row cost is only the copy itself.
 struct Segment {
-  int64_t end = 0;  // first row after the segment
-  int niv = 0;      // byte intervals of a row taken from b: iv[2j] <= x < iv[2j + 1], sorted, disjoint
-  std::vector<int64_t> iv;
+  int64_t end = 0;          // first row after the segment
+  std::vector<int64_t> iv;  // byte intervals of a row taken from b: iv[2j] <= x < iv[2j + 1], sorted, disjoint
 };
 
 // Fills seg for the segment that contains row r (a flat index over (B, L, S_0 .. S_{sd-2})).
@@ -324,7 +323,7 @@ void find_segment(int64_t r, const MixGeometry& g, int64_t L, int64_t es, const 
     q /= g.S[d];
   }
   const int64_t s = q / L, c = sd >= 2 ? coord[sd - 2] : 0;  // q: plane index (b * L + l)
-  seg.niv = 0;
+  seg.iv.clear();
   if (boxes != nullptr) {
     const int64_t* bx = boxes + s * 2 * sd;
     bool outer = bx[sd - 1] < bx[2 * sd - 1];
@@ -336,9 +335,7 @@ void find_segment(int64_t r, const MixGeometry& g, int64_t L, int64_t es, const 
       seg.end = r + lo - c;
     } else {
       seg.end = r + hi - c;
-      seg.iv[0] = bx[sd - 1] * es;
-      seg.iv[1] = bx[2 * sd - 1] * es;
-      seg.niv = 1;
+      seg.iv = {bx[sd - 1] * es, bx[2 * sd - 1] * es};
     }
     return;
   }
@@ -349,12 +346,11 @@ void find_segment(int64_t r, const MixGeometry& g, int64_t L, int64_t es, const 
   gi *= GL;
   for (int64_t k = 0; k < GL; ++k) {
     if (!blocks[gi + k]) continue;
-    if (seg.niv > 0 && seg.iv[2 * seg.niv - 1] == k * bw * es) {
-      seg.iv[2 * seg.niv - 1] = (k + 1) * bw * es;  // extends the previous interval
+    if (!seg.iv.empty() && seg.iv.back() == k * bw * es) {
+      seg.iv.back() = (k + 1) * bw * es;  // extends the previous interval
     } else {
-      seg.iv[2 * seg.niv] = k * bw * es;
-      seg.iv[2 * seg.niv + 1] = (k + 1) * bw * es;
-      ++seg.niv;
+      seg.iv.push_back(k * bw * es);
+      seg.iv.push_back((k + 1) * bw * es);
     }
   }
 }
@@ -476,13 +472,12 @@ void mix_one_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, cons
   const char* ap = static_cast<const char*>(a.data_ptr());
   const char* bp = static_cast<const char*>(b.data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
-  const int64_t GL = boxes == nullptr ? g.G[sd - 1] : 1;
   const bool stream = kCanStream && out.nbytes() >= kStreamBytes;
   const bool stream_rows = stream && n % kVec == 0 && reinterpret_cast<uintptr_t>(op) % kVec == 0;
 
   at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 16) / n), [&](int64_t r0, int64_t r1) {
     Segment seg;
-    seg.iv.resize(2 * GL);
+    seg.iv.reserve(boxes == nullptr ? 2 * g.G[sd - 1] : 2);
     RowPlan plan;
     int64_t run = r0;  // rows [run, r) are whole rows from a (from b when run_b), not yet copied
     bool run_b = false;
@@ -498,8 +493,9 @@ void mix_one_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, cons
     for (int64_t r = r0; r < r1;) {
       find_segment(r, g, L, es, boxes, blocks, seg);
       const int64_t e = std::min(seg.end, r1);
-      const bool all_b = seg.niv == 1 && seg.iv[0] == 0 && seg.iv[1] == n;
-      if (seg.niv == 0 || all_b) {  // whole rows from one source: joins the pending run if it can
+      const int niv = static_cast<int>(seg.iv.size() / 2);
+      const bool all_b = niv == 1 && seg.iv[0] == 0 && seg.iv[1] == n;
+      if (niv == 0 || all_b) {  // whole rows from one source: joins the pending run if it can
         if (all_b != run_b) {
           flush(r);
           run = r;
@@ -507,7 +503,7 @@ void mix_one_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, cons
         }
       } else {
         flush(r);
-        plan.build(n, seg.iv.data(), seg.niv);
+        plan.build(n, seg.iv.data(), niv);
         for (int64_t i = r; i < e; ++i) {
           if (stream_rows) {
             plan.write<true>(op + i * n, ap + i * n, bp + i * n, n);
