@@ -1,14 +1,25 @@
 """minissl: compact semi-supervised medical image segmentation.
 
 Install with ``pip install -e .``. The C++/CUDA kernels are not built here: they are JIT-compiled
-with ninja on first use (``minissl/ops/_build.py``) and shipped as package data so regular installs
-find them too.
+with ninja on first use (``minissl/ops/_build.py``). Their sources live in ``csrc/`` at the top
+level; a regular (non-editable) install copies them into the package as ``minissl/_csrc``.
 """
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
+
+
+class BuildPyWithKernelSources(build_py):
+    """build_py that also ships ``csrc/`` inside the package (``minissl/_csrc``)."""
+
+    def run(self) -> None:
+        super().run()
+        shutil.copytree(ROOT / "csrc", Path(self.build_lib) / "minissl" / "_csrc", dirs_exist_ok=True)
+
 
 setup(
     name="minissl",
@@ -18,8 +29,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["minissl", "minissl.*"]),
-    package_data={"minissl": ["csrc/**/*", "csrc/*"]},
-    include_package_data=True,
+    cmdclass={"build_py": BuildPyWithKernelSources},
     install_requires=[
         "torch>=2.4,<2.15",
         "numpy>=1.24",

@@ -1,4 +1,4 @@
-"""JIT build of the C++/CUDA kernels in ``minissl/csrc`` (ninja, on first use).
+"""JIT build of the C++/CUDA kernels in ``csrc/`` (ninja, on first use).
 
 The shared object holds one ``TORCH_LIBRARY(minissl, m)`` schema block (``csrc/ops.cpp``) and the
 ``TORCH_LIBRARY_IMPL`` kernels of each backend: ``csrc/cpu/*.cpp`` always, ``csrc/cuda/*`` only when
@@ -29,7 +29,17 @@ from typing import Callable, Optional
 
 import torch
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+def _csrc() -> Path:
+    """The kernel sources: ``csrc/`` at the repository root (editable install, source checkout), else
+    the copy a regular install ships inside the package (``minissl/_csrc``, see setup.py)."""
+    package = Path(__file__).resolve().parent.parent
+    for folder in (package.parent / "csrc", package / "_csrc"):
+        if (folder / "ops.cpp").is_file():
+            return folder
+    return package.parent / "csrc"
+
+
+CSRC = _csrc()
 CPU_SOURCES = ("ops.cpp", "cpu/dense.cpp", "cpu/geometry.cpp")  # at most ~3 heavy translation units
 CUDA_SOURCES = ("cuda/dense.cu", "cuda/geometry.cu", "cuda/bindings.cpp")
 STALE_LOCK_SECONDS = 300.0  # an older `lock` with no live builder is left over from a killed build
