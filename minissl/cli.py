@@ -92,7 +92,8 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     import torch
 
     from . import evaluate as evaluation
-    from .engine import load_method, open_data
+    from .data.sources import open_data
+    from .engine import load_method
 
     p = argparse.ArgumentParser(prog="minissl eval", description="Evaluate a run's best checkpoint on a split.")
     p.add_argument("run_dir")
@@ -100,7 +101,7 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(tokens)
     method = load_method(args.run_dir, device=args.device)
-    store = open_data(method.cfg)
+    store = open_data(method.cfg.data_root or method.cfg.suite)
     cases = [store.read(i) for i in store.split(args.split)]
     rows = evaluation.evaluate(method.predict, cases, store.spec, device=torch.device(args.device))
     out = Path(args.run_dir) / f"eval_{args.split}"

@@ -39,8 +39,8 @@ import torch.distributed as dist
 from . import evaluate as evaluation
 from . import metrics
 from .config import Config
-from .data import datasets, phantoms, store as store_mod
-from .data.store import write_text_atomic
+from .data import datasets, sources
+from .data.store import CaseStore, write_text_atomic
 from .inference import predict_case
 from .methods import Method, get_method
 from .ops import _build
@@ -63,18 +63,11 @@ def learning_rate(cfg: Config, step: int) -> float:
     return cfg.lr
 
 
-def open_data(cfg: Config) -> Any:
-    """The case store of a run: ``cfg.data_root`` if given, else the embedded suite (made once)."""
-    root = cfg.data_root or phantoms.make_suite(cfg.suite)
-    return store_mod.open_store(root)
-
-
-def resolve(cfg: Config, store: Any) -> Config:
+def resolve(cfg: Config, store: CaseStore) -> Config:
     """Fill the suite-dependent defaults (iterations, budget, run name, validation period)."""
     spec = store.spec
     max_iters = cfg.max_iters or int(spec.default_iters)
     budget = cfg.budget or int(spec.default_budget)
-    store.labeled(budget, cfg.seed)  # validates the budget against the training patients
     name = cfg.run_name or f"{spec.name}-{cfg.method}-b{budget}-s{cfg.seed}"
     val_every = cfg.val_every or max(max_iters // 10, 1)
     return replace(cfg, max_iters=max_iters, budget=budget, run_name=name, val_every=val_every)
@@ -233,20 +226,23 @@ class _Stop:
             signal.signal(sig, handler)
 
 
-def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
+def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = None) -> Optional[RunResult]:
     """Train ``cfg.method`` on ``cfg``'s data, choose the checkpoint on validation, test once.
 
     Args:
         cfg: the run configuration (suite defaults are filled in here).
         overwrite: start afresh even if the run folder already holds a run.
+        store: the run's data when the caller has opened it (default: ``cfg.data_root or cfg.suite``).
 
     Returns:
         A RunResult (None on ranks > 0 under torchrun); the run folder holds everything needed to
         inspect or resume it.
     """
     ddp = _Dist(cfg.device)
-    store = open_data(cfg)
+    store = store if store is not None else sources.open_data(cfg.data_root or cfg.suite)
     cfg = resolve(cfg, store)
+    labeled = store.labeled(cfg.budget, cfg.seed)  # resolved once, passed down
+    sources.check_store(store, labeled)  # every split and case, before anything is created
     spec = store.spec
     device = ddp.device
     run_dir = Path(cfg.out_dir) / cfg.run_name
@@ -265,7 +261,7 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
         optimizers = [_GradAverage(o, ddp.world) for o in optimizers]
     if ddp.main:
         cfg.to_json(run_dir / "config.json", {"method_resolved": method.resolved_args(), "suite_spec": _spec_dict(spec)})
-    labeled = store.labeled(cfg.budget, cfg.seed)
+        write_text_atomic(run_dir / "labeled.txt", "".join(c + "\n" for c in labeled))
     val_cases = [store.read(i) for i in store.split("val")]
 
     start, best_val, best_step, rows = 0, -1.0, -1, []
@@ -360,7 +356,7 @@ def load_method(run_dir: str | Path, checkpoint: str = "best.pt", device: str = 
         raise ValueError(f"{run_dir}: expected a run folder with config.json and {checkpoint}")
     data = json.loads((run_dir / "config.json").read_text())
     cfg = Config(**{k: v for k, v in data.items() if k in Config.__dataclass_fields__})
-    method = get_method(cfg.method)(cfg, open_data(cfg).spec).to(device)
+    method = get_method(cfg.method)(cfg, sources.open_data(cfg.data_root or cfg.suite).spec).to(device)
     method.load_state_dict(torch.load(run_dir / checkpoint, map_location=device, weights_only=False)["method"])
     return method.eval()
 

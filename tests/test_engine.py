@@ -8,6 +8,7 @@ import torch
 
 from minissl import engine
 from minissl.config import load_config
+from minissl.data.sources import open_data
 from minissl.methods import Method
 from minissl.methods.base import ema_update, sigmoid_rampup
 
@@ -53,7 +54,7 @@ def test_run_folder_and_protocol(tiny_stores, tmp_path, monkeypatch):
     res = engine.train(tiny_cfg(tiny_stores["fetal_head"], tmp_path, method="mean_teacher"))
     for f in ("config.json", "log.csv", "best.pt", "last.pt", "metrics.json", "test_cases.csv", "test_cases.json"):
         assert (res.run_dir / f).is_file(), f
-    store = engine.open_data(res.config)
+    store = open_data(res.config.data_root or res.config.suite)
     assert calls == [store.split("test")]  # the test split is evaluated once, at the end
     log = (res.run_dir / "log.csv").read_text().splitlines()
     rows = [dict(zip(log[0].split(","), r.split(","))) for r in log[1:]]
