@@ -280,3 +280,15 @@ def test_a_budget_without_saved_list_goes_to_the_run_folder_not_the_data(tmp_pat
     st = sources.open_data(root)
     assert (res.run_dir / "labeled.txt").read_text().split() == st.labeled(3, 0) == \
         store.choose_labeled(st.split("train"), st.split("train"), 3, 0)
+
+
+def test_training_on_an_ssl4mis_folder_writes_nothing_there(tmp_path):
+    from minissl import engine
+
+    root = _acdc(tmp_path / "ACDC")
+    before = _snapshot(root)
+    cfg = load_config(data_root=str(root), out_dir=str(tmp_path / "runs"), width=4, depth=2, batch_size=2,
+                      labeled_bs=1, max_iters=1, val_every=1, budget=2, progress=False, method="mean_teacher")
+    res = engine.train(cfg)
+    assert _snapshot(root) == before
+    assert (res.run_dir / "labeled.txt").read_text().split() == sources.open_data(root).labeled(2, 0)
