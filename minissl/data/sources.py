@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from ..atomic import write_text_atomic
 from . import phantoms, ssl4mis
-from .store import SPLITS, CaseStore, H5Store, duplicates, write_text_atomic
+from .store import SPLITS, CaseStore, H5Store, duplicates
 
 CHECK_VERSION = 1  # bump when check_store checks more: older remembered checks no longer count
 
