@@ -165,6 +165,10 @@ CATALOGUE: list[tuple[str, str, Callable[[Path], None], str]] = [
      r"train_slices\.list names 1 slice\(s\) missing on disk: .*slices/patient002_frame12_slice_2\.h5"),
     ("acdc", "truncated_slice", lambda r: _truncate(r / "data" / "slices" / "patient002_frame12_slice_1.h5"),
      r"case 'patient002_frame12' \(train\): could not read h5 file .*patient002_frame12_slice_1\.h5"),
+    ("acdc", "slices_of_different_shapes", lambda r: _h5(r / "data" / "slices" / "patient002_frame12_slice_3.h5",
+                                                         image=np.zeros((4, 4), np.float32), label=np.zeros((4, 4), np.uint8)),
+     r"case 'patient002_frame12' \(train\): case 'patient002_frame12' at .*: expected slice images and labels of one "
+     r"shape, got shapes \[\(4, 4\), \(6, 5\)\]"),
     ("acdc", "nan_val_volume", lambda r: _nan(r / "data" / "patient004_frame12.h5"),
      r"case 'patient004_frame12' \(val\): .*expected finite image values, got 1 NaN"),
     ("acdc", "empty_val_list", lambda r: (r / "val.list").write_text("# nothing here\n"),

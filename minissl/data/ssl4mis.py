@@ -167,7 +167,7 @@ class ACDCStore(SSL4MISStore):
         names = self.slices.get(case_id) or [
             p.stem for p in (self.root / "data" / "slices").glob(f"{case_id}_slice_*.h5")
             if (m := _SLICE.match(p.stem)) and m["case"] == case_id]
-        names = sorted(names, key=lambda n: int(m["index"]) if (m := _SLICE.match(n)) else -1)
+        names = sorted(names, key=lambda n: int(m["index"]) if (m := _SLICE.match(n)) else -1)  # slice index
         return [self.root / "data" / "slices" / f"{n}.h5" for n in names]
 
     def problems(self) -> list[str]:
@@ -184,9 +184,10 @@ class ACDCStore(SSL4MISStore):
             image, label = _read_h5(path)  # (Z, Y, X)
         else:
             pairs = [_read_h5(f) for f in files]  # (Y, X) each; a listed slice missing on disk raises
-            shapes = {p[0].shape for p in pairs}
+            shapes = {a.shape for pair in pairs for a in pair}
             if len(shapes) > 1:
-                raise ValueError(f"case {case_id!r} at {self.root}: expected slices of one shape, got {sorted(shapes)}")
+                raise ValueError(f"case {case_id!r} at {self.root}: expected slice images and labels of one shape, "
+                                 f"got shapes {sorted(shapes)}")
             image, label = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])  # (Z, Y, X)
         frame = case_id.split("_frame")[-1] if "_frame" in case_id else ""
         return self._case(case_id, image, label, {"frame": frame, "source": "ssl4mis-acdc"})
