@@ -259,27 +259,27 @@ def test_a_passed_check_is_remembered_until_a_file_changes(tmp_path, monkeypatch
     assert len(reads) == len(IDS)  # every case read once
 
 
-def test_engine_checks_before_creating_anything(tmp_path):
+def _train(root: Path, out: Path, **kw):
     from minissl import engine
 
+    base = dict(data_root=str(root), out_dir=str(out), width=4, depth=2, batch_size=2, labeled_bs=1, max_iters=1,
+                val_every=1, progress=False)
+    return engine.train(load_config(**(base | kw)))
+
+
+def test_engine_checks_before_creating_anything(tmp_path):
     root = _store(tmp_path / "s")
     _nan(root / "cases" / "c9.h5")
     (root / "splits" / "val.txt").write_text("c6\nc1\n")
-    cfg = load_config(data_root=str(root), out_dir=str(tmp_path / "runs"), width=4, depth=2, batch_size=4,
-                      labeled_bs=2, max_iters=2, progress=False)
     with pytest.raises(ValueError, match=r"2 problem\(s\)(.|\n)*share 1 case\(s\) \['c1'\](.|\n)*case 'c9' \(test\)"):
-        engine.train(cfg)
+        _train(root, tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_budget_without_saved_list_goes_to_the_run_folder_not_the_data(tmp_path):
-    from minissl import engine
-
     root = _store(tmp_path / "s")
     before = _snapshot(root)
-    cfg = load_config(data_root=str(root), out_dir=str(tmp_path / "runs"), width=4, depth=2, batch_size=4,
-                      labeled_bs=2, max_iters=1, val_every=1, budget=3, progress=False, method="supervised")
-    res = engine.train(cfg)
+    res = _train(root, tmp_path / "runs", budget=3, method="supervised")
     assert _snapshot(root) == before
     st = sources.open_data(root)
     assert (res.run_dir / "labeled.txt").read_text().split() == st.labeled(3, 0) == \
@@ -287,12 +287,8 @@ def test_a_budget_without_saved_list_goes_to_the_run_folder_not_the_data(tmp_pat
 
 
 def test_training_on_an_ssl4mis_folder_writes_nothing_there(tmp_path):
-    from minissl import engine
-
     root = _acdc(tmp_path / "ACDC")
     before = _snapshot(root)
-    cfg = load_config(data_root=str(root), out_dir=str(tmp_path / "runs"), width=4, depth=2, batch_size=2,
-                      labeled_bs=1, max_iters=1, val_every=1, budget=2, progress=False, method="mean_teacher")
-    res = engine.train(cfg)
+    res = _train(root, tmp_path / "runs", budget=2, method="mean_teacher")
     assert _snapshot(root) == before
     assert (res.run_dir / "labeled.txt").read_text().split() == sources.open_data(root).labeled(2, 0)
