@@ -183,7 +183,7 @@ def largest_component(labels: torch.Tensor, num_classes: Optional[int] = None) -
         if num_classes > MAX_CLASSES:
             _fail(op, "labels", f"below {MAX_CLASSES} (num_classes defaults to max + 1)", f"max {hi}")
     elif hi >= num_classes:
-        _fail(op, "labels", f"in [0, {num_classes}) (num_classes={num_classes})", f"max {hi}")
+        _fail(op, "labels", f"in [0, {num_classes})", f"max {hi}")
     kernel = _kernel(op, labels.device)
     if kernel is None:
         return reference.largest_component(labels, num_classes)
