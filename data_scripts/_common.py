@@ -10,9 +10,9 @@
   others are split by ``seeded_split`` (sorted ids, ``np.random.default_rng(SPLIT_SEED)``
   permutation, consecutive parts). A validation split is always taken from training, never from
   test (``hold_out``).
-* **Labeled lists.** ``write_labeled_lists`` saves ``splits/labeled_<n>_seed<k>.txt`` for every
-  standard budget and the seeds 0-4 with ``minissl.data.store.choose_labeled`` (budgets count
-  patients), the same files and rule the store reads back.
+* **Labeled lists.** ``minissl.data.store.write_store(..., budgets, patients)`` saves
+  ``splits/labeled_<n>_seed<k>.txt`` for every standard budget and the seeds 0-4 (budgets count
+  patients); ``fitting_budgets`` drops the budgets a small (partial) training set cannot hold.
 """
 from __future__ import annotations
 
@@ -28,9 +28,6 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
-from minissl.data.store import choose_labeled, write_text_atomic
-
-SEEDS = (0, 1, 2, 3, 4)  # seeds of the saved labeled lists
 SPLIT_SEED = 0  # seed of every seeded split rule
 VAL_FRACTION = 0.1  # validation share of the training patients where no published val list exists
 T = TypeVar("T")
@@ -178,30 +175,10 @@ def percent_budget(n_patients: int, percent: float) -> int:
     return max(1, share(percent / 100.0, n_patients))
 
 
-def write_labeled_lists(root: Path, train: Sequence[str], patients: Sequence[str],
-                        budgets: Sequence[int], seeds: Sequence[int] = SEEDS) -> list[int]:
-    """Save the labeled lists ``splits/labeled_<n>_seed<k>.txt`` of the standard budgets.
-
-    Args:
-        root: store root.
-        train: training case ids.
-        patients: patient id of each training case (budgets count patients).
-        budgets: budgets in patients; a budget larger than the training set is skipped.
-        seeds: seeds of the saved lists.
-
-    Returns:
-        The budgets written.
-    """
-    n_patients = len(set(patients))
-    written = []
-    for budget in budgets:
-        if budget > n_patients:
-            continue
-        for seed in seeds:
-            ids = choose_labeled(list(train), list(patients), budget, seed)
-            write_text_atomic(root / "splits" / f"labeled_{budget}_seed{seed}.txt", "".join(c + "\n" for c in ids))
-        written.append(budget)
-    return written
+def fitting_budgets(budgets: Sequence[int], patients: Sequence[str]) -> list[int]:
+    """The budgets (in patients) that the training set can hold, each once, in increasing order."""
+    n = len(set(patients))
+    return sorted({int(b) for b in budgets if 1 <= b <= n})
 
 
 # ----------------------------------------------------------------------------- the output folder

@@ -13,7 +13,7 @@ Command::
 
     python data_scripts/prepare_acdc.py RAW_DIR OUT_DIR        # [--force] [--budgets 1 3 7 14]
 
-Output (``minissl.data.store``; open it with ``open_store(OUT_DIR)``)::
+Output (``minissl.data.store`` layout; ``minissl.data.sources.open_data(OUT_DIR)`` opens it)::
 
     OUT_DIR/suite.json                         suite "acdc": 2D, 4 classes, patch 256x256
     OUT_DIR/cases/patient001_frame01.h5        image float32 (Z, Y, X) in [0, 1], label uint8, spacing
@@ -35,7 +35,7 @@ Choices:
   from outside test, so checkpoint selection never sees test. Patients no list names (e.g. the
   challenge's testing patients 101-150) are split by a seeded rule, 70% / 10% / 20%
   (``_common.seeded_split``, seed 0) and the script says how many.
-* Budgets: 1 / 3 / 7 / 14 patients, drawn for seeds 0-4 by ``minissl.data.store.choose_labeled``.
+* Budgets: 1 / 3 / 7 / 14 patients, saved for seeds 0-4 (``store.choose_labeled``).
   SSL4MIS itself labels the FIRST N patients of its train list (patients 99, 38, 50, ... in the
   order of ``SSL4MIS_TRAIN``); the seeded lists are different patients.
 """
@@ -197,7 +197,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budgets: Sequence[int] 
         splits = {name: [f[0] for f in frames if f[1] in set(ids)] for name, ids in by_patient.items()}
         pid_of = {f[0]: f[1] for f in frames}
         train_patients = [pid_of[c] for c in splits["train"]]
-        written = common.write_labeled_lists(root, splits["train"], train_patients, budgets)
+        written = common.fitting_budgets(budgets, train_patients)
         n_train_p = len(set(train_patients))
         spec = SuiteSpec(name="acdc", spatial_dims=2, num_classes=len(CLASSES), patch_size=(256, 256),
                          n_train=len(splits["train"]), n_val=len(splits["val"]), n_test=len(splits["test"]),
@@ -205,7 +205,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budgets: Sequence[int] 
                          description="ACDC cine MRI, ED and ES frames, RV/MYO/LV (SSL4MIS patient splits)")
         write_store(root, spec, splits, common.suite_extra(
             NAME, digest, {str(b): b for b in written}, options,
-            split_rule="SSL4MIS patient lists; other patients seeded 70/10/20"))
+            split_rule="SSL4MIS patient lists; other patients seeded 70/10/20"), written, train_patients)
         print(f"ACDC: {len(frames)} frames; train/val/test patients "
               f"{len(by_patient['train'])}/{len(by_patient['val'])}/{len(by_patient['test'])} "
               f"(expected 70/10/20); labeled lists for budgets {written} x seeds 0-4")

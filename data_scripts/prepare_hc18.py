@@ -187,15 +187,16 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budget_percents: Sequen
         splits = {name: sorted(c for c in exam if exam[c] in set(ids)) for name, ids in by_exam.items()}
         n_train = len(by_exam["train"])
         wanted = {f"{p:g}%": common.percent_budget(n_train, p) for p in budget_percents}
-        written = common.write_labeled_lists(root, splits["train"], [exam[c] for c in splits["train"]],
-                                             sorted(set(wanted.values())))
+        train_exams = [exam[c] for c in splits["train"]]
+        written = common.fitting_budgets(list(wanted.values()), train_exams)
         spec = SuiteSpec(name="hc18", spatial_dims=2, num_classes=len(CLASSES), patch_size=(224, 224),
                          n_train=len(splits["train"]), n_val=len(splits["val"]), n_test=len(splits["test"]),
                          default_budget=min(wanted.values()) if wanted else 1, default_iters=10000,
                          class_names=CLASSES, description="HC18 fetal head ultrasound, filled head ellipse, by exam")
         write_store(root, spec, splits, common.suite_extra(
             NAME, digest, {k: v for k, v in wanted.items() if v in written}, options,
-            split_rule="exams sorted, seeded permutation (seed 0): 20% test, 10% val, 70% train"))
+            split_rule="exams sorted, seeded permutation (seed 0): 20% test, 10% val, 70% train"),
+            written, train_exams)
         print(f"HC18: {len(exam)} images of {len(set(exam.values()))} exams; train/val/test images "
               f"{len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}; labeled lists for "
               f"{wanted} x seeds 0-4")

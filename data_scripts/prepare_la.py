@@ -174,14 +174,14 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, margin: int = 15, min_s
             print(f"LA: cases on neither UA-MT list: {n_fallback} (split 80/20 by the seeded rule)")
         train, val = common.hold_out(split["train"])
         splits = {"train": train, "val": val, "test": split["test"]}
-        written = common.write_labeled_lists(root, train, train, budgets)
+        written = common.fitting_budgets(budgets, train)
         spec = SuiteSpec(name="la", spatial_dims=3, num_classes=len(CLASSES), patch_size=PATCH,
                          n_train=len(train), n_val=len(val), n_test=len(split["test"]),
                          default_budget=max(1, min(8, len(train))), default_iters=15000, class_names=CLASSES,
                          description="LA LGE-MRI (2018 challenge), cropped around the atrium, z-scored (UA-MT lists)")
         write_store(root, spec, splits, common.suite_extra(
             NAME, digest, {str(b): b for b in written}, options,
-            split_rule="UA-MT 80/20 lists, val = seeded 10% of train; other cases seeded 80/20"))
+            split_rule="UA-MT 80/20 lists, val = seeded 10% of train; other cases seeded 80/20"), written)
         print(f"LA: train/val/test {len(train)}/{len(val)}/{len(split['test'])} (expected 72/8/20); "
               f"labeled lists for budgets {written} x seeds 0-4")
 

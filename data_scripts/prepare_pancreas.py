@@ -29,7 +29,8 @@ Choices (after MC-Net's ``data/Pancreas/Pre-processing.ipynb``, the source of th
   way is an error naming the label file. Values other than 0 and 1 are an error.
 * HU window [-125, 275] (clip), then resampling to ``--spacing`` (default 1 mm isotropic;
   (Z, Y, X) order) with ``scipy.ndimage.zoom``: image linear (order 1), label nearest (order 0).
-  The spacing stored is the one actually reached (old spacing x old size / new size).
+  ``zoom`` maps the first and last voxel centres onto each other, so the spacing stored is the one
+  actually reached, old spacing x (old size - 1) / (new size - 1), and voxel (0, 0, 0) keeps its position.
 * Crop (MC-Net): in X and Y, the pancreas' bounding box plus ``--margin`` voxels (default 25),
   grown to at least 96 voxels, clipped; Z kept whole. The crop uses the ground truth, on test
   cases too (the community protocol). Then z-score over the cropped volume.
@@ -199,7 +200,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, spacing: Sequence[float
             factors = [o / t for o, t in zip(old, target)]
             image = zoom(hu, factors, order=1)
             label = zoom(label, factors, order=0)
-            reached = tuple(o * n / m for o, n, m in zip(old, hu.shape, image.shape))
+            reached = tuple(o * (n - 1) / max(m - 1, 1) for o, n, m in zip(old, hu.shape, image.shape))
             box = common.crop_around_label(label, margin, min_size, label_path)
             direction = np.asarray(ct.GetDirection()).reshape(3, 3)
             positions = np.stack([np.asarray(ct.GetOrigin()) + direction[:, 2] * reached[0] * k
@@ -214,14 +215,14 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, spacing: Sequence[float
         if n_fallback:
             print(f"Pancreas-CT: patients outside PANCREAS_0001-0082: {n_fallback} (split 80/20 by the seeded rule)")
         train, val = common.hold_out(split["train"])
-        written = common.write_labeled_lists(root, train, train, budgets)
+        written = common.fitting_budgets(budgets, train)
         spec = SuiteSpec(name="pancreas", spatial_dims=3, num_classes=len(CLASSES), patch_size=PATCH,
                          n_train=len(train), n_val=len(val), n_test=len(split["test"]),
                          default_budget=max(1, min(6, len(train))), default_iters=15000, class_names=CLASSES,
                          description="NIH Pancreas-CT, HU window [-125, 275], 1 mm, cropped around the pancreas")
         write_store(root, spec, {"train": train, "val": val, "test": split["test"]}, common.suite_extra(
             NAME, digest, {str(b): b for b in written}, options,
-            split_rule="MC-Net 62/20 lists, val = seeded 10% of train; other patients seeded 80/20"))
+            split_rule="MC-Net 62/20 lists, val = seeded 10% of train; other patients seeded 80/20"), written)
         print(f"Pancreas-CT: train/val/test {len(train)}/{len(val)}/{len(split['test'])} (expected 56/6/20); "
               f"labeled lists for budgets {written} x seeds 0-4")
 

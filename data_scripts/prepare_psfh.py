@@ -145,14 +145,14 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budget_percents: Sequen
         splits = common.seeded_split(pairs, {"test": 0.2, "val": 0.1, "train": 0.7})
         n_train = len(splits["train"])
         wanted = {f"{p:g}%": common.percent_budget(n_train, p) for p in budget_percents}
-        written = common.write_labeled_lists(root, splits["train"], splits["train"], sorted(set(wanted.values())))
+        written = common.fitting_budgets(list(wanted.values()), splits["train"])
         spec = SuiteSpec(name="psfh", spatial_dims=2, num_classes=len(CLASSES), patch_size=(256, 256),
                          n_train=n_train, n_val=len(splits["val"]), n_test=len(splits["test"]),
                          default_budget=min(wanted.values()) if wanted else 1, default_iters=10000,
                          class_names=CLASSES, description="PSFH intrapartum ultrasound: pubic symphysis and fetal head")
         write_store(root, spec, {k: splits[k] for k in ("train", "val", "test")}, common.suite_extra(
             NAME, digest, {k: v for k, v in wanted.items() if v in written}, options,
-            split_rule="image ids sorted, seeded permutation (seed 0): 20% test, 10% val, 70% train"))
+            split_rule="image ids sorted, seeded permutation (seed 0): 20% test, 10% val, 70% train"), written)
         print(f"PSFH: train/val/test {n_train}/{len(splits['val'])}/{len(splits['test'])}; "
               f"labeled lists for {wanted} x seeds 0-4")
 

@@ -2,7 +2,7 @@
 
 Each test writes a few cases the way the dataset ships them (NIfTI via nibabel, NRRD via pynrrd,
 a DICOM series and MHA via SimpleITK, PNG + CSV via pillow), runs the converter, and opens the
-result with ``minissl.data.store.open_store``.
+result through the data's one door (``minissl.data.sources.open_data``, then ``check_store``).
 """
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ if str(ROOT) not in sys.path:  # data_scripts/ is a folder of scripts beside the
     sys.path.insert(0, str(ROOT))
 
 from data_scripts import _common, prepare_acdc, prepare_hc18, prepare_la, prepare_pancreas, prepare_psfh  # noqa: E402
-from minissl.data.store import open_store  # noqa: E402
+from minissl.data.sources import check_store as check_splits_and_cases  # noqa: E402
+from minissl.data.sources import open_data  # noqa: E402
 
 
 def check_store(out: Path, budgets: dict[int, int]) -> object:
     """Open the store; test never meets train/val; every saved budget list holds whole patients of train."""
-    store = open_store(out)
+    store = open_data(out)
+    check_splits_and_cases(store, store.labeled(min(budgets), 0) if budgets else (), remember=False)
     train, val, test = (set(store.split(s)) for s in ("train", "val", "test"))
     assert train and test
     assert not (train & test) and not (val & test) and not (train & val)
@@ -165,7 +167,7 @@ def test_la_end_to_end(tmp_path, capsys):
 def test_la_header_without_spacing_gets_default(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "la"
     write_la(raw, [prepare_la.UAMT_TRAIN[0], prepare_la.UAMT_TEST[0]], with_spacing=False)
-    store = open_store(prepare_la.prepare(raw, out, budgets=()))
+    store = open_data(prepare_la.prepare(raw, out, budgets=()))
     case = store.read(prepare_la.UAMT_TEST[0])
     assert case.spacing == (0.625, 0.625, 0.625) and case.meta["spacing_from_header"] == 0
     assert case.image.shape == (6, 36, 40)  # 112-voxel minimum crop clipped to the whole 40 x 36 slice
@@ -230,9 +232,10 @@ def test_pancreas_end_to_end(tmp_path, capsys):
     assert store.split("test") == ["PANCREAS_0001"] and len(store.split("val")) == 1
     assert store.spec.patch_size == (96, 96, 96) and store.spec.spatial_dims == 3
     a, b = store.read("PANCREAS_0002"), store.read("PANCREAS_0003")
-    # (5, 28, 30) at (2.0, 0.7, 0.7) mm -> zoom (2, 0.7, 0.7) -> (10, 20, 21); spacing reached
+    # (5, 28, 30) at (2.0, 0.7, 0.7) mm -> zoom (2, 0.7, 0.7) -> (10, 20, 21); zoom keeps the end voxel
+    # centres, so the spacing reached is old x (n - 1) / (m - 1)
     assert a.image.shape == (10, 20, 21)
-    np.testing.assert_allclose(a.spacing, (1.0, 0.7 * 28 / 20, 1.0))
+    np.testing.assert_allclose(a.spacing, (2.0 * 4 / 9, 0.7 * 27 / 19, 0.7 * 29 / 20))
     np.testing.assert_allclose(a.meta["original_spacing_zyx"], (2.0, 0.7, 0.7))
     assert a.meta["label_resampled"] == 0 and b.meta["label_resampled"] == 1
     np.testing.assert_array_equal(a.label, b.label)  # the flipped label grid lands on the same anatomy
@@ -243,7 +246,7 @@ def test_pancreas_end_to_end(tmp_path, capsys):
     tissue = values[counts.argmax()]  # 40 HU, the most frequent value
     # HU window [-125, 275]: the -1000 / +1000 blocks are clipped to 165 below and 235 above 40 HU
     np.testing.assert_allclose((a.image.max() - tissue) / (tissue - a.image.min()), 235 / 165, rtol=1e-3)
-    np.testing.assert_allclose(a.meta["slice_positions_mm"][1], (-10.0, 5.0, 101.0))
+    np.testing.assert_allclose(np.asarray(a.meta["slice_positions_mm"])[[0, 9]], [(-10.0, 5.0, 100.0), (-10.0, 5.0, 108.0)])
 
 
 def test_pancreas_corrupt_dicom_slice_names_file_and_leaves_nothing(tmp_path):
@@ -339,7 +342,7 @@ def test_hc18_rerun_is_idempotent_and_foreign_folders_are_refused(tmp_path, caps
     csv_path = raw / prepare_hc18.CSV_NAME
     csv_path.write_text(csv_path.read_text().replace("151.00", "160.00"))
     prepare_hc18.prepare(raw, out)
-    assert "replaced" in capsys.readouterr().out and open_store(out).read("001_HC").meta["hc_mm"] == 160.0
+    assert "replaced" in capsys.readouterr().out and open_data(out).read("001_HC").meta["hc_mm"] == 160.0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hc18.")]
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -350,7 +353,7 @@ def test_hc18_rerun_is_idempotent_and_foreign_folders_are_refused(tmp_path, caps
     write_psfh(tmp_path / "psfh_raw", 3)
     with pytest.raises(ValueError, match="prepare_psfh did not write"):  # another converter's store
         prepare_psfh.prepare(tmp_path / "psfh_raw", out)
-    assert open_store(out).spec.name == "hc18"
+    assert open_data(out).spec.name == "hc18"
 
 
 def test_hc18_runs_as_a_script(tmp_path):
