@@ -6,6 +6,8 @@
   matching ``converter`` key) and only ever deletes folders it created. A re-run whose raw files
   (relative path, size, modification time) and options are unchanged writes nothing and says
   "up to date"; ``force=True`` rebuilds, and when every file comes out byte-identical it says so.
+  Otherwise the new build replaces the converter's earlier output as a whole (keep nothing of your
+  own inside a converted folder).
 * **Splits.** Cases are grouped by patient (or exam); ids on a published list keep its split, the
   others are split by ``seeded_split`` (sorted ids, ``np.random.default_rng(SPLIT_SEED)``
   permutation, consecutive parts). A validation split is always taken from training, never from
@@ -131,7 +133,8 @@ def seeded_split(groups: Iterable[str], fractions: dict[str, float], seed: int =
     return out
 
 
-def hold_out(groups: Sequence[str], fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED) -> tuple[list[str], list[str]]:
+def hold_out(groups: Sequence[str], fraction: float = VAL_FRACTION,
+             seed: int = SPLIT_SEED) -> tuple[list[str], list[str]]:
     """Take ``max(1, share(fraction, n))`` groups out of training for validation (seeded).
 
     Returns:

@@ -246,7 +246,8 @@ def test_pancreas_end_to_end(tmp_path, capsys):
     tissue = values[counts.argmax()]  # 40 HU, the most frequent value
     # HU window [-125, 275]: the -1000 / +1000 blocks are clipped to 165 below and 235 above 40 HU
     np.testing.assert_allclose((a.image.max() - tissue) / (tissue - a.image.min()), 235 / 165, rtol=1e-3)
-    np.testing.assert_allclose(np.asarray(a.meta["slice_positions_mm"])[[0, 9]], [(-10.0, 5.0, 100.0), (-10.0, 5.0, 108.0)])
+    positions = np.asarray(a.meta["slice_positions_mm"])  # (Z, 3), LPS mm
+    np.testing.assert_allclose(positions[[0, 9]], [(-10.0, 5.0, 100.0), (-10.0, 5.0, 108.0)])
 
 
 def test_pancreas_corrupt_dicom_slice_names_file_and_leaves_nothing(tmp_path):
@@ -368,7 +369,8 @@ def test_hc18_runs_as_a_script(tmp_path):
 
 # ----------------------------------------------------------------------------- PSFH (MHA)
 def write_psfh(raw: Path, n: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Images stored as (3, Y, X) uint8 volumes and (Y, X) labels {0, 1, 2}, as the PSFHS release."""
+    """(Y, X) labels {0, 1, 2} with 3-channel uint8 images: (3, Y, X) volumes as in the PSFHS release,
+    every even-numbered one as a 2D image of 3-vector pixels."""
     rng = np.random.default_rng(3)
     (raw / "image_mha").mkdir(parents=True)
     (raw / "label_mha").mkdir()
@@ -377,8 +379,9 @@ def write_psfh(raw: Path, n: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         image = rng.integers(0, 256, (3, 24, 32), dtype=np.uint8)
         label = np.zeros((24, 32), np.uint8)
         label[2:6, 3:9], label[10:20, 12:28] = 1, 2
-        img = sitk.GetImageFromArray(image)
-        img.SetSpacing((0.2, 0.3, 1.0))
+        img = sitk.GetImageFromArray(image.transpose(1, 2, 0), isVector=True) if i % 2 == 0 \
+            else sitk.GetImageFromArray(image)
+        img.SetSpacing((0.2, 0.3) if i % 2 == 0 else (0.2, 0.3, 1.0))
         sitk.WriteImage(img, str(raw / "image_mha" / f"{i:05d}.mha"))
         sitk.WriteImage(sitk.GetImageFromArray(label), str(raw / "label_mha" / f"{i:05d}.mha"))
         arrays[f"{i:05d}"] = (image, label)
@@ -393,11 +396,12 @@ def test_psfh_end_to_end(tmp_path, capsys):
     store = check_store(out, {1: 1})  # 7 training images: 10% and 20% both round to 1
     assert [len(store.split(s)) for s in ("train", "val", "test")] == [7, 1, 2]
     assert store.spec.num_classes == 3 and store.spec.class_names[2] == "fetal head"
-    case = store.read("00004")
-    image, label = arrays["00004"]
-    assert case.image.shape == (24, 32) and case.spacing == (0.3, 0.2)
-    np.testing.assert_allclose(case.image, image.mean(axis=0) / 255.0, atol=1e-6)
-    np.testing.assert_array_equal(case.label, label)
+    for cid in ("00003", "00004"):  # channels on a first axis, vector pixels
+        case = store.read(cid)
+        image, label = arrays[cid]
+        assert case.image.shape == (24, 32) and case.spacing == (0.3, 0.2)
+        np.testing.assert_allclose(case.image, image.mean(axis=0) / 255.0, atol=1e-6)
+        np.testing.assert_array_equal(case.label, label)
 
 
 def test_psfh_bad_label_value_names_file_and_leaves_nothing(tmp_path):
