@@ -1,0 +1,300 @@
+"""Results as data: each finished run's small files under ``results/``, read back and rendered.
+
+One folder per run identity::
+
+    results/<suite>/b<budget>-i<max_iters>-<recipe>/<method>/seed<k>/
+        config.json      the resolved config, as the run saved it
+        metrics.json     best step, best validation Dice, timings, test summary (as the run saved it)
+        test_cases.csv   per-case test table
+        val_curve.csv    step, val_dice (the validation curve of log.csv)
+        provenance.json  git commit, torch version, CPU model, thread count, date the run finished
+
+The middle level (the *setting*: labeled budget, iterations, recipe) keeps runs of different budgets,
+lengths or recipes apart; a leaderboard compares the methods of one setting. ``<method>`` is the
+registry name, or a label given to :func:`record` for an ablation. No checkpoints are kept.
+
+A leaderboard continues where it stopped: :func:`missing` lists the (method, seed) pairs of a setting
+whose folder is absent or incomplete, and the bench trains only those. :func:`render_leaderboard`
+makes the markdown table of one setting, :func:`render_all` every table of a results folder.
+
+Example:
+    >>> folder = record(Run("runs/cardiac-mean_teacher-b3-s0"))     # doctest: +SKIP
+    >>> print(render_leaderboard(load("results")))                  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from .atomic import write_text_atomic
+from .run import Run
+from .stats import mean_std, paired_interval, verdict
+
+FILES = ("config.json", "metrics.json", "test_cases.csv", "val_curve.csv", "provenance.json")
+DEFAULT_RECIPE = "shared"  # runs whose config has no "recipe" field used the shared recipe
+NOT_COMPARED = ("out_dir", "run_name", "progress", "resume", "resume_override", "device", "data_root")
+_SETTING = re.compile(r"b(\d+)-i(\d+)-(.+)")
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One recorded run, as the leaderboard needs it."""
+
+    suite: str
+    budget: int  # labeled cases
+    iters: int  # max_iters of the run
+    recipe: str  # "shared" or "official"
+    method: str  # registry name or ablation label (the folder name)
+    seed: int
+    dice: float  # test Dice %, mean over cases
+    hd95: float  # test HD95, mean over cases (mm, or px for pixel-spaced cases)
+    hc_error_mm: Optional[float] = None  # head circumference error (fetal_head), mean over cases
+    cpu_s_per_iter: Optional[float] = None  # process CPU seconds per iteration
+    peak_rss_mb: Optional[float] = None  # peak RSS of the run minus RSS once the model is built
+    path: Optional[Path] = None  # the result folder
+
+    @property
+    def setting(self) -> str:
+        """The setting folder name, ``b<budget>-i<iters>-<recipe>``."""
+        return setting_name(self.budget, self.iters, self.recipe)
+
+
+def setting_name(budget: int, iters: int, recipe: str = DEFAULT_RECIPE) -> str:
+    """``b<budget>-i<iters>-<recipe>``, the folder that keeps one leaderboard's runs together."""
+    return f"b{int(budget)}-i{int(iters)}-{recipe}"
+
+
+def result_dir(root: str | os.PathLike, suite: str, budget: int, iters: int, method: str, seed: int,
+               recipe: str = DEFAULT_RECIPE) -> Path:
+    """The folder of one run identity (see the module docstring)."""
+    return Path(root) / suite / setting_name(budget, iters, recipe) / method / f"seed{int(seed)}"
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds every file of :data:`FILES`."""
+    return all((Path(folder) / name).is_file() for name in FILES)
+
+
+def missing(root: str | os.PathLike, suite: str, methods: Sequence[str], seeds: Sequence[int], budget: int,
+            iters: int, recipe: str = DEFAULT_RECIPE) -> list[tuple[str, int]]:
+    """The (method, seed) pairs of a setting whose result folder is absent or incomplete, in order."""
+    return [(m, s) for m in methods for s in seeds
+            if not is_complete(result_dir(root, suite, budget, iters, m, s, recipe))]
+
+
+def provenance(finished: Optional[float] = None) -> dict[str, Any]:
+    """Where a result was made: git commit of the package source ("unknown" outside a git checkout),
+    torch version, CPU model, torch thread count and the date (``finished``: a POSIX time; None: now)."""
+    from .ops._build import cpu_model
+
+    source = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    when = datetime.datetime.fromtimestamp(finished, datetime.timezone.utc) if finished is not None \
+        else datetime.datetime.now(datetime.timezone.utc)
+    return {"commit": commit, "torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(),
+            "date": when.isoformat(timespec="seconds")}
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _compared(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_COMPARED}
+
+
+def record(run: Run, root: str | os.PathLike = "results", name: Optional[str] = None) -> Path:
+    """Copy a finished run's small files into its result folder (see the module docstring).
+
+    The folder is written beside its final place and renamed into it, so a result folder is either
+    complete or absent. An incomplete folder is replaced; a complete one is replaced only when it
+    holds the same configuration (a re-run), otherwise nothing is written.
+
+    Args:
+        run: a finished run (``metrics.json``, ``test_cases.csv`` and ``log.csv`` present).
+        root: the results folder.
+        name: the method folder name (None: the run's method; an ablation gives its own label).
+
+    Returns:
+        The result folder.
+
+    Raises:
+        ValueError: the run is not finished, or a complete result folder for the same identity holds
+            a different configuration (the differing fields are named).
+    """
+    saved, metrics = run.saved, run.metrics  # metrics: ValueError when the run has not finished
+    if not (run.path / "test_cases.csv").is_file():
+        raise ValueError(f"{run.path / 'test_cases.csv'} not found: the run has not been tested")
+    suite = (saved.get("suite_spec") or {}).get("name") or saved["suite"]
+    dest = result_dir(root, suite, saved["budget"], saved["max_iters"], name or saved["method"], saved["seed"],
+                      saved.get("recipe", DEFAULT_RECIPE))
+    if is_complete(dest):
+        old = _compared(json.loads((dest / "config.json").read_text()))
+        new = _compared(saved)
+        differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if differ:
+            raise ValueError(f"{dest} already holds a result with another configuration (fields {differ} differ "
+                             f"from {run.path / 'config.json'}); expected the same configuration, or record it "
+                             f"under another name")
+    curve = [{"step": r["step"], "val_dice": r["val_dice"]} for r in run.log if r.get("val_dice") is not None]
+    tmp = dest.parent / f".{dest.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_text_atomic(tmp / "config.json", json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(tmp / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(run.path / "test_cases.csv", tmp / "test_cases.csv")
+    write_text_atomic(tmp / "val_curve.csv", _csv_text(curve, ("step", "val_dice")))
+    finished = (run.path / "metrics.json").stat().st_mtime
+    write_text_atomic(tmp / "provenance.json", json.dumps(provenance(finished), indent=2) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def read_row(folder: str | os.PathLike) -> ResultRow:
+    """The :class:`ResultRow` of one complete result folder.
+
+    Raises:
+        ValueError: the folder is incomplete (missing files named) or not at
+            ``<suite>/b<budget>-i<iters>-<recipe>/<method>/seed<k>``.
+    """
+    folder = Path(folder)
+    absent = [n for n in FILES if not (folder / n).is_file()]
+    if absent:
+        raise ValueError(f"{folder}: incomplete result folder, missing {absent}")
+    setting = _SETTING.fullmatch(folder.parent.parent.name)
+    seed = re.fullmatch(r"seed(\d+)", folder.name)
+    if setting is None or seed is None:
+        raise ValueError(f"{folder}: expected a folder <suite>/b<budget>-i<iters>-<recipe>/<method>/seed<k>")
+    try:
+        test = json.loads((folder / "metrics.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / 'metrics.json'}: not valid JSON ({err})") from None
+    summary = test.get("test") or {}
+    if "dice" not in summary or "hd95" not in summary:
+        raise ValueError(f"{folder / 'metrics.json'}: expected a 'test' entry with 'dice' and 'hd95', got {sorted(summary)}")
+    return ResultRow(suite=folder.parents[2].name, budget=int(setting[1]), iters=int(setting[2]), recipe=setting[3],
+                     method=folder.parent.name, seed=int(seed[1]), dice=100 * summary["dice"]["mean"],
+                     hd95=summary["hd95"]["mean"],
+                     hc_error_mm=summary["hc_error_mm"]["mean"] if "hc_error_mm" in summary else None,
+                     cpu_s_per_iter=test.get("cpu_seconds_per_iter"), peak_rss_mb=test.get("peak_rss_mb"),
+                     path=folder)
+
+
+def load(root: str | os.PathLike = "results") -> list[ResultRow]:
+    """Every result under ``root``, sorted by suite, setting, method and seed.
+
+    Raises:
+        ValueError: a ``seed<k>`` folder is incomplete (see :func:`read_row`).
+    """
+    folders = sorted(p for p in Path(root).glob("*/*/*/seed*") if p.is_dir())
+    rows = [read_row(p) for p in folders]
+    return sorted(rows, key=lambda r: (r.suite, r.budget, r.iters, r.recipe, r.method, r.seed))
+
+
+def _pm(values: Sequence[float], digits: int) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± " + (f"{std:.{digits}f}" if std is not None else "-")
+
+
+def _mean(values: Sequence[Optional[float]], digits: int) -> str:
+    known = [v for v in values if v is not None]
+    return f"{sum(known) / len(known):.{digits}f}" if known and len(known) == len(values) else "-"
+
+
+def render_leaderboard(rows: Sequence[ResultRow], baseline: str = "supervised",
+                       not_applicable: Sequence[str] = ()) -> str:
+    """Markdown leaderboard of one setting (one suite, budget, length and recipe).
+
+    Per method: seeds, test Dice % and HD95 as mean ± std (ddof 1) over seeds, the paired difference
+    of Dice to ``baseline`` over the seeds both have, its Student-t 95 % interval and the mark
+    (:func:`minissl.stats.verdict`), CPU seconds per iteration and peak memory (MB) when the runs
+    recorded them ("-" otherwise). The baseline comes first, the others in name order.
+
+    Args:
+        rows: results of one setting (see :func:`load`).
+        baseline: the method the others are paired with.
+        not_applicable: methods that do not apply to the suite, named below the table.
+
+    Raises:
+        ValueError: ``rows`` is empty or mixes settings (the settings found are named).
+    """
+    if not rows:
+        raise ValueError("render_leaderboard: expected at least one result row, got none")
+    settings = sorted({(r.suite, r.setting) for r in rows})
+    if len(settings) > 1:
+        raise ValueError(f"render_leaderboard: expected rows of one suite and setting, got {settings}")
+    suite, setting = settings[0]
+    by_method: dict[str, list[ResultRow]] = {}
+    for r in sorted(rows, key=lambda r: (r.method != baseline, r.method, r.seed)):
+        by_method.setdefault(r.method, []).append(r)
+    base = {r.seed: r.dice for r in by_method.get(baseline, [])}
+    has_hc = any(r.hc_error_mm is not None for r in rows)
+    head = ["method", "seeds", "Dice %", "HD95"] + (["HC err mm"] if has_hc else []) + [
+        f"Δ Dice vs {baseline} (paired seeds)", "95 % interval", "mark", "CPU s/iter", "peak MB"]
+    r0 = rows[0]
+    title = f"**{suite}**: {r0.budget} labeled, {r0.iters} iterations, {r0.recipe} recipe"
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, rs in by_method.items():
+        cells = [method, str(len(rs)), _pm([r.dice for r in rs], 2), _pm([r.hd95 for r in rs], 2)]
+        if has_hc:
+            hc = [r.hc_error_mm for r in rs]
+            cells.append(_pm(hc, 2) if None not in hc else "-")
+        diffs = [r.dice - base[r.seed] for r in rs if r.seed in base]
+        if method == baseline or not diffs:
+            cells += ["-", "-", "-"]
+        else:
+            mean, lower, upper = paired_interval(diffs)
+            interval = f"[{lower:+.2f}, {upper:+.2f}]" if lower is not None else "undefined (1 seed)"
+            cells += [f"{mean:+.2f} ({len(diffs)})", interval, verdict(lower, upper)]
+        cells += [_mean([r.cpu_s_per_iter for r in rs], 3), _mean([r.peak_rss_mb for r in rs], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Mean ± std (ddof 1) over seeds of each run's test mean over cases. Δ: Dice of the method minus "
+                  f"{baseline} with the same seed; Student-t 95 % interval with n - 1 degrees of freedom; "
+                  f"ahead or behind only when the interval excludes 0. Peak MB: peak RSS of the run minus RSS once "
+                  f"the model is built."]
+    if not_applicable:
+        lines.append(f"Not applicable to {suite}: {', '.join(sorted(not_applicable))}.")
+    return "\n".join(lines) + "\n"
+
+
+def render_all(root: str | os.PathLike = "results", docs: str | os.PathLike = "docs/results",
+               baseline: str = "supervised",
+               not_applicable: Optional[Mapping[str, Sequence[str]]] = None) -> dict[Path, str]:
+    """Every leaderboard of a results folder: ``{docs/<suite>-<setting>.md: markdown}``.
+
+    Args:
+        root: the results folder.
+        docs: the folder the tables are written to.
+        baseline: see :func:`render_leaderboard`.
+        not_applicable: per suite, the methods that do not apply to it.
+    """
+    groups: dict[tuple[str, str], list[ResultRow]] = {}
+    for r in load(root):
+        groups.setdefault((r.suite, r.setting), []).append(r)
+    return {Path(docs) / f"{suite}-{setting}.md": render_leaderboard(rs, baseline, (not_applicable or {}).get(suite, ()))
+            for (suite, setting), rs in groups.items()}
+
+
+__all__ = ["FILES", "ResultRow", "is_complete", "load", "missing", "provenance", "read_row", "record",
+           "render_all", "render_leaderboard", "result_dir", "setting_name"]
