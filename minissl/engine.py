@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from . import evaluate as evaluation
 from . import metrics
-from .config import SAFE_OVERRIDES, Config
+from .config import SAFE_OVERRIDES, Config, resolve_args
 from .data import datasets, phantoms, store as store_mod
 from .inference import predict_case
 from .methods import Method, get_method
@@ -101,7 +101,7 @@ def check_depth(cfg: Config, spec: Any) -> None:
     """The UNet halves the patch ``depth`` times: every patch side must be divisible by ``2**depth``."""
     if any(s % 2 ** cfg.depth for s in spec.patch_size):
         deepest = min((s & -s).bit_length() - 1 for s in spec.patch_size)
-        raise ValueError(f"depth: expected at most {deepest} down-samplings for the patch size "
+        raise ValueError(f"--depth: expected at most {deepest} down-samplings for the patch size "
                          f"{tuple(spec.patch_size)} of suite {spec.name!r} (each side divisible by 2**depth), "
                          f"got {cfg.depth}")
 
@@ -260,11 +260,12 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
     """
     cfg = replace(cfg).validate()
     check_device(cfg.device)
+    method_cls = get_method(cfg.method)
+    resolve_args(method_cls.Args, cfg.method_args, cfg.method)  # a misspelled option fails before any data work
     store = open_data(cfg)
     cfg = resolve(cfg, store)
     spec = store.spec
     check_depth(cfg, spec)
-    method_cls = get_method(cfg.method)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     last_path, best_path = run_dir / LAST, run_dir / BEST
     if last_path.exists() and not (cfg.resume or overwrite):
