@@ -101,3 +101,44 @@ def test_not_a_run_folder(tmp_path, capsys):
         Run(tmp_path)
     assert cli.main(["eval", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def _resume(root, out, **kw):
+    return engine.train(_tiny(root, out, resume=True, **kw))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"lr": 0.02}, r"lr: 0.01 -> 0.02"),
+    ({"max_iters": 4}, r"max_iters: 2 -> 4"),
+    ({"cons_weight": 0.5}, r"cons_weight: 0.1 -> 0.5"),
+    ({"method": "mean_teacher"}, r"method: 'supervised' -> 'mean_teacher'"),
+    ({"val_every": 2}, r"val_every: 1 -> 2\); resume with the same values; to allow val_every pass "
+                       r"--resume_override val_every"),
+])
+def test_resume_with_another_config_is_refused_naming_the_fields(trained, tiny_stores, tmp_path, change, match):
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"--resume: the run in .* was trained with another configuration \(.*" + match):
+        _resume(tiny_stores["fetal_head"], tmp_path / "runs", **change)
+    after = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    assert after == before  # config.json and the checkpoints are untouched
+
+
+def test_resume_override_allows_a_safe_field(trained, tiny_stores, tmp_path):
+    res = _resume(tiny_stores["fetal_head"], tmp_path / "runs", val_every=2, resume_override="val_every")
+    assert Run(res.run_dir).config.val_every == 2 and res.best_step >= 1
+
+
+def test_resume_cannot_override_a_training_field(tiny_stores, tmp_path):
+    with pytest.raises(ValueError, match="resume_override: expected comma-separated names among val_every"):
+        _resume(tiny_stores["fetal_head"], tmp_path / "runs", lr=0.02, resume_override="lr")
+
+
+def test_checkpoint_of_another_method_is_a_clear_error(trained, tmp_path):
+    from minissl.run import load_state
+    from minissl.methods import get_method
+
+    run = Run(trained)
+    cfg = load_config(method="cps", max_iters=2, width=4, depth=2)
+    other = get_method("cps")(cfg, run.suite_spec())
+    with pytest.raises(ValueError, match=f"checkpoint {trained / 'best.pt'} does not fit method 'cps'"):
+        load_state(other, run.checkpoint("best.pt"), trained / "best.pt")
