@@ -2,6 +2,7 @@
 behind, a changed config never resumes silently."""
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,41 @@ def test_checkpoint_of_another_method_is_a_clear_error(trained, tmp_path):
     other = get_method("cps")(cfg, run.suite_spec())
     with pytest.raises(ValueError, match=f"checkpoint {trained / 'best.pt'} does not fit method 'cps'"):
         load_state(other, run.checkpoint("best.pt"), trained / "best.pt")
+
+
+KILLER = """
+import os, signal, sys
+from minissl import engine
+from minissl.config import load_config
+from minissl.methods import Method
+
+real = Method.update
+
+def update(self, batch, step, optimizers):
+    if step == 5:  # after the checkpoint of iteration 4, in the middle of the run
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, batch, step, optimizers)
+
+Method.update = update
+engine.train(load_config(**eval(sys.argv[1])))
+"""
+
+
+def test_resume_after_kill_9_matches_uninterrupted(tiny_stores, tmp_path):
+    import subprocess
+    import sys
+
+    kw = dict(data_root=str(tiny_stores["cardiac"]), out_dir=str(tmp_path), width=4, depth=2, batch_size=4,
+              labeled_bs=2, max_iters=8, val_every=2, log_every=1, progress=False, method="mean_teacher")
+    full = engine.train(load_config(**kw, run_name="full"))
+    env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads()),  # the same float rounding as here
+                        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KILLER, repr(kw | {"run_name": "cut"})], capture_output=True,
+                          env=env, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 4
+    resumed = engine.train(load_config(**kw, run_name="cut", resume=True))
+    a, b = load_checkpoint(full.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
+    assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
+    assert resumed.test == full.test and Run(resumed.run_dir).log == Run(full.run_dir).log
