@@ -22,6 +22,20 @@ from typing import Optional, Sequence
 ALIASES = {"--iters": "--max_iters"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose error for an unknown option adds the closest valid names."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            from .config import closest
+
+            names = [o.lstrip("-") for a in self._actions for o in a.option_strings if o.startswith("--")]
+            hints = [closest(t.split("=")[0].lstrip("-"), names) for t in message.split(":", 1)[1].split()
+                     if t.startswith("--")]
+            message += "".join(h for h in hints if h)
+        super().error(message)
+
+
 def _overrides(tokens: Sequence[str]) -> list[str]:
     """Map aliases (``--iters``) and bare flags (``--resume``) onto ``--key value`` pairs."""
     out, i = [], 0
@@ -67,12 +81,12 @@ def _option_lines(cls: type) -> list[str]:
     """``--name TYPE  default  comment`` for every field of the dataclass ``cls``."""
     from dataclasses import MISSING, fields
 
-    from .config import _type_name, field_help
+    from .config import type_name, field_help
 
     notes, lines = field_help(cls), []
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        kind = _type_name(f.type).replace("Optional[", "").rstrip("]").upper()
+        kind = type_name(f.type).replace("Optional[", "").rstrip("]").upper()
         shown = f"{default:.4g}" if isinstance(default, float) else json.dumps(default) if default == "" else str(default)
         lines.append(_option_line(f"--{f.name} {kind}", shown, notes.get(f.name, "")))
     return lines
@@ -119,7 +133,7 @@ def cmd_train(tokens: Sequence[str]) -> int:
     from .config import load_config
     from .engine import train
 
-    p = argparse.ArgumentParser(prog="minissl train", add_help=False)
+    p = _Parser(prog="minissl train", add_help=False)
     p.add_argument("--config", help="a .json/.yaml file of overrides")
     args, rest = p.parse_known_args(tokens)
     if "-h" in rest or "--help" in rest:
@@ -151,7 +165,7 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     from .engine import check_device, open_data
     from .run import Run
 
-    p = argparse.ArgumentParser(prog="minissl eval", description="Evaluate a run's best checkpoint on a split.")
+    p = _Parser(prog="minissl eval", description="Evaluate a run's best checkpoint on a split.")
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--device", default="cpu")
@@ -171,7 +185,7 @@ def cmd_eval(tokens: Sequence[str]) -> int:
 def cmd_data(tokens: Sequence[str]) -> int:
     from .data import phantoms
 
-    p = argparse.ArgumentParser(prog="minissl data", description="Make an embedded synthetic suite.")
+    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite.")
     p.add_argument("action", choices=["make"])
     p.add_argument("suite")
     p.add_argument("--root", default=None)
@@ -194,7 +208,7 @@ def cmd_methods(tokens: Sequence[str]) -> int:
 def cmd_demo(tokens: Sequence[str]) -> int:
     from .demo import run_demo
 
-    p = argparse.ArgumentParser(prog="minissl demo",
+    p = _Parser(prog="minissl demo",
                                 description="Supervised baseline vs a semi-supervised method on an embedded suite.")
     p.add_argument("--suite", default="fetal_head")
     p.add_argument("--method", default=None, help="semi-supervised method (default: bcp)")
@@ -207,7 +221,7 @@ def cmd_demo(tokens: Sequence[str]) -> int:
 
 
 def cmd_bench(tokens: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="minissl bench", description="Benchmarks: methods (leaderboard) or ops (kernels).")
+    p = _Parser(prog="minissl bench", description="Benchmarks: methods (leaderboard) or ops (kernels).")
     p.add_argument("what", choices=["methods", "ops"])
     args, rest = p.parse_known_args(tokens)
     if args.what == "methods":

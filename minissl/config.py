@@ -143,7 +143,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {  # field -> (check, wha
 }
 
 
-def _type_name(annotation: Any) -> str:
+def type_name(annotation: Any) -> str:
     """``"Optional[int]"`` for a string annotation or a type (``int`` -> ``"int"``)."""
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
     return text.replace("typing.", "")
@@ -158,7 +158,7 @@ def coerce(name: str, value: Any, annotation: Any, finite: bool = True) -> Any:
     Raises:
         FieldError: the value cannot be read as that type.
     """
-    kind = _type_name(annotation)
+    kind = type_name(annotation)
     optional = kind.startswith("Optional[")
     kind = kind[len("Optional["):-1] if optional else kind
     if isinstance(value, str) and optional and value.strip().lower() in ("none", "null", ""):

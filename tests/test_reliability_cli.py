@@ -106,3 +106,10 @@ def test_train_help_of_a_method_adds_its_options(capsys):
     line = next(l for l in out.splitlines() if l.startswith("  --u_weight"))
     assert line.split()[1:3] == ["FLOAT", "0.5"] and "pseudo-labelled region" in line
     assert "--lr " in out  # the Config options are listed too
+
+
+def test_misspelled_option_of_eval_names_the_closest(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["eval", str(tmp_path), "--splt", "val"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --splt val (did you mean --split?)" in capsys.readouterr().err
