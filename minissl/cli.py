@@ -3,8 +3,10 @@
 Examples::
 
     minissl demo                                   # supervised vs BCP on fetal_head, table + PNG
+    minissl train --help                           # every option with its default and meaning
+    minissl train --method bcp --help              # ... plus the method's own options
     minissl train --method mean_teacher --suite cardiac --iters 300
-    minissl train --run_name my-run --resume true  # continue an interrupted run
+    minissl train --run_name my-run --resume true  # continue an interrupted run (same options)
     minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
     minissl data make atrium
     minissl methods

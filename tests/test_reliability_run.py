@@ -181,3 +181,21 @@ def test_resume_after_kill_9_matches_uninterrupted(tiny_stores, tmp_path):
     a, b = load_checkpoint(full.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
     assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
     assert resumed.test == full.test and Run(resumed.run_dir).log == Run(full.run_dir).log
+
+
+def test_full_disk_during_training_is_one_clear_line(tiny_stores, tmp_path, monkeypatch, capsys):
+    real = torch.save
+
+    def full_for_last(obj, f):
+        real(obj, f)  # the bytes are written, then the disk is full
+        if Path(f.name).name.startswith(".last.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_for_last)
+    argv = ["train", "--data_root", str(tiny_stores["fetal_head"]), "--out_dir", str(tmp_path), "--run_name", "r",
+            "--width", "4", "--depth", "2", "--batch_size", "4", "--labeled_bs", "2", "--max_iters", "2",
+            "--progress", "false"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"minissl train: error: [Errno 28] could not write {tmp_path / 'r' / 'last.pt'}: No space left" in err
+    assert not [p.name for p in (tmp_path / "r").iterdir() if ".tmp" in p.name]
