@@ -16,7 +16,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import inspect
 import io
