@@ -37,7 +37,10 @@ def test_rng_state_round_trip():
 
 
 def test_unfinished_run_says_so(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / ".last.pt.tmp4242").write_bytes(b"half a checkpoint")  # a write killed by kill -9
     Run.create(tmp_path / "r", load_config())
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["config.json"]
     run = Run(tmp_path / "r")
     assert not run.finished and run.log == []
     with pytest.raises(ValueError, match="metrics.json not found: the run has not finished"):
