@@ -40,7 +40,7 @@ import torch.distributed as dist
 from . import evaluate as evaluation
 from . import metrics
 from .atomic import write_text_atomic
-from .config import SAFE_OVERRIDES, Config
+from .config import SAFE_OVERRIDES, Config, resolve_args
 from .data import datasets, sources
 from .data.store import CaseStore
 from .inference import predict_case
@@ -96,7 +96,7 @@ def check_depth(cfg: Config, spec: Any) -> None:
     """The UNet halves the patch ``depth`` times: every patch side must be divisible by ``2**depth``."""
     if any(s % 2 ** cfg.depth for s in spec.patch_size):
         deepest = min((s & -s).bit_length() - 1 for s in spec.patch_size)
-        raise ValueError(f"depth: expected at most {deepest} down-samplings for the patch size "
+        raise ValueError(f"--depth: expected at most {deepest} down-samplings for the patch size "
                          f"{tuple(spec.patch_size)} of suite {spec.name!r} (each side divisible by 2**depth), "
                          f"got {cfg.depth}")
 
@@ -256,13 +256,14 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     """
     cfg = replace(cfg).validate()
     check_device(cfg.device)
+    method_cls = get_method(cfg.method)
+    resolve_args(method_cls.Args, cfg.method_args, cfg.method)  # a misspelled option fails before any data work
     store = store if store is not None else sources.open_data(cfg.data_root or cfg.suite)
     cfg = resolve(cfg, store)
     labeled = store.labeled(cfg.budget, cfg.seed)  # resolved once, passed down
     sources.check_store(store, labeled)  # every split and case, before anything is created
     spec = store.spec
     check_depth(cfg, spec)
-    method_cls = get_method(cfg.method)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     last_path, best_path = run_dir / LAST, run_dir / BEST
     if last_path.exists() and not (cfg.resume or overwrite):

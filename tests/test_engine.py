@@ -1,4 +1,3 @@
-import json
 import math
 import os
 import signal
@@ -62,7 +61,7 @@ def test_run_folder_and_protocol(tiny_stores, tmp_path, monkeypatch):
     assert [s for _, s in vals] == [3, 6] and all(isinstance(r["loss"], float) for r in run.log)
     best = max(vals, key=lambda v: (v[0], -v[1]))  # the first of equal bests is kept
     assert res.best_step == best[1] == load_checkpoint(res.run_dir / "best.pt")["step"]
-    saved = json.loads((res.run_dir / "config.json").read_text())
+    saved = run.saved
     assert saved["method"] == "mean_teacher" and saved["method_resolved"]["noise_std"] == 0.1
     assert run.config == res.config and run.method_name == "mean_teacher" and run.finished
     assert run.metrics["best_step"] == res.best_step and len(run.test_rows) == len(res.test_rows)
