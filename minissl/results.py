@@ -58,7 +58,8 @@ class ResultRow:
     method: str  # registry name or ablation label (the folder name)
     seed: int
     dice: float  # test Dice %, mean over cases
-    hd95: float  # test HD95, mean over cases (mm, or px for pixel-spaced cases)
+    hd95: float  # test HD95, mean over cases, in hd95_unit
+    hd95_unit: str = "px"  # "mm" when the cases have a spacing, "px" otherwise (test_cases.csv)
     hc_error_mm: Optional[float] = None  # head circumference error (fetal_head), mean over cases
     cpu_s_per_iter: Optional[float] = None  # process CPU seconds per iteration
     peak_rss_mb: Optional[float] = None  # peak RSS of the run minus RSS once the model is built
@@ -190,12 +191,14 @@ def read_row(folder: str | os.PathLike) -> ResultRow:
         test = json.loads((folder / "metrics.json").read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{folder / 'metrics.json'}: not valid JSON ({err})") from None
+    with open(folder / "test_cases.csv", newline="") as f:
+        units = {r.get("unit") or "px" for r in csv.DictReader(f)}
     summary = test.get("test") or {}
     if "dice" not in summary or "hd95" not in summary:
         raise ValueError(f"{folder / 'metrics.json'}: expected a 'test' entry with 'dice' and 'hd95', got {sorted(summary)}")
     return ResultRow(suite=folder.parents[2].name, budget=int(setting[1]), iters=int(setting[2]), recipe=setting[3],
                      method=folder.parent.name, seed=int(seed[1]), dice=100 * summary["dice"]["mean"],
-                     hd95=summary["hd95"]["mean"],
+                     hd95=summary["hd95"]["mean"], hd95_unit="/".join(sorted(units)) or "px",
                      hc_error_mm=summary["hc_error_mm"]["mean"] if "hc_error_mm" in summary else None,
                      cpu_s_per_iter=test.get("cpu_seconds_per_iter"), peak_rss_mb=test.get("peak_rss_mb"),
                      path=folder)
@@ -220,6 +223,16 @@ def _pm(values: Sequence[float], digits: int) -> str:
 def _mean(values: Sequence[Optional[float]], digits: int) -> str:
     known = [v for v in values if v is not None]
     return f"{sum(known) / len(known):.{digits}f}" if known and len(known) == len(values) else "-"
+
+
+def _gain(rows: Sequence[ResultRow], base: Mapping[int, float]) -> Optional[tuple[str, str, str]]:
+    """Paired Dice difference to the baseline's Dice by seed: ("+m (n)", "[lo, hi]", mark), None if no pairs."""
+    diffs = [r.dice - base[r.seed] for r in rows if r.seed in base]
+    if not diffs:
+        return None
+    mean, lower, upper = paired_interval(diffs)
+    interval = f"[{lower:+.2f}, {upper:+.2f}]" if lower is not None else "undefined (1 seed)"
+    return f"{mean:+.2f} ({len(diffs)})", interval, verdict(lower, upper)
 
 
 def render_leaderboard(rows: Sequence[ResultRow], baseline: str = "supervised",
@@ -250,7 +263,8 @@ def render_leaderboard(rows: Sequence[ResultRow], baseline: str = "supervised",
         by_method.setdefault(r.method, []).append(r)
     base = {r.seed: r.dice for r in by_method.get(baseline, [])}
     has_hc = any(r.hc_error_mm is not None for r in rows)
-    head = ["method", "seeds", "Dice %", "HD95"] + (["HC err mm"] if has_hc else []) + [
+    units = "/".join(sorted({r.hd95_unit for r in rows}))
+    head = ["method", "seeds", "Dice %", f"HD95 {units}"] + (["HC err mm"] if has_hc else []) + [
         f"Δ Dice vs {baseline} (paired seeds)", "95 % interval", "mark", "CPU s/iter", "peak MB"]
     r0 = rows[0]
     title = f"**{suite}**: {r0.budget} labeled, {r0.iters} iterations, {r0.recipe} recipe"
@@ -260,13 +274,8 @@ def render_leaderboard(rows: Sequence[ResultRow], baseline: str = "supervised",
         if has_hc:
             hc = [r.hc_error_mm for r in rs]
             cells.append(_pm(hc, 2) if None not in hc else "-")
-        diffs = [r.dice - base[r.seed] for r in rs if r.seed in base]
-        if method == baseline or not diffs:
-            cells += ["-", "-", "-"]
-        else:
-            mean, lower, upper = paired_interval(diffs)
-            interval = f"[{lower:+.2f}, {upper:+.2f}]" if lower is not None else "undefined (1 seed)"
-            cells += [f"{mean:+.2f} ({len(diffs)})", interval, verdict(lower, upper)]
+        gain = _gain(rs, base) if method != baseline else None
+        cells += list(gain) if gain else ["-", "-", "-"]
         cells += [_mean([r.cpu_s_per_iter for r in rs], 3), _mean([r.peak_rss_mb for r in rs], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Mean ± std (ddof 1) over seeds of each run's test mean over cases. Δ: Dice of the method minus "
@@ -275,6 +284,43 @@ def render_leaderboard(rows: Sequence[ResultRow], baseline: str = "supervised",
                   f"the model is built."]
     if not_applicable:
         lines.append(f"Not applicable to {suite}: {', '.join(sorted(not_applicable))}.")
+    return "\n".join(lines) + "\n"
+
+
+def render_summary(rows: Sequence[ResultRow], baseline: str = "supervised") -> str:
+    """Compact markdown table, method x suite: the paired Dice gain over ``baseline``, its 95 % interval
+    and mark (the baseline's row gives its Dice % as mean ± std); "-" where a method has no run.
+
+    Args:
+        rows: results with one setting per suite (e.g. each suite's default budget and length).
+        baseline: the method the others are paired with.
+
+    Raises:
+        ValueError: ``rows`` is empty or a suite has results of several settings (named).
+    """
+    if not rows:
+        raise ValueError("render_summary: expected at least one result row, got none")
+    settings: dict[str, set[str]] = {}
+    for r in rows:
+        settings.setdefault(r.suite, set()).add(r.setting)
+    mixed = {suite: sorted(s) for suite, s in settings.items() if len(s) > 1}
+    if mixed:
+        raise ValueError(f"render_summary: expected one setting per suite, got {mixed}")
+    suites = sorted(settings)
+    methods = sorted({r.method for r in rows}, key=lambda m: (m != baseline, m))
+    runs = {(s, m): [r for r in rows if r.suite == s and r.method == m] for s in suites for m in methods}
+    lines = ["| method | " + " | ".join(f"{s} ({next(iter(settings[s]))})" for s in suites) + " |",
+             "|" + "---|" * (len(suites) + 1)]
+    for m in methods:
+        cells = []
+        for s in suites:
+            rs, base = runs[(s, m)], {r.seed: r.dice for r in runs[(s, baseline)]}
+            gain = _gain(rs, base) if m != baseline else None
+            cells.append(_pm([r.dice for r in rs], 2) if m == baseline and rs
+                         else f"{gain[0]} {gain[1]} {gain[2]}" if gain else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", f"{baseline}: test Dice % (mean ± std over seeds); others: Dice minus {baseline} with the same "
+                  f"seed, mean (seeds) [Student-t 95 % interval] and mark."]
     return "\n".join(lines) + "\n"
 
 
@@ -297,4 +343,4 @@ def render_all(root: str | os.PathLike = "results", docs: str | os.PathLike = "d
 
 
 __all__ = ["FILES", "ResultRow", "is_complete", "load", "missing", "provenance", "read_row", "record",
-           "render_all", "render_leaderboard", "result_dir", "setting_name"]
+           "render_all", "render_leaderboard", "render_summary", "result_dir", "setting_name"]

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ FOOT = ("Mean ± std (ddof 1) over seeds of each run's test mean over cases. Δ:
 # cps s = 2.5166 -> 6.252, ua_mt s = 2.6458 -> 6.572.
 EXPECTED = """**cardiac**: 3 labeled, 600 iterations, shared recipe
 
-| method | seeds | Dice % | HD95 | Δ Dice vs supervised (paired seeds) | 95 % interval | mark | CPU s/iter | peak MB |
+| method | seeds | Dice % | HD95 px | Δ Dice vs supervised (paired seeds) | 95 % interval | mark | CPU s/iter | peak MB |
 |---|---|---|---|---|---|---|---|---|
 | supervised | 3 | 70.00 ± 2.00 | 6.00 ± 1.00 | - | - | - | 0.100 | 110 |
 | bcp | 1 | 80.00 ± - | 3.00 ± - | +10.00 (1) | undefined (1 seed) | inconclusive | 0.400 | - |
@@ -50,7 +51,7 @@ def test_load_reads_the_path_and_the_metrics():
     assert len(rows) == 14
     mt0 = next(r for r in rows if r.method == "mean_teacher" and r.seed == 0)
     assert (mt0.suite, mt0.budget, mt0.iters, mt0.recipe, mt0.setting) == ("cardiac", 3, 600, "shared", "b3-i600-shared")
-    assert mt0.dice == pytest.approx(73.0) and mt0.hd95 == 4.0 and mt0.cpu_s_per_iter == 0.2 and mt0.peak_rss_mb is None
+    assert mt0.dice == pytest.approx(73.0) and mt0.hd95 == 4.0 and mt0.hd95_unit == "px" and mt0.cpu_s_per_iter == 0.2 and mt0.peak_rss_mb is None
 
 
 def test_render_refuses_mixed_settings_and_nothing():
@@ -124,3 +125,21 @@ def test_record_refuses_an_unfinished_run(tmp_path):
     run = Run.create(tmp_path / "run", load_config())
     with pytest.raises(ValueError, match="metrics.json not found: the run has not finished"):
         results.record(run, tmp_path / "results")
+
+
+def test_render_summary_is_method_by_suite():
+    rows = [r for r in results.load(FIXTURE) if r.iters == 600]
+    rows += [dataclasses.replace(r, suite="atrium", budget=4, dice=r.dice + 1) for r in rows
+             if r.method in ("supervised", "mean_teacher")]
+    assert results.render_summary(rows) == """| method | atrium (b4-i600-shared) | cardiac (b3-i600-shared) |
+|---|---|---|
+| supervised | 71.00 ± 2.00 | 70.00 ± 2.00 |
+| bcp | - | +10.00 (1) undefined (1 seed) inconclusive |
+| cps | - | -1.67 (3) [-7.92, +4.58] inconclusive |
+| mean_teacher | +3.67 (3) [+0.80, +6.54] ahead | +3.67 (3) [+0.80, +6.54] ahead |
+| ua_mt | - | -9.00 (3) [-15.57, -2.43] behind |
+
+supervised: test Dice % (mean ± std over seeds); others: Dice minus supervised with the same seed, mean (seeds) [Student-t 95 % interval] and mark.
+"""
+    with pytest.raises(ValueError, match=r"expected one setting per suite, got \{'cardiac': \['b3-i1200-shared', 'b3-i600-shared'\]\}"):
+        results.render_summary(results.load(FIXTURE))
