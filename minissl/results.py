@@ -94,20 +94,33 @@ def missing(root: str | os.PathLike, suite: str, methods: Sequence[str], seeds: 
             if not is_complete(result_dir(root, suite, budget, iters, m, s, recipe))]
 
 
+def _git(*args: str) -> Optional[str]:
+    """Output of a git command in the package's own checkout; None when the package is not in one."""
+    source = Path(__file__).resolve().parent.parent
+    if not (source / ".git").exists():  # an installed package: a surrounding repository is not its source
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def provenance(finished: Optional[float] = None) -> dict[str, Any]:
-    """Where a result was made: git commit of the package source ("unknown" outside a git checkout),
-    torch version, CPU model, torch thread count and the date (``finished``: a POSIX time; None: now)."""
+    """Where a result was made.
+
+    Returns:
+        ``commit`` (of the package's git checkout, "unknown" for an installed package),
+        ``uncommitted_changes`` (tracked files differ from the commit; None when unknown), ``torch``
+        version, ``cpu`` model, torch ``threads`` and the ``date`` (``finished``, a POSIX time; None: now).
+    """
     from .ops._build import cpu_model
 
-    source = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    commit, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--untracked-files=no")
     when = datetime.datetime.fromtimestamp(finished, datetime.timezone.utc) if finished is not None \
         else datetime.datetime.now(datetime.timezone.utc)
-    return {"commit": commit, "torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(),
+    return {"commit": commit or "unknown", "uncommitted_changes": None if dirty is None else bool(dirty),
+            "torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(),
             "date": when.isoformat(timespec="seconds")}
 
 

@@ -97,7 +97,10 @@ def test_record_writes_the_small_files_and_load_reads_them_back(finished_run, tm
     assert [float(r["val_dice"]) for r in curve] == [r["val_dice"] for r in finished_run.log if r.get("val_dice") is not None]
     prov = json.loads((folder / "provenance.json").read_text())
     assert prov["torch"] == torch.__version__ and prov["threads"] == torch.get_num_threads()
-    assert prov["commit"] == "unknown" or len(prov["commit"]) == 40
+    if (Path(results.__file__).parent.parent / ".git").exists():  # the package is a git checkout
+        assert len(prov["commit"]) == 40 and isinstance(prov["uncommitted_changes"], bool)
+    else:
+        assert prov["commit"] == "unknown" and prov["uncommitted_changes"] is None
     assert prov["cpu"] and prov["date"].endswith("+00:00")
     (row,) = results.load(tmp_path / "results")
     assert row.dice == pytest.approx(100 * finished_run.metrics["test"]["dice"]["mean"])
