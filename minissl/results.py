@@ -201,19 +201,19 @@ def read_row(folder: str | os.PathLike) -> ResultRow:
     if setting is None or seed is None:
         raise ValueError(f"{folder}: expected a folder <suite>/b<budget>-i<iters>-<recipe>/<method>/seed<k>")
     try:
-        test = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{folder / 'metrics.json'}: not valid JSON ({err})") from None
     with open(folder / "test_cases.csv", newline="") as f:
         units = {r.get("unit") or "px" for r in csv.DictReader(f)}
-    summary = test.get("test") or {}
+    summary = metrics.get("test") or {}
     if "dice" not in summary or "hd95" not in summary:
         raise ValueError(f"{folder / 'metrics.json'}: expected a 'test' entry with 'dice' and 'hd95', got {sorted(summary)}")
     return ResultRow(suite=folder.parents[2].name, budget=int(setting[1]), iters=int(setting[2]), recipe=setting[3],
                      method=folder.parent.name, seed=int(seed[1]), dice=100 * summary["dice"]["mean"],
                      hd95=summary["hd95"]["mean"], hd95_unit="/".join(sorted(units)) or "px",
                      hc_error_mm=summary["hc_error_mm"]["mean"] if "hc_error_mm" in summary else None,
-                     cpu_s_per_iter=test.get("cpu_seconds_per_iter"), peak_rss_mb=test.get("peak_rss_mb"),
+                     cpu_s_per_iter=metrics.get("cpu_seconds_per_iter"), peak_rss_mb=metrics.get("peak_rss_mb"),
                      path=folder)
 
 
