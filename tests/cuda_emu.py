@@ -68,7 +68,7 @@ def _split_top(text: str) -> list[str]:
 
 
 def rewrite_launches(src: str) -> str:
-    """``kernel<targs><<<grid, block[, smem[, stream]]>>>(args)`` -> ``::emu::launch("kernel<targs>", ...)``."""
+    """``kernel<targs><<<grid, block[, smem[, stream]]>>>(args)`` -> ``::emu::launch<kernel<targs>>(...)``."""
     out, pos = [], 0
     while (i := src.find("<<<", pos)) >= 0:
         j = i - 1
@@ -93,7 +93,7 @@ def rewrite_launches(src: str) -> str:
             raise ValueError(f"kernel launch of {kernel}: expected '(' after '>>>'")
         close = _matching(src, p, "(", ")", 1)
         args = src[p + 1:close].strip()
-        call = f'::emu::launch("{kernel}", {kernel}, {", ".join(cfg)}{", " + args if args else ""})'
+        call = f'::emu::launch<{kernel}>("{kernel}", {", ".join(cfg)}{", " + args if args else ""})'
         original = src[start:close + 1]
         out += [src[pos:start], call, "\n" * (original.count("\n") - call.count("\n"))]
         pos = close + 1
@@ -139,7 +139,7 @@ def build(cache: Optional[Path] = None) -> Path:
     cus = sorted((CSRC / "cuda").glob("*.cu"))
     headers = sorted(p for p in CSRC.rglob("*.h"))
     flags = _flags()
-    key = _cache_key([*cus, *headers, EMU / "runtime.cpp", EMU / "capi.cpp"], flags)
+    key = _cache_key([*cus, *headers, *(EMU / n for n in ("runtime.cpp", "capi.cpp", "selftest.cu"))], flags)
     folder = (cache or Path(os.environ.get("MINISSL_EMU_CACHE", Path.home() / ".cache" / "minissl" / "emu"))) / key
     folder.mkdir(parents=True, exist_ok=True)
     so = folder / "libminissl_emu.so"
@@ -148,7 +148,7 @@ def build(cache: Optional[Path] = None) -> Path:
         if so.exists():
             return so
         units = [EMU / "runtime.cpp", EMU / "capi.cpp"]
-        for cu in cus:
+        for cu in [*cus, EMU / "selftest.cu"]:
             unit = folder / f"{cu.stem}.emu.cpp"
             unit.write_text(rewrite(cu.read_text(), cu))
             units.append(unit)
@@ -181,7 +181,7 @@ class EmulatorError(RuntimeError):
 class Launch:
     """One entry of the launch log."""
 
-    kernel: str  # as written at the launch, e.g. "dce_fwd_kernel<T>"
+    kernel: str  # as written at the launch = the instance, e.g. "dce_fwd_kernel<T> = dce_fwd_kernel<float>"
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     smem: int  # dynamic shared memory, bytes
@@ -190,7 +190,12 @@ class Launch:
     @property
     def name(self) -> str:
         """The kernel's function name without template arguments."""
-        return self.kernel.split("<")[0].strip()
+        return self.kernel.split("<")[0].split(" = ")[0].strip()
+
+    @property
+    def instance(self) -> str:
+        """The instantiated kernel, e.g. "dce_fwd_kernel<float>"."""
+        return self.kernel.split(" = ", 1)[-1]
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:

@@ -1,7 +1,7 @@
 // CUDA emulation header: lets the unchanged kernels of csrc/cuda/*.cu compile as plain C++ and run on
 // the CPU (tests only; see csrc/emu/README.md). A .cu file is compiled with -I csrc/emu/include, so its
 // `#include <cuda_runtime.h>` lands here; tests/cuda_emu.py rewrites only what C++ cannot parse:
-//   kernel<<<grid, block, smem, stream>>>(args)  ->  ::emu::launch("kernel", kernel, grid, block, smem, stream, args)
+//   kernel<<<grid, block, smem, stream>>>(args)  ->  ::emu::launch<kernel>("kernel", grid, block, smem, stream, args)
 //   extern __shared__ T name[];                  ->  T* name = ::emu::dynamic_shared<T>();
 //   __shared__ T name[N]...;                     ->  static char k; auto& name = ::emu::static_shared<T[N]...>(&k);
 // Everything else (qualifiers, threadIdx/blockIdx/blockDim/gridDim, dim3, intrinsics, atomics, the
@@ -84,13 +84,23 @@ ThreadState& current();
 void launch_erased(const char* name, const void* func, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                    const std::function<void()>& body);
 
-template <class... P, class... A>
-void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-            A&&... args) {
+// The rewrite turns `kernel<<<grid, block, smem, stream>>>(args)` into `launch<kernel>("kernel", grid, ...)`;
+// the instance name (template arguments resolved) comes from __PRETTY_FUNCTION__.
+std::string instance_name(const char* pretty);
+
+template <auto K, class... P, class... A>
+void launch_with(void (*)(P...), const char* text, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                 A&&... args) {
   // Arguments are converted once to the kernel's parameter types (by value, as a real launch copies them).
   std::tuple<std::decay_t<P>...> params(static_cast<std::decay_t<P>>(std::forward<A>(args))...);
-  launch_erased(name, reinterpret_cast<const void*>(kernel), grid, block, smem, stream,
-                [&] { std::apply(kernel, params); });
+  static const std::string name = std::string(text) + " = " + instance_name(__PRETTY_FUNCTION__);
+  launch_erased(name.c_str(), reinterpret_cast<const void*>(K), grid, block, smem, stream,
+                [&] { std::apply(K, params); });
+}
+
+template <auto K, class... A>
+void launch(const char* text, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  launch_with<K>(K, text, grid, block, smem, stream, std::forward<A>(args)...);
 }
 
 // Per-block shared memory: the dynamic buffer of the launch and one slot per static __shared__ variable.

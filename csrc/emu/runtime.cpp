@@ -366,6 +366,20 @@ void log_launch(const char* name, dim3 grid, dim3 block, size_t smem, const std:
 
 ThreadState& current() { return self().st; }
 
+std::string instance_name(const char* pretty) {
+  // g++: "void emu::launch_with(...) [with auto K = (anonymous namespace)::dce_fwd_kernel<float>; P = {...}; ...]"
+  const std::string s(pretty);
+  const size_t a = s.find("K = ");
+  if (a == std::string::npos) return "?";
+  size_t b = s.find("; ", a);
+  if (b == std::string::npos) b = s.find(']', a);
+  std::string k = s.substr(a + 4, b - a - 4);
+  for (const std::string anon : {"(anonymous namespace)::", "{anonymous}::", "minissl::cuda::"}) {
+    for (size_t p; (p = k.find(anon)) != std::string::npos;) k.erase(p, anon.size());
+  }
+  return k;
+}
+
 void launch_erased(const char* name, const void* func, dim3 grid, dim3 block, size_t smem, cudaStream_t,
                    const std::function<void()>& body) {
   ++g_launches;
