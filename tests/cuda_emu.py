@@ -229,7 +229,6 @@ class Emulator:
         self.lib.emu_take_error.restype = ctypes.c_char_p
         self.lib.emu_virtual_alloc.restype = _P
         self.lib.emu_virtual_alloc.argtypes = [ctypes.c_ulonglong]
-        self.lib.emu_virtual_free.argtypes = [_P, ctypes.c_ulonglong]
         for fn in ("emu_largest_component_workspace", "emu_fit_ellipse_workspace"):
             getattr(self.lib, fn).restype = ctypes.c_size_t
             getattr(self.lib, fn).argtypes = [_I64] * 3
@@ -254,7 +253,10 @@ class Emulator:
         self.lib.emu_log_clear()
 
     def virtual(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """A CPU tensor backed by address space only (pages read as zero until written): virtual extents."""
+        """A CPU tensor backed by address space only (pages read as zero until written): virtual extents.
+
+        The mapping lives as long as the process (tests make a few).
+        """
         n = 1
         for s in shape:
             n *= s
@@ -333,7 +335,7 @@ class Emulator:
         D = x.shape[1] if x.ndim == 4 else 1
         o = torch.empty_like(x) if out is None else out
         ws_bytes = self.lib.emu_largest_component_workspace(B, D * H * W, num_classes)
-        ws = torch.empty(ws_bytes, dtype=torch.uint8) if workspace is None else workspace
+        ws = torch.zeros(ws_bytes, dtype=torch.uint8) if workspace is None else workspace
         self._check(self.lib.emu_largest_component(_ptr(x), _ptr(o), x.element_size(), B, D, H, W, num_classes,
                                                    _ptr(ws)))
         return o
@@ -344,7 +346,7 @@ class Emulator:
         B, H, W = m.shape
         params = torch.empty(B, 5, dtype=torch.float64)
         valid = torch.empty(B, dtype=torch.bool)
-        ws = torch.empty(self.lib.emu_fit_ellipse_workspace(B, H, W), dtype=torch.uint8)
+        ws = torch.zeros(self.lib.emu_fit_ellipse_workspace(B, H, W), dtype=torch.uint8)  # dry runs read it
         self._check(self.lib.emu_fit_ellipse(_ptr(m), B, H, W, _ptr(ws), _ptr(params), _ptr(valid)))
         return params, valid
 

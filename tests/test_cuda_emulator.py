@@ -317,3 +317,101 @@ def test_every_global_kernel_runs(emu):
     emu.ellipse_mask(params, valid, (24, 24))
     assert not [x for x in emu.launches() if x.status != "ran"]
     assert kernels and kernels == {x.name for x in emu.launches()}
+
+
+# ---- review findings in the kernels ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loss_forward_fits_the_default_shared_memory_for_every_channel_count(emu, arch, dtype):
+    """Finding 1: (3C + 3) * 256 * sizeof(T) bytes of dynamic shared memory failed for C >= 16 (f32) / 8 (f64)."""
+    emu.configure(arch=arch)
+    for C in range(1, 33):
+        logits, t, _ = _dce_inputs(1, C, (3, 3), dtype, "hard", False)
+        got = emu.dice_ce_entropy(logits, t)
+        torch.testing.assert_close(got[3], R.dice_ce_entropy(logits, t).ce, **TOL[dtype])
+    assert max(x.smem for x in emu.launches()) <= 48 * 1024
+
+
+def test_loss_refuses_more_than_32_channels_with_a_clear_error(emu):
+    logits, t, _ = _dce_inputs(1, 33, (3, 3), torch.float32, "hard", False)
+    with pytest.raises(cuda_emu.EmulatorError, match="at most 32 channels, got C = 33"):
+        emu.dice_ce_entropy(logits, t)
+    with pytest.raises(cuda_emu.EmulatorError, match="at most 32 channels, got C = 33"):
+        emu.dice_ce_entropy_backward([torch.zeros(1, 33)] * 2 + [torch.zeros(1)] * 2, logits, t)
+
+
+def test_loss_batch_above_65535_dry(emu):
+    """Finding 4: the batch on gridDim.y failed for B > 65535; the corner blocks' samples are checked."""
+    emu.configure(dry=True)
+    B = 70000
+    logits, t, w = _dce_inputs(B, 2, (2, 2), torch.float64, "hard", True)
+    got = emu.dice_ce_entropy(logits, t, w)
+    grads = [torch.ones(B, 2, dtype=torch.float64)] * 2 + [torch.ones(B, dtype=torch.float64)] * 2
+    gl = emu.dice_ce_entropy_backward(grads, logits, t, w)
+    assert [x.status for x in emu.launches()] == ["dry", "dry"]
+    for b in (0, emu.launches()[0].grid[1] - 1):  # samples of the first and the last row of blocks
+        x = logits[b:b + 1].clone().requires_grad_(True)
+        ref = R.dice_ce_entropy(x, t[b:b + 1], w[b:b + 1])
+        torch.testing.assert_close(got[0][b], ref.intersect[0])
+        torch.testing.assert_close(got[3][b], ref.ce[0])
+        (ref.intersect.sum() + ref.pred_sum.sum() + ref.ce.sum() + ref.entropy.sum()).backward()
+        torch.testing.assert_close(gl[b], x.grad[0])
+
+
+def test_fit_ellipse_batch_above_65535_dry(emu):
+    """Finding 4: fit_bbox / fit_moments put the batch on gridDim.y."""
+    emu.configure(dry=True)
+    masks = torch.zeros(70000, 6, 5, dtype=torch.uint8)  # dry runs skip blocks: only sample 0 (in block 0) has a mask
+    masks[0, 1:5, 1:4] = 1
+    masks[0, 2:4, 0] = 1
+    params, valid = emu.fit_ellipse(masks)
+    assert all(x.status == "dry" for x in emu.launches())
+    rp, rv = R.fit_ellipse(masks[:1])
+    assert bool(valid[0]) and bool(rv[0])
+    torch.testing.assert_close(params[0], rp[0], rtol=1e-7, atol=1e-7)
+
+
+def test_largest_component_above_2_31_voxels_dry(emu):
+    """Finding 4: int32 voxel indices over the whole batch; 3 x 2^30 voxels on virtual memory, checked at the end."""
+    emu.configure(dry=True)
+    B, H, W = 3, 2 ** 15, 2 ** 15
+    labels = emu.virtual((B, H, W), torch.uint8)
+    out = emu.virtual((B, H, W), torch.uint8)
+    ws = emu.virtual((emu.lib.emu_largest_component_workspace(B, H * W, 2),), torch.uint8)
+    tail = labels[-1, -1]  # (W,) the last row: processed by the last block of every kernel
+    tail[-10:] = 1  # a component of 10 voxels ...
+    tail[-100:-94] = 1  # ... and one of 6, dropped
+    emu.largest_component(labels, 2, out=out, workspace=ws)
+    assert all(x.status == "dry" for x in emu.launches())
+    expect = torch.zeros(256, dtype=torch.uint8)
+    expect[-10:] = 1
+    assert torch.equal(out[-1, -1, -256:], expect)
+
+
+def test_distance_clamps_the_semi_axes_as_the_reference(emu):
+    """Finding 8: b = 0 gave 0 / 0 at the centre row (NaN: outside) where the reference clamps to 1e-12."""
+    params = torch.tensor([[4.0, 3.0, 2.0, 0.0, 0.0]], dtype=torch.float64)
+    valid = torch.tensor([True])
+    assert torch.equal(emu.ellipse_mask(params, valid, (6, 8)), R.ellipse_mask(params, valid, (6, 8)))
+    probs = torch.rand(1, 6, 8, dtype=torch.float64)
+    torch.testing.assert_close(emu.ellipse_refine(probs, params, valid)[0], R.ellipse_refine(probs, params, valid)[0])
+
+
+def test_refine_squares_as_the_reference(emu):
+    """Finding 8: fill_power = 2 through powf could differ from the reference's square in the last bit."""
+    g = torch.Generator().manual_seed(0)
+    params = torch.tensor([[60.0, 50.0, 55.0, 45.0, 0.3]], dtype=torch.float64)
+    valid = torch.tensor([True])
+    probs = torch.rand(1, 100, 120, generator=g) * 0.1
+    refined, _ = emu.ellipse_refine(probs, params, valid, fill_base=0.0)
+    assert torch.equal(refined, R.ellipse_refine(probs, params, valid, fill_base=0.0)[0])
+
+
+@pytest.mark.parametrize("C,slots", [(1, 2), (2, 2), (3, 4), (9, 16), (32, 32)])
+def test_loss_kernels_sized_by_the_channel_count(emu, C, slots):
+    """Finding 8: per-thread arrays of 32 class slots even for C = 2; the instance launched holds the slots."""
+    logits, t, _ = _dce_inputs(1, C, (3, 3), torch.float32, "hard", False)
+    stats = emu.dice_ce_entropy(logits, t)
+    emu.dice_ce_entropy_backward([torch.ones_like(stats[0])] * 2 + [torch.ones_like(stats[3])] * 2, logits, t)
+    assert [x.instance for x in emu.launches()] == [f"dce_fwd_kernel<float, {slots}>", f"dce_bwd_kernel<float, {slots}>"]

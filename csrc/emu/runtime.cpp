@@ -35,6 +35,7 @@ cudaError_t g_err = cudaSuccess;
 std::string g_msg = "no error";
 std::string g_log;
 uint64_t g_launches = 0;
+std::vector<std::pair<char*, size_t>> g_virtual;  // regions of emu_virtual_alloc
 std::map<const void*, int> g_opt_in;  // kernel -> cudaFuncAttributeMaxDynamicSharedMemorySize
 
 constexpr size_t kDefaultSmem = 48 * 1024;
@@ -586,7 +587,9 @@ const char* cudaGetErrorString(cudaError_t err) { return err == cudaSuccess ? "n
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
   char* p = static_cast<char*>(ptr);
   const size_t page = size_t(sysconf(_SC_PAGESIZE));
-  if (emu::g_cfg.dry && value == 0 && count >= 16 * page) {
+  bool is_virtual = false;
+  for (const auto& [base, size] : emu::g_virtual) is_virtual = is_virtual || (p >= base && p + count <= base + size);
+  if (is_virtual && value == 0 && count >= 16 * page) {
     // Virtual extents: zero the partial pages, give the whole pages back (they read as zero again).
     char* lo = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + page - 1) / page * page);
     char* hi = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p + count)) / page * page);
@@ -631,8 +634,9 @@ const char* emu_take_error() {
 // Address space without memory for dry launches on virtual extents (pages appear zeroed when touched).
 void* emu_virtual_alloc(unsigned long long bytes) {
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  return p == MAP_FAILED ? nullptr : p;
+  if (p == MAP_FAILED) return nullptr;
+  emu::g_virtual.emplace_back(static_cast<char*>(p), bytes);
+  return p;
 }
-void emu_virtual_free(void* p, unsigned long long bytes) { munmap(p, bytes); }
 
 }  // extern "C"
