@@ -405,7 +405,10 @@ def test_refine_squares_as_the_reference(emu):
     valid = torch.tensor([True])
     probs = torch.rand(1, 100, 120, generator=g) * 0.1
     refined, _ = emu.ellipse_refine(probs, params, valid, fill_base=0.0)
-    assert torch.equal(refined, R.ellipse_refine(probs, params, valid, fill_base=0.0)[0])
+    ref = R.ellipse_refine(probs, params, valid, fill_base=0.0)[0]
+    inside = R.ellipse_distance(params, (100, 120)).float() <= 1  # (1, H, W): the fill (1 - d)^2
+    assert torch.equal(refined[inside], ref[inside])  # bit for bit (10 pixels differed through powf)
+    torch.testing.assert_close(refined, ref)  # outside: exp of the platform's math library, not bitwise
 
 
 @pytest.mark.parametrize("C,slots", [(1, 2), (2, 2), (3, 4), (9, 16), (32, 32)])
