@@ -226,7 +226,7 @@ def _random_labels(shape, classes, density, seed, dtype=torch.int64):
     return lab.to(dtype)
 
 
-@pytest.mark.parametrize("mode", ["sequential", "shuffled"])
+@pytest.mark.parametrize("mode", ["sequential", "shuffled", "threads"])
 @pytest.mark.parametrize("shape,classes,dtype", [
     ((3, 24, 24), 4, torch.int64),
     ((2, 6, 10, 12), 3, torch.uint8),
