@@ -8,8 +8,8 @@ build takes seconds; it is cached under ``~/.cache/minissl/emu/<hash of every in
 file lock (pytest-xdist workers build it once).
 
 ``Emulator`` wraps the raw-pointer launchers of ``csrc/cuda/launchers.h`` for CPU tensors, plus the
-emulator's controls (mode, dry launch, architecture limits, launch log). Environment:
-``MINISSL_EMU_SANITIZE=thread`` builds with ThreadSanitizer (see ``csrc/emu/README.md``).
+emulator's controls (mode, dry launch, architecture limits, launch log). ``python tests/cuda_emu.py --tsan``
+runs the kernels under ThreadSanitizer (see ``csrc/emu/README.md``).
 """
 from __future__ import annotations
 
@@ -120,8 +120,6 @@ def global_kernels(src: str) -> set[str]:
 def _flags() -> list[str]:
     flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-I", str(EMU / "include"), "-I", str(CSRC / "cuda"),
              "-I", str(CSRC)]
-    if os.environ.get("MINISSL_EMU_SANITIZE") == "thread":
-        flags += ["-fsanitize=thread", "-g"]
     return flags
 
 
@@ -169,6 +167,25 @@ def build(cache: Optional[Path] = None) -> Path:
             raise RuntimeError(f"emulator link failed:\n{res.stderr[-6000:]}")
         tmp.rename(so)
         return so
+
+
+def run_tsan(cache: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """Build ``csrc/emu/tsan_main.cpp`` with every unit under ThreadSanitizer and run it (OS-thread mode).
+
+    By hand, not in CI: ``PYTHONPATH=$PWD python tests/cuda_emu.py --tsan``.
+    """
+    folder = (cache or Path.home() / ".cache" / "minissl" / "emu") / "tsan"
+    folder.mkdir(parents=True, exist_ok=True)
+    flags = [*_flags(), "-fsanitize=thread", "-g"]
+    units = [EMU / "runtime.cpp", EMU / "tsan_main.cpp"]
+    for cu in sorted((CSRC / "cuda").glob("*.cu")):
+        unit = folder / f"{cu.stem}.emu.cpp"
+        unit.write_text(rewrite(cu.read_text(), cu))
+        units.append(unit)
+    exe = folder / "tsan_main"
+    subprocess.run(["g++", *flags, "-o", str(exe), *map(str, units)], check=True)
+    env = {**os.environ, "TSAN_OPTIONS": f"suppressions={EMU / 'tsan.supp'} halt_on_error=0"}
+    return subprocess.run([str(exe)], env=env)
 
 
 # ---- ctypes driver --------------------------------------------------------------------------------------
@@ -377,3 +394,11 @@ class Emulator:
         out = torch.empty(prm.shape[0], *shape, dtype=torch.uint8)
         self._check(self.lib.emu_ellipse_mask(_ptr(prm), _ptr(ok), prm.shape[0], *shape, _ptr(out)))
         return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--tsan"]:
+        sys.exit("usage: python tests/cuda_emu.py --tsan")
+    sys.exit(run_tsan().returncode)
