@@ -326,7 +326,7 @@ def test_every_global_kernel_runs(emu):
 def test_loss_forward_fits_the_default_shared_memory_for_every_channel_count(emu, arch, dtype):
     """Finding 1: (3C + 3) * 256 * sizeof(T) bytes of dynamic shared memory failed for C >= 16 (f32) / 8 (f64)."""
     emu.configure(arch=arch)
-    for C in range(1, 33):
+    for C in (1, 2, 7, 8, 9, 15, 16, 17, 31, 32):  # the old limits: f64 from C = 8, f32 from C = 16
         logits, t, _ = _dce_inputs(1, C, (3, 3), dtype, "hard", False)
         got = emu.dice_ce_entropy(logits, t)
         torch.testing.assert_close(got[3], R.dice_ce_entropy(logits, t).ce, **TOL[dtype])
