@@ -97,7 +97,8 @@ const char* selftest_atomic(int* i32, unsigned long long* u64, float* f32, doubl
 
 // opt_in < 0: no cudaFuncSetAttribute call.
 const char* selftest_shared(int* out, int blocks, int threads, int words, int opt_in) {
-  if (opt_in >= 0 && cudaFuncSetAttribute(shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, opt_in) != cudaSuccess)
+  if (opt_in >= 0 &&
+      cudaFuncSetAttribute(shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, opt_in) != cudaSuccess)
     return last_error();
   shared_kernel<<<blocks, threads, sizeof(int) * words>>>(out, words);
   return last_error();
