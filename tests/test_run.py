@@ -7,7 +7,7 @@ import torch
 
 from minissl import engine, evaluate
 from minissl.config import load_config
-from minissl.data.store import open_store
+from minissl.data.sources import open_data
 from minissl.run import Run, rng_state, set_rng_state
 
 
@@ -22,7 +22,7 @@ def test_run_reads_back_what_train_wrote(tiny_stores, tmp_path):
     assert run.metrics["test"] == res.test and run.test_rows == res.test_rows
     method = run.load_method()
     assert not method.training
-    store = open_store(tiny_stores["cardiac"])
+    store = open_data(tiny_stores["cardiac"])
     rows = evaluate.evaluate(method.predict, [store.read(i) for i in store.split("test")], store.spec)
     assert rows == res.test_rows  # the best checkpoint, restored, scores what the run reported
 
