@@ -1,4 +1,4 @@
-"""Command line: ``minissl demo | train | eval | data make <suite> | methods | bench``.
+"""Command line: ``minissl demo | train | eval | predict | data make|prepare | methods | bench``.
 
 Examples::
 
@@ -9,6 +9,7 @@ Examples::
     minissl train --run_name my-run --resume true  # continue an interrupted run (same options)
     minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
     minissl data make atrium
+    minissl data prepare hc18 ~/raw/HC18 ~/data/hc18   # convert a downloaded dataset (acdc la pancreas hc18 psfh)
     minissl methods
     minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2
     minissl bench ops
@@ -188,7 +189,16 @@ def cmd_eval(tokens: Sequence[str]) -> int:
 def cmd_data(tokens: Sequence[str]) -> int:
     from .data import phantoms
 
-    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite.")
+    if tokens[:1] == ["prepare"]:  # minissl data prepare <dataset> <raw_dir> <out_dir> [converter options]
+        from .data.sources import CONVERTERS, converter
+
+        if len(tokens) < 2 or tokens[1] in ("-h", "--help"):
+            print(f"usage: minissl data prepare {{{','.join(CONVERTERS)}}} RAW_DIR OUT_DIR [options]; "
+                  f"minissl data prepare DATASET --help lists a converter's options")
+            return 0 if len(tokens) > 1 else 2
+        return converter(tokens[1]).main(tokens[2:])
+    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite, or convert a dataset "
+                "(minissl data prepare DATASET RAW_DIR OUT_DIR).")
     p.add_argument("action", choices=["make"])
     p.add_argument("suite")
     p.add_argument("--root", default=None)
