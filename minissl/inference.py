@@ -2,10 +2,13 @@
 
 * ``spatial_dims=2``: a (Y, X) image is one slice, a (Z, Y, X) volume is Z slices, predicted in batches of
   ``batch_size``. When the slice size differs from ``patch_size`` each batch is resized to the patch with
-  bilinear interpolation (align_corners=False), and the logits are resized back to (Y, X) the same way
-  before softmax/argmax, so labels are decided at the original resolution (SSL4MIS instead zooms the
-  hard labels back with nearest neighbour). ``patch_size=None`` predicts slices at their own size.
-* ``spatial_dims=3``: a (Z, Y, X) volume smaller than the patch is zero-padded symmetrically to the patch
+  bilinear interpolation (``transforms.resize``, align_corners=False, as training zooms with
+  ``SuiteSpec.zoom``), and the logits are resized back to (Y, X) the same way before softmax/argmax, so
+  labels are decided at the original resolution (SSL4MIS instead zooms the hard labels back with nearest
+  neighbour). ``patch_size=None`` predicts slices at their own size.
+* ``spatial_dims=3`` with ``zoom=True`` (suites trained on whole volumes zoomed to the patch): the volume
+  is resized to ``patch_size`` (trilinear), predicted in one pass and the logits resized back.
+* ``spatial_dims=3`` otherwise: a (Z, Y, X) volume smaller than the patch is zero-padded symmetrically to the patch
   (extra voxel at the end), then windows of ``patch_size`` start every ``int(patch * (1 - overlap))``
   voxels per axis (the last window flush with the end); the softmax probabilities of overlapping windows
   are averaged with equal weight and the padding is cropped off. This is MONAI's
@@ -26,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .data.transforms import resize
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -51,21 +56,16 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)                             # (B, C, *P)
 
 
-def _predict_slices(model: Model, image: torch.Tensor, patch_size: Sequence[int] | None,
-                    batch_size: int) -> torch.Tensor:
-    size = tuple(image.shape[-2:])
-    slices = image.reshape(-1, 1, *size)                            # (N, 1, Y, X)
+def _predict_resized(model: Model, image: torch.Tensor, spatial_dims: int, patch_size: Sequence[int] | None,
+                     batch_size: int) -> torch.Tensor:
+    size = tuple(image.shape[-spatial_dims:])
+    items = image.reshape(-1, 1, *size)                             # (N, 1, *S): slices, or one volume
     out = []
-    for start in range(0, slices.shape[0], batch_size):
-        x = slices[start:start + batch_size]                        # (b, 1, Y, X)
-        resize = patch_size is not None and tuple(patch_size) != size
-        if resize:
-            x = F.interpolate(x, size=tuple(patch_size), mode="bilinear", align_corners=False)
-        logits = model(x)                                           # (b, C, *patch)
-        if resize:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        out.append(_probs(logits.float()))                          # (b, C, Y, X)
-    probs = torch.cat(out)                                          # (N, C, Y, X)
+    for start in range(0, items.shape[0], batch_size):
+        x = items[start:start + batch_size]                         # (b, 1, *S)
+        logits = model(resize(x, patch_size or size))               # (b, C, *patch)
+        out.append(_probs(resize(logits.float(), size)))            # (b, C, *S)
+    probs = torch.cat(out)                                          # (N, C, *S)
     return probs.movedim(1, 0).reshape(-1, *image.shape)            # (C, *image.shape)
 
 
@@ -100,7 +100,7 @@ def _predict_windows(model: Model, image: torch.Tensor, patch_size: Sequence[int
 
 def predict_probs(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: int,
                   patch_size: Sequence[int] | None, batch_size: int = 8, device: str | torch.device = "cpu",
-                  overlap: float = 0.5) -> np.ndarray:
+                  overlap: float = 0.5, zoom: bool = False) -> np.ndarray:
     """Class probabilities of a whole case.
 
     Args:
@@ -111,6 +111,8 @@ def predict_probs(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: 
         batch_size: slices or windows per forward pass.
         device: where the image goes.
         overlap: fraction of a 3D window shared with its neighbour, in [0, 1).
+        zoom: 3D only: predict the whole volume resized to ``patch_size`` (``SuiteSpec.zoom``) instead
+            of sliding windows at native resolution (2D slices are always resized to ``patch_size``).
 
     Returns:
         float32 array (C, *image.shape) (C = 2 for one-channel sigmoid models).
@@ -127,8 +129,8 @@ def predict_probs(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: 
     if not 0 <= overlap < 1 or batch_size < 1:
         raise ValueError(f"overlap must be in [0, 1) and batch_size >= 1, got {overlap} and {batch_size}")
     with _eval_mode(model):
-        if spatial_dims == 2:
-            probs = _predict_slices(model, image, patch_size, batch_size)
+        if spatial_dims == 2 or zoom:
+            probs = _predict_resized(model, image, spatial_dims, patch_size, batch_size)
         else:
             probs = _predict_windows(model, image, patch_size, batch_size, overlap)
     return probs.cpu().numpy()
@@ -136,7 +138,7 @@ def predict_probs(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: 
 
 def predict_case(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: int,
                  patch_size: Sequence[int] | None, batch_size: int = 8, device: str | torch.device = "cpu",
-                 overlap: float = 0.5) -> np.ndarray:
+                 overlap: float = 0.5, zoom: bool = False) -> np.ndarray:
     """Label map (int64, same shape as ``image``) = argmax of :func:`predict_probs` (same arguments).
 
     Example:
@@ -145,5 +147,5 @@ def predict_case(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: i
         >>> predict_case(net, np.zeros((3, 20, 20)), 2, (16, 16)).shape
         (3, 20, 20)
     """
-    probs = predict_probs(model, image, spatial_dims, patch_size, batch_size, device, overlap)
+    probs = predict_probs(model, image, spatial_dims, patch_size, batch_size, device, overlap, zoom)
     return probs.argmax(0).astype(np.int64)
