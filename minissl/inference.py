@@ -14,6 +14,9 @@
   are averaged with equal weight and the padding is cropped off. This is MONAI's
   ``sliding_window_inference`` with ``mode="constant"`` (tested against it).
 
+:func:`predict_files` segments users' image files (NIfTI, NRRD, MHA/MHD, PNG, HDF5; ``minissl predict``)
+and writes each mask in its input's format and geometry (:mod:`minissl.data.formats`).
+
 The model is any callable x (B, 1, *P) -> logits (B, C, *P) already on ``device``; an ``nn.Module`` (or the
 module of a bound method such as ``Method.predict``) is switched to eval mode for the call and restored
 afterwards; everything runs under ``torch.no_grad``. One-channel (sigmoid) logits become the two
@@ -25,12 +28,17 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from itertools import product
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.transforms import resize
+from .data.formats import read_image, suffix, write_mask
+from .data.store import SuiteSpec
+from .data.transforms import normalise, resize
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -149,3 +157,59 @@ def predict_case(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: i
     """
     probs = predict_probs(model, image, spatial_dims, patch_size, batch_size, device, overlap, zoom)
     return probs.argmax(0).astype(np.int64)
+
+
+def predict_files(model: Model, spec: SuiteSpec, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  device: str | torch.device = "cpu", intensity: str | None = None, batch_size: int = 8,
+                  overlap: float = 0.5) -> list[Path]:
+    """Segment image files with a trained model; each mask goes to ``out_dir/<input file name>``.
+
+    What a file goes through is what the run's cases went through (read from its suite spec):
+
+    * intensity: ``spec.intensity`` ("minmax", "zscore" or "none": what the store's images went
+      through, over the whole image or volume; ``intensity`` overrides it). A store that also
+      clipped (e.g. the Pancreas-CT HU window) or cropped its images expects inputs treated alike.
+    * resampling: as the run's validation and test: 2D runs resize each slice to ``spec.patch_size``
+      and the logits back; 3D runs slide ``patch_size`` windows at the file's own voxel grid (or, with
+      ``spec.zoom``, zoom the volume to the patch and back). Voxel spacing is not resampled.
+    * dimensions: a 2D run segments a (Z, Y, X) volume slice by slice along Z (the NIfTI's third
+      axis, SimpleITK's / NRRD's slowest); a 3D run refuses a 2D image.
+
+    Args:
+        model: callable x (B, 1, *P) -> logits (B, C, *P), on ``device`` (``Run.load_method().predict``).
+        spec: the run's ``SuiteSpec`` (``spatial_dims``, ``patch_size``, ``num_classes``, ``zoom``, ``intensity``).
+        inputs: image files (:data:`minissl.data.formats.SUFFIXES`).
+        out_dir: folder of the masks (created); it may not hold an input under its own name.
+        device: where inference runs.
+        intensity: override of ``spec.intensity``.
+        batch_size, overlap: as :func:`predict_probs`.
+
+    Returns:
+        The mask files written, in the order of ``inputs``.
+
+    Raises:
+        ValueError: an unsupported or unreadable file, two inputs of one name, an output that would
+            overwrite its input, or a 2D image for a 3D run (every input is checked before any is predicted).
+    """
+    out_dir, paths = Path(out_dir), [Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("expected at least one input image, got none")
+    for p in paths:
+        suffix(p)  # unsupported types fail before anything is read
+    names = [p.name for p in paths]
+    if dup := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"inputs share the file names {dup}: their masks would overwrite each other in {out_dir}")
+    for p in paths:
+        if (out_dir / p.name).resolve() == p.resolve():
+            raise ValueError(f"{p}: the mask would overwrite its input; choose another output folder than {out_dir}")
+    files = [read_image(p) for p in paths]
+    for f in files:
+        if spec.spatial_dims == 3 and f.image.ndim != 3:
+            raise ValueError(f"{f.path}: a 3D run (patch {tuple(spec.patch_size)}, (Z, Y, X)) needs a 3D volume, "
+                             f"got a 2D image of shape {f.image.shape}")
+    written = []
+    for f in files:
+        image = normalise(f.image, intensity or spec.intensity)
+        mask = predict_case(model, image, spec.spatial_dims, spec.patch_size, batch_size, device, overlap, spec.zoom)
+        written.append(write_mask(out_dir / f.path.name, mask, f))
+    return written

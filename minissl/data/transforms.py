@@ -8,6 +8,7 @@
   zoomed to the patch and predicts at the patch size, then zooms back): linear for images,
   nearest for labels, on pixel centres (``align_corners=False``), the one convention of training
   and :mod:`minissl.inference`.
+* :func:`normalise` — whole-image intensity rules (``SuiteSpec.intensity``) for images from outside a store.
 * :func:`strong` — batched, intensity only, in torch on any device (for the unlabeled / student
   view of FixMatch-style methods): contrast, brightness, gamma, Gaussian blur, Gaussian noise.
 
@@ -109,6 +110,29 @@ def zoom(image: np.ndarray, label: np.ndarray | None, size: Sequence[int]) -> tu
         return out, None
     y = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)).reshape(-1, 1, *S)  # (N, 1, *S)
     return out, resize(y, size, 0).reshape(*lead, *size).numpy().astype(label.dtype)
+
+
+def normalise(image: np.ndarray, rule: str) -> np.ndarray:
+    """Intensity normalisation of a whole image or volume by a ``SuiteSpec.intensity`` rule.
+
+    Args:
+        image: (Y, X) or (Z, Y, X) float array.
+        rule: "minmax" ((x - min) / (max - min), so [0, 1]), "zscore" ((x - mean) / std) or "none".
+            A constant image becomes zeros under "minmax" and "zscore".
+
+    Returns:
+        float32 array of the same shape.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    if rule == "minmax":
+        span = float(x.max() - x.min()) if x.size else 0.0
+        return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+    if rule == "zscore":
+        std = float(x.std()) if x.size else 0.0
+        return (x - x.mean()) / std if std > 0 else np.zeros_like(x)
+    if rule == "none":
+        return x
+    raise ValueError(f"intensity rule: expected 'minmax', 'zscore' or 'none', got {rule!r}")
 
 
 def weak(image: Array, label: Array | None, patch_size: Sequence[int],
