@@ -368,7 +368,8 @@ def test_hc18_through_minissl_data_prepare(tmp_path):
     assert "HC18: 11 annotated images" in res.stdout
     check_store(out, {4: 4})
     res = subprocess.run([sys.executable, "-m", "minissl.cli", "data", "prepare", "hc19", str(raw), str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 2 and "unknown dataset 'hc19': expected one of ['acdc', 'la'" in res.stderr
 
 

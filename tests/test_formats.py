@@ -64,7 +64,8 @@ def test_volume_round_trip_keeps_geometry(tmp_path, name):
     elif kind == ".nrrd":
         data, header = nrrd.read(str(out), index_order="C")
         assert np.array_equal(data, mask) and header["space"] == "left-posterior-superior"
-        assert np.allclose(header["space origin"], [1, -2, 3]) and np.allclose(header["space directions"], np.diag([0.5, 0.6, 1.5]))
+        assert np.allclose(header["space origin"], [1, -2, 3])
+        assert np.allclose(header["space directions"], np.diag([0.5, 0.6, 1.5]))
     else:
         case = read_case(out)
         assert np.array_equal(case.label, mask) and case.spacing == (2.0, 0.8, 0.7) and case.meta["patient_id"] == "p1"

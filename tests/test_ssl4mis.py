@@ -210,7 +210,8 @@ def test_acdc_native_resolution_patches_are_an_option(acdc_sizes):
     batch = make_train_loader(store, ["patient001_frame01"], batch_size=2, unlabeled=False, augment=False).batch(0)
     assert batch["x_l"].shape == (2, 1, 256, 256)
     y = batch["y_l"][0]  # the 150x180 slice sits padded in the middle of the 256x256 window
-    assert (y[:53] == 0).all() and (y[53:203, 38:218] == torch.from_numpy(store.read("patient001_frame01").label[0])).all()
+    native = torch.from_numpy(store.read("patient001_frame01").label[0])
+    assert (y[:53] == 0).all() and (y[53:203, 38:218] == native).all()
 
 
 def test_zoom_round_trip_keeps_an_upsampled_label_exactly():
