@@ -218,7 +218,8 @@ def cmd_data(tokens: Sequence[str]) -> int:
 
         if len(tokens) < 2 or tokens[1] in ("-h", "--help"):
             print(f"usage: minissl data prepare {{{','.join(CONVERTERS)}}} RAW_DIR OUT_DIR [options]; "
-                  f"minissl data prepare DATASET --help lists a converter's options")
+                  f"minissl data prepare DATASET --help lists a converter's options",
+                  file=sys.stdout if len(tokens) > 1 else sys.stderr)
             return 0 if len(tokens) > 1 else 2
         return converter(tokens[1]).main(tokens[2:])
     p = _Parser(prog="minissl data", description="Make an embedded synthetic suite, or convert a dataset "

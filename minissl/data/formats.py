@@ -8,7 +8,7 @@ suffix             library     what is kept in the mask file
 .mha, .mhd         SimpleITK   shape, spacing, origin, direction (``CopyInformation``)
 .png               pillow      size (and dpi); a uint8 label image whose pixel values are the classes
 .h5, .hdf5         h5py        the store's case format: the image, spacing and attributes, plus the
-                               mask as its ``label`` dataset
+                               mask as its ``label`` dataset (replacing a label the input held)
 =================  ==========  ==========================================================================
 
 Arrays are in minissl's order, (Y, X) or (Z, Y, X): NIfTI data (X, Y, Z) are transposed (pynrrd and
