@@ -173,7 +173,7 @@ def ellipse_mask(params: torch.Tensor, valid: torch.Tensor, shape: Sequence[int]
 def ellipse_refine(probs: torch.Tensor, params: torch.Tensor, valid: torch.Tensor, *, threshold: float = 0.6,
                    fill_base: float = 0.6, fill_power: float = 2.0,
                    decay: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """ERSR refinement of foreground probabilities by the fitted ellipse (reference/methods.md §1).
+    """ERSR refinement of foreground probabilities by the fitted ellipse (Zhou et al., IEEE JBHI 2025).
 
     inside (d <= 1): max(P, clip(fill_base + (1 - d)^fill_power, 0, 1)); outside: P exp(-decay (d - 1)).
 

@@ -70,7 +70,7 @@ def build_flags() -> dict[str, list[str]]:
     """Compiler and linker flags. OpenMP in both (at::parallel_for is serial without -fopenmp).
 
     ``-march=native`` is fine because the JIT build runs where the code runs; the at::vec CPU
-    capability macros select the same SIMD width torch itself uses on this machine.
+    capability macros select the same SIMD width torch itself uses on the running CPU.
     """
     cflags = ["-O3", "-fopenmp", "-march=native"]
     cap = torch.backends.cpu.get_cpu_capability()
