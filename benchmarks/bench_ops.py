@@ -53,7 +53,7 @@ def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup:
 
     Each timed call directly follows an untimed call of the same function. Big CPU tensors come from
     malloc/mmap, so a call that follows a different op may get fresh pages to fault in, or reuse the
-    other op's freed ones: measured both ways on this machine, that ordering alone moved the softmax
+    other op's freed ones: measured both ways on a 2-core CPU, that ordering alone moved the softmax
     and loss timings by up to 1.6x. Timing each op right after itself gives every op its own steady
     state, while the turns still share a slow patch of a shared machine.
     """

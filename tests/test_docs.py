@@ -1,5 +1,5 @@
 """The documentation: the README's quick start is what CI runs, links resolve, and the README, docs/,
-the changelog and the package's docstrings and comments speak of the library only (no words about
+the changelog and the docstrings and comments of the code speak of the library only (no words about
 how the work was organised, no paths outside the repository)."""
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = [README, ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
-SOURCES = sorted((ROOT / "minissl").rglob("*.py"))
+SOURCES = sorted([*(ROOT / "minissl").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"),
+                  *(ROOT / "data_scripts").rglob("*.py")])  # the shipped and documented code
 PROCESS_WORDS = re.compile(r"\b(this round|previous round|last round|today|this session|this machine)\b"
                            r"|\.\./shared", re.IGNORECASE)
 LINK = re.compile(r"\]\(([^)\s]+)\)")  # markdown link target
