@@ -14,7 +14,7 @@ import torch
 
 from minissl.config import load_config
 from minissl.data import datasets
-from minissl.data.store import open_store
+from minissl.data.sources import open_data
 from minissl.metrics import dice
 from minissl.methods import METHODS, get_method
 
@@ -23,7 +23,7 @@ ITERS = 40
 
 
 def build(name, root):
-    store = open_store(root)
+    store = open_data(root)
     cfg = load_config(method=name, data_root=str(root), width=8, depth=2, batch_size=4, labeled_bs=2,
                       max_iters=ITERS, lr=0.03, rampup=0.1, cons_weight=1.0, progress=False)
     torch.manual_seed(0)
