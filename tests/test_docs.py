@@ -48,7 +48,7 @@ def quick_start_commands(text: str) -> list[str]:
 def find_in_text(path: Path, pattern: re.Pattern) -> list[tuple[int, str]]:
     """(line, match) of ``pattern`` in every comment and string literal (docstrings) of a Python file."""
     found = []
-    for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+    for t in tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline):
         if t.type not in TEXT_TOKENS:
             continue
         text = t.string
@@ -59,10 +59,10 @@ def find_in_text(path: Path, pattern: re.Pattern) -> list[tuple[int, str]]:
 
 
 def test_quick_start_is_two_commands_and_the_second_is_what_ci_runs():
-    commands = quick_start_commands(README.read_text())
+    commands = quick_start_commands(README.read_text(encoding="utf-8"))
     assert len(commands) == 2, f"README.md quick start: expected 2 commands, found {len(commands)}: {commands}"
     assert commands[0].endswith("minissl demo"), commands[0]
-    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
     assert commands[1] in ci, f".ci/run does not run the README's test command {commands[1]!r}"
 
 
@@ -74,27 +74,27 @@ def test_quick_start_parser_counts_every_command_and_needs_a_block():
 
 
 def test_readme_is_short():
-    n = len(README.read_text().splitlines())
+    n = len(README.read_text(encoding="utf-8").splitlines())
     assert n <= 200, f"README.md has {n} lines; at most 200 (details belong in docs/)"
 
 
 def test_readme_points_to_the_detailed_docs():
-    targets = LINK.findall(README.read_text())
+    targets = LINK.findall(README.read_text(encoding="utf-8"))
     for doc in ("docs/kernels.md", "docs/results.md"):
         assert doc in targets, f"README.md does not link {doc}"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=rel)
 def test_docs_hold_no_process_words(doc):
-    hits = [f"{rel(doc)}:{i}: {m.group(0)!r}" for i, line in enumerate(doc.read_text().splitlines(), 1)
-            for m in PROCESS_WORDS.finditer(line)]
+    lines = doc.read_text(encoding="utf-8").splitlines()
+    hits = [f"{rel(doc)}:{i}: {m.group(0)!r}" for i, line in enumerate(lines, 1) for m in PROCESS_WORDS.finditer(line)]
     assert not hits, "words about how the work was organised, or paths outside the repository:\n" + "\n".join(hits)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=rel)
 def test_relative_links_resolve(doc):
     missing = []
-    for target in LINK.findall(doc.read_text()):
+    for target in LINK.findall(doc.read_text(encoding="utf-8")):
         if re.match(r"[a-z]+:", target) or target.startswith("#"):
             continue  # a URL or an anchor in the same page
         path = (doc.parent / target.split("#")[0]).resolve()
@@ -117,5 +117,6 @@ def test_package_docstrings_cite_only_files_of_the_repository():
 
 def test_process_word_scan_finds_a_planted_word(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text('"""Fast.\n\nOn this machine."""\ntoday = 1  # measured Today\ny = f"{today} ok"\n')
+    text = '"""Fast.\n\nOn this machine."""\ntoday = 1  # measured Today\ny = f"{today} ok"\n'
+    src.write_text(text, encoding="utf-8")
     assert find_in_text(src, PROCESS_WORDS) == [(3, "this machine"), (4, "Today")]
