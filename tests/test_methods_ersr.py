@@ -1,4 +1,7 @@
-"""ERSR's parts: dual-score filter, ellipse refinement, mirror images and targets, invalid fits (geometry: test_geometry)."""
+"""ERSR's parts: dual-score filter, ellipse refinement, mirror images and targets, invalid fits.
+
+The generic geometry (distance, derivative filters, reflection) is tested in tests/test_geometry.py.
+"""
 import math
 from dataclasses import replace
 

@@ -195,7 +195,10 @@ class ERSR(Method):
 
     @torch.no_grad()
     def pseudo_labels(self, probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Ellipse fit (outer contour of the largest component of P > tau) and refinement: pseudo (K, H, W) uint8, params (K, 5), valid (K,)."""
+        """Ellipse fit (outer contour of the largest component of P > tau) and refinement.
+
+        Returns pseudo-labels (K, H, W) uint8, ellipse params (K, 5) and fit validity (K,) bool.
+        """
         a = self.args
         params, valid = ops.fit_ellipse(probs > a.threshold)
         _, pseudo = ops.ellipse_refine(probs, params, valid, threshold=a.threshold, fill_base=a.fill_base,
