@@ -33,15 +33,16 @@ def report(results: Sequence, path: str | Path, n_cases: int = 4) -> Path:
     """PNG report of finished runs on the same data: the first test cases with ground truth and each
     run's prediction (its best checkpoint), plus loss and validation-Dice curves."""
     from . import evaluate as evaluation
-    from .engine import load_method, open_data
+    from .engine import open_data
     from .inference import predict_case
+    from .run import Run
 
     store = open_data(results[0].config)
     spec = store.spec
     cases = [store.read(i) for i in store.split("test")[:n_cases]]
     preds = {}
     for res in results:
-        method = load_method(res.run_dir)
+        method = Run(res.run_dir).load_method()
         preds[res.config.method] = [predict_case(method.predict, c.image, spec.spatial_dims, spec.patch_size)
                                     for c in cases]
     curves = {res.config.method: read_curves(res.run_dir) for res in results}
