@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .config import load_config
+from .data.sources import open_data
+from .data.store import CaseStore
 
 
 @dataclass
@@ -38,9 +40,10 @@ class BenchRun:
 
 
 def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Optional[int], out: Path,
-            data_root: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = False) -> BenchRun:
-    """Train (or read back, or resume) one run of the benchmark."""
-    from .engine import open_data, resolve, train
+            data_root: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = False,
+            store: Optional[CaseStore] = None) -> BenchRun:
+    """Train (or read back, or resume) one run of the benchmark (``store``: the data, if already open)."""
+    from .engine import resolve, train
 
     kw = dict(method=method, suite=suite, seed=seed, out_dir=str(out / suite), progress=progress)
     if data_root:
@@ -50,12 +53,13 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     if budget:
         kw["budget"] = budget
     cfg = load_config(overrides=list(overrides), **kw)
-    cfg = resolve(cfg, open_data(cfg))
+    store = store if store is not None else open_data(cfg.data_root or cfg.suite)
+    cfg = resolve(cfg, store)
     run_dir = Path(cfg.out_dir) / f"{method}-b{cfg.budget}-s{seed}"
     cfg.run_name = run_dir.name
     if not (run_dir / "metrics.json").exists():
         cfg.resume = (run_dir / "last.pt").exists()
-        train(cfg)
+        train(cfg, store=store)
     m = json.loads((run_dir / "metrics.json").read_text())
     t = m["test"]
     return BenchRun(method, seed, cfg.budget, 100 * t["dice"]["mean"], t["hd95"]["mean"],
@@ -113,19 +117,17 @@ def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budg
     Args:
         budget: labeled cases, ``"all"`` for every training case, or None for the suite default.
     """
-    from .engine import open_data
-
     out_path = Path(out)
+    store = open_data(data_root or suite)
     if budget == "all":
-        cfg = load_config(suite=suite, data_root=data_root)
-        n_budget = len(set(open_data(cfg).patients(open_data(cfg).split("train"))))
+        n_budget = len(set(store.patients(store.split("train"))))
     else:
         n_budget = int(budget) if budget else None
     runs = []
     for method in methods:
         for seed in seeds:
             print(f"[bench] {suite} {method} seed {seed}", flush=True)
-            runs.append(run_one(suite, method, seed, n_budget, iters, out_path, data_root, overrides))
+            runs.append(run_one(suite, method, seed, n_budget, iters, out_path, data_root, overrides, store=store))
     text = table(runs)
     tag = f"{suite}-b{budget or 'default'}"
     (out_path / f"{tag}.md").write_text(text + "\n")

@@ -33,11 +33,11 @@ def report(results: Sequence, path: str | Path, n_cases: int = 4) -> Path:
     """PNG report of finished runs on the same data: the first test cases with ground truth and each
     run's prediction (its best checkpoint), plus loss and validation-Dice curves."""
     from . import evaluate as evaluation
-    from .engine import open_data
+    from .data.sources import open_data
     from .inference import predict_case
     from .run import Run
 
-    store = open_data(results[0].config)
+    store = open_data(results[0].config.data_root or results[0].config.suite)
     spec = store.spec
     cases = [store.read(i) for i in store.split("test")[:n_cases]]
     preds = {}
