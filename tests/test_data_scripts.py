@@ -7,6 +7,7 @@ result through the data's one door (``minissl.data.sources.open_data``, then ``c
 from __future__ import annotations
 
 import json
+import locale
 import os
 import subprocess
 import sys
@@ -185,8 +186,20 @@ def test_la_missing_label_names_file_and_leaves_nothing(tmp_path):
 
 # ----------------------------------------------------------------------------- Pancreas-CT (DICOM + NIfTI)
 def write_dicom_series(folder: Path, image: sitk.Image) -> None:
-    """One CT series, one file per slice, with the position and orientation tags GDCM sorts by."""
+    """One CT series, one file per slice, with the position and orientation tags GDCM sorts by.
+
+    GDCM's DICOM writer leaves the process locale at "C" (ASCII text decoding for everything after
+    it in the process), so the locale is restored after writing.
+    """
     folder.mkdir(parents=True)
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(folder, image)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(folder: Path, image: sitk.Image) -> None:
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetSize()[2]):
