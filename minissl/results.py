@@ -208,7 +208,8 @@ def read_row(folder: str | os.PathLike) -> ResultRow:
         units = {r.get("unit") or "px" for r in csv.DictReader(f)}
     summary = metrics.get("test") or {}
     if "dice" not in summary or "hd95" not in summary:
-        raise ValueError(f"{folder / 'metrics.json'}: expected a 'test' entry with 'dice' and 'hd95', got {sorted(summary)}")
+        raise ValueError(f"{folder / 'metrics.json'}: expected a 'test' entry with 'dice' and 'hd95', "
+                         f"got {sorted(summary)}")
     return ResultRow(suite=folder.parents[2].name, budget=int(setting[1]), iters=int(setting[2]), recipe=setting[3],
                      method=folder.parent.name, seed=int(seed[1]), dice=100 * summary["dice"]["mean"],
                      hd95=summary["hd95"]["mean"], hd95_unit="/".join(sorted(units)) or "px",
@@ -351,7 +352,8 @@ def render_all(root: str | os.PathLike = "results", docs: str | os.PathLike = "d
     groups: dict[tuple[str, str], list[ResultRow]] = {}
     for r in load(root):
         groups.setdefault((r.suite, r.setting), []).append(r)
-    return {Path(docs) / f"{suite}-{setting}.md": render_leaderboard(rs, baseline, (not_applicable or {}).get(suite, ()))
+    skip = not_applicable or {}
+    return {Path(docs) / f"{suite}-{setting}.md": render_leaderboard(rs, baseline, skip.get(suite, ()))
             for (suite, setting), rs in groups.items()}
 
 

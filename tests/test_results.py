@@ -22,7 +22,8 @@ FOOT = ("Mean ± std (ddof 1) over seeds of each run's test mean over cases. Δ:
 # cps s = 2.5166 -> 6.252, ua_mt s = 2.6458 -> 6.572.
 EXPECTED = """**cardiac**: 3 labeled, 600 iterations, shared recipe
 
-| method | seeds | Dice % | HD95 px | Δ Dice vs supervised (paired seeds) | 95 % interval | mark | CPU s/iter | peak MB |
+| method | seeds | Dice % | HD95 px | Δ Dice vs supervised (paired seeds) | 95 % interval | mark \
+| CPU s/iter | peak MB |
 |---|---|---|---|---|---|---|---|---|
 | supervised | 3 | 70.00 ± 2.00 | 6.00 ± 1.00 | - | - | - | 0.100 | 110 |
 | bcp | 1 | 80.00 ± - | 3.00 ± - | +10.00 (1) | undefined (1 seed) | inconclusive | 0.400 | - |
@@ -40,7 +41,8 @@ def test_render_leaderboard_from_the_fixture():
 
 def test_render_all_gives_one_table_per_setting():
     tables = results.render_all(FIXTURE, docs="docs/results", not_applicable={"cardiac": ["m3hl", "ersr"]})
-    assert sorted(map(str, tables)) == ["docs/results/cardiac-b3-i1200-shared.md", "docs/results/cardiac-b3-i600-shared.md"]
+    assert sorted(map(str, tables)) == ["docs/results/cardiac-b3-i1200-shared.md",
+                                        "docs/results/cardiac-b3-i600-shared.md"]
     assert tables[Path("docs/results/cardiac-b3-i600-shared.md")] == EXPECTED
     longer = tables[Path("docs/results/cardiac-b3-i1200-shared.md")]
     assert "| supervised | 1 | 75.00 ± - | 4.00 ± - | - | - | - | 0.100 | 100 |" in longer
@@ -50,13 +52,15 @@ def test_load_reads_the_path_and_the_metrics():
     rows = results.load(FIXTURE)
     assert len(rows) == 14
     mt0 = next(r for r in rows if r.method == "mean_teacher" and r.seed == 0)
-    assert (mt0.suite, mt0.budget, mt0.iters, mt0.recipe, mt0.setting) == ("cardiac", 3, 600, "shared", "b3-i600-shared")
-    assert mt0.dice == pytest.approx(73.0) and mt0.hd95 == 4.0 and mt0.hd95_unit == "px" and mt0.cpu_s_per_iter == 0.2 and mt0.peak_rss_mb is None
+    assert (mt0.suite, mt0.budget, mt0.iters, mt0.recipe) == ("cardiac", 3, 600, "shared")
+    assert mt0.setting == "b3-i600-shared" and mt0.method == "mean_teacher" and mt0.seed == 0
+    assert mt0.dice == pytest.approx(73.0) and (mt0.hd95, mt0.hd95_unit) == (4.0, "px")
+    assert mt0.cpu_s_per_iter == 0.2 and mt0.peak_rss_mb is None
 
 
 def test_render_refuses_mixed_settings_and_nothing():
-    with pytest.raises(ValueError, match=r"expected rows of one suite and setting, got \[\('cardiac', 'b3-i1200-shared'\), "
-                                         r"\('cardiac', 'b3-i600-shared'\)\]"):
+    with pytest.raises(ValueError, match=r"expected rows of one suite and setting, got "
+                                         r"\[\('cardiac', 'b3-i1200-shared'\), \('cardiac', 'b3-i600-shared'\)\]"):
         results.render_leaderboard(results.load(FIXTURE))
     with pytest.raises(ValueError, match="expected at least one result row, got none"):
         results.render_leaderboard([])
@@ -94,7 +98,8 @@ def test_record_writes_the_small_files_and_load_reads_them_back(finished_run, tm
     with open(folder / "val_curve.csv", newline="") as f:
         curve = list(csv.DictReader(f))
     assert [int(r["step"]) for r in curve] == [1, 2]
-    assert [float(r["val_dice"]) for r in curve] == [r["val_dice"] for r in finished_run.log if r.get("val_dice") is not None]
+    logged = [r["val_dice"] for r in finished_run.log if r.get("val_dice") is not None]
+    assert [float(r["val_dice"]) for r in curve] == logged
     prov = json.loads((folder / "provenance.json").read_text())
     assert prov["torch"] == torch.__version__ and prov["threads"] == torch.get_num_threads()
     if (Path(results.__file__).parent.parent / ".git").exists():  # the package is a git checkout
@@ -105,7 +110,8 @@ def test_record_writes_the_small_files_and_load_reads_them_back(finished_run, tm
     (row,) = results.load(tmp_path / "results")
     assert row.dice == pytest.approx(100 * finished_run.metrics["test"]["dice"]["mean"])
     assert row.hc_error_mm == pytest.approx(finished_run.metrics["test"]["hc_error_mm"]["mean"])
-    assert results.missing(tmp_path / "results", "fetal_head", ["supervised"], [0, 1], saved["budget"], 2) == [("supervised", 1)]
+    todo = results.missing(tmp_path / "results", "fetal_head", ["supervised"], [0, 1], saved["budget"], 2)
+    assert todo == [("supervised", 1)]
 
 
 def test_record_replaces_a_rerun_and_refuses_another_configuration(finished_run, tmp_path):
@@ -117,7 +123,8 @@ def test_record_replaces_a_rerun_and_refuses_another_configuration(finished_run,
     config = json.loads((folder / "config.json").read_text())
     config["width"] = 16
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"already holds a result with another configuration \(fields \['width'\] differ"):
+    with pytest.raises(ValueError, match=r"already holds a result with another configuration "
+                                         r"\(fields \['width'\] differ"):
         results.record(finished_run, root)
     ablation = results.record(finished_run, root, name="supervised-w4")
     assert ablation.parent.name == "supervised-w4" and results.is_complete(ablation)
@@ -142,7 +149,9 @@ def test_render_summary_is_method_by_suite():
 | mean_teacher | +3.67 (3) [+0.80, +6.54] ahead | +3.67 (3) [+0.80, +6.54] ahead |
 | ua_mt | - | -9.00 (3) [-15.57, -2.43] behind |
 
-supervised: test Dice % (mean ± std over seeds); others: Dice minus supervised with the same seed, mean (seeds) [Student-t 95 % interval] and mark.
+supervised: test Dice % (mean ± std over seeds); others: Dice minus supervised with the same seed, mean (seeds) \
+[Student-t 95 % interval] and mark.
 """
-    with pytest.raises(ValueError, match=r"expected one setting per suite, got \{'cardiac': \['b3-i1200-shared', 'b3-i600-shared'\]\}"):
+    with pytest.raises(ValueError, match=r"expected one setting per suite, "
+                                         r"got \{'cardiac': \['b3-i1200-shared', 'b3-i600-shared'\]\}"):
         results.render_summary(results.load(FIXTURE))
