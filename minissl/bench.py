@@ -15,14 +15,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
-
-import numpy as np
+from typing import Any, Optional, Sequence
 
 from .config import load_config
+from .report import bench_table
+from .run import Run
 
 
 @dataclass
@@ -38,8 +37,13 @@ class BenchRun:
 
 
 def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Optional[int], out: Path,
-            data_root: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = False) -> BenchRun:
-    """Train (or read back, or resume) one run of the benchmark."""
+            data_root: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = False,
+            store: Any = None) -> BenchRun:
+    """Train (or read back, or resume) one run of the benchmark.
+
+    Args:
+        store: the suite's opened store, shared by every run of a benchmark (None: opened here).
+    """
     from .engine import open_data, resolve, train
 
     kw = dict(method=method, suite=suite, seed=seed, out_dir=str(out / suite), progress=progress)
@@ -50,59 +54,17 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     if budget:
         kw["budget"] = budget
     cfg = load_config(overrides=list(overrides), **kw)
-    cfg = resolve(cfg, open_data(cfg))
-    run_dir = Path(cfg.out_dir) / f"{method}-b{cfg.budget}-s{seed}"
-    cfg.run_name = run_dir.name
-    if not (run_dir / "metrics.json").exists():
-        cfg.resume = (run_dir / "last.pt").exists()
+    cfg = resolve(cfg, store if store is not None else open_data(cfg))
+    run = Run(Path(cfg.out_dir) / f"{method}-b{cfg.budget}-s{seed}")
+    cfg.run_name = run.path.name
+    if not run.finished:
+        cfg.resume = (run.path / "last.pt").exists()
         train(cfg)
-    m = json.loads((run_dir / "metrics.json").read_text())
+    m = run.metrics
     t = m["test"]
     return BenchRun(method, seed, cfg.budget, 100 * t["dice"]["mean"], t["hd95"]["mean"],
                     t["hc_error_mm"]["mean"] if "hc_error_mm" in t else None, m["seconds_per_iter"],
                     m.get("cpu_seconds_per_iter"))
-
-
-def paired_gain(rs: list[BenchRun], baseline: dict[int, BenchRun]) -> Optional[str]:
-    """Dice gain over the baseline run of the same seed: ``mean ± std (wins/n)``, or None if no seed pairs.
-
-    The seed fixes the labeled subset, the initial weights and the data order, so per-seed differences
-    remove most of the between-seed spread that dominates a few-label benchmark.
-    """
-    diffs = [r.dice - baseline[r.seed].dice for r in rs if r.seed in baseline]
-    if not diffs:
-        return None
-    wins = sum(d > 0 for d in diffs)
-    return f"{np.mean(diffs):+.2f} ± {np.std(diffs):.2f} ({wins}/{len(diffs)})"
-
-
-def table(runs: list[BenchRun], baseline: str = "supervised") -> str:
-    """Markdown table: one row per (method, budget), mean ± std over seeds.
-
-    The "Δ Dice" column is ``paired_gain`` against the ``baseline`` method's run with the same budget
-    and seed (the number of seeds where the method is ahead in brackets); "-" when there is none.
-    """
-    groups: dict[tuple[str, int], list[BenchRun]] = {}
-    for r in runs:
-        groups.setdefault((r.method, r.budget), []).append(r)
-    has_hc = any(r.hc_error_mm is not None for r in runs)
-    cpu = all(r.cpu_s_per_iter is not None for r in runs)  # else wall time, which other jobs inflate
-    head = (f"| method | labeled | seeds | Dice % | Δ Dice vs {baseline} (wins) | HD95 |"
-            + (" HC err mm |" if has_hc else "") + (" CPU s/iter |" if cpu else " wall s/iter |"))
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-
-    def ms(xs: list[float], digits: int = 2) -> str:
-        return f"{np.mean(xs):.{digits}f} ± {np.std(xs):.{digits}f}"
-
-    for (method, budget), rs in groups.items():
-        base = {r.seed: r for r in groups.get((baseline, budget), [])}
-        gain = paired_gain(rs, base) if method != baseline else None
-        row = f"| {method} | {budget} | {len(rs)} | {ms([r.dice for r in rs])} | {gain or '-'} | {ms([r.hd95 for r in rs])} |"
-        if has_hc:
-            row += f" {ms([r.hc_error_mm for r in rs])} |"
-        secs = [r.cpu_s_per_iter if cpu else r.s_per_iter for r in rs]
-        lines.append(row + f" {np.mean(secs):.3f} |")
-    return "\n".join(lines)
 
 
 def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budget: Optional[str] = None,
@@ -116,17 +78,17 @@ def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budg
     from .engine import open_data
 
     out_path = Path(out)
+    store = open_data(load_config(suite=suite, data_root=data_root))
     if budget == "all":
-        cfg = load_config(suite=suite, data_root=data_root)
-        n_budget = len(set(open_data(cfg).patients(open_data(cfg).split("train"))))
+        n_budget = len(set(store.patients(store.split("train"))))
     else:
         n_budget = int(budget) if budget else None
     runs = []
     for method in methods:
         for seed in seeds:
             print(f"[bench] {suite} {method} seed {seed}", flush=True)
-            runs.append(run_one(suite, method, seed, n_budget, iters, out_path, data_root, overrides))
-    text = table(runs)
+            runs.append(run_one(suite, method, seed, n_budget, iters, out_path, data_root, overrides, store=store))
+    text = bench_table(runs)
     tag = f"{suite}-b{budget or 'default'}"
     (out_path / f"{tag}.md").write_text(text + "\n")
     print(text)
