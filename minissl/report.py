@@ -316,7 +316,7 @@ def _ellipse_axis(params: Sequence[float]) -> tuple[list[float], list[float]]:
 
 
 def ellipse_figure(x: ArrayLike, probs: ArrayLike, pseudo: ArrayLike, params: ArrayLike, valid: ArrayLike,
-                   threshold: float = 0.6, mirrored: Optional[ArrayLike] = None, n: int = 2) -> Figure:
+                   threshold: float = 0.6, n: int = 2) -> Figure:
     """ERSR: a probability map, its plain threshold and the ellipse-refined pseudo-label with the fitted
     ellipse (red) and its major axis (yellow, the symmetry axis), one row per sample.
 
@@ -327,7 +327,6 @@ def ellipse_figure(x: ArrayLike, probs: ArrayLike, pseudo: ArrayLike, params: Ar
         params: (B, 5) fitted ellipses ``[cx, cy, a, b, theta]`` (pixels, radians).
         valid: (B,) bool, whether each fit succeeded.
         threshold: the probability threshold of the plain pseudo-label.
-        mirrored: optional (B, 1, Y, X') mirrored images shown in a last column.
         n: samples shown.
     """
     from minissl import ops
@@ -338,11 +337,8 @@ def ellipse_figure(x: ArrayLike, probs: ArrayLike, pseudo: ArrayLike, params: Ar
     rows = []
     for i in range(min(n, len(p))):
         ring = outline[i] if valid_t[i] else None
-        row = [Panel(x[i, 0], "image"), Panel(p[i], "probability", "map"),
-               Panel(p[i] > threshold, f"p > {threshold}", "mask"), Panel(pseudo[i], "refined", "mask", ring)]
-        if mirrored is not None:
-            row.append(Panel(mirrored[i, 0], "mirrored"))
-        rows.append(row)
+        rows.append([Panel(x[i, 0], "image"), Panel(p[i], "probability", "map"),
+                     Panel(p[i] > threshold, f"p > {threshold}", "mask"), Panel(pseudo[i], "refined", "mask", ring)])
     fig = panel_grid(rows)
     for i in range(len(rows)):
         if valid_t[i]:

@@ -150,9 +150,11 @@ def test_displacement_and_ellipse_figures():
     mask = torch.from_numpy(_disk((32, 32), 16, 15, 9))[None].repeat(2, 1, 1)  # (B, H, W)
     params, valid = ops.fit_ellipse(mask.to(torch.uint8))
     probs = mask.float() * 0.9
-    fig = report.ellipse_figure(x, probs, mask, params, valid, threshold=0.6, mirrored=torch.rand(2, 1, 32, 64))
+    valid[1] = False  # no outline, no axis
+    fig = report.ellipse_figure(x, probs, mask, params, valid, threshold=0.6)
     shown = _images(fig)
-    assert [t for t, _ in shown[:5]] == ["image", "probability", "p > 0.6", "refined", "mirrored"]
+    assert [t for t, _ in shown[:4]] == ["image", "probability", "p > 0.6", "refined"]
+    assert fig.axes[3].collections and not fig.axes[7].collections and not fig.axes[7].lines
     np.testing.assert_allclose(shown[1][1], probs[0].numpy())
     axis = fig.axes[3].lines[0]  # the major axis through the fitted centre
     assert np.mean(axis.get_xdata()) == pytest.approx(float(params[0, 0]))
