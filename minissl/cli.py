@@ -62,15 +62,17 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     import torch
 
     from . import evaluate as evaluation
-    from .engine import load_method, open_data
+    from .engine import check_device, open_data
+    from .run import Run
 
     p = argparse.ArgumentParser(prog="minissl eval", description="Evaluate a run's best checkpoint on a split.")
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--device", default="cpu")
     args = p.parse_args(tokens)
-    method = load_method(args.run_dir, device=args.device)
-    store = open_data(method.cfg)
+    run = Run(args.run_dir)
+    method = run.load_method(device=check_device(args.device))
+    store = open_data(run.config)
     cases = [store.read(i) for i in store.split(args.split)]
     rows = evaluation.evaluate(method.predict, cases, store.spec, device=torch.device(args.device))
     out = Path(args.run_dir) / f"eval_{args.split}"
@@ -147,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except ValueError as err:  # bad input: one clear line, no traceback
+    except (ValueError, OSError) as err:  # bad input or a failed write: one clear line, no traceback
         print(f"minissl {argv[0]}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

@@ -7,10 +7,13 @@ What it guarantees (the protocol):
 * **checkpoints are chosen on the validation split only**: every ``val_every`` iterations the
   model is evaluated on the validation cases (mean foreground Dice); the best is kept as
   ``best.pt``. The test split is evaluated **once**, at the end, with the best checkpoint;
-* **atomic checkpoints** (written to a temporary file, then renamed) and an exact ``--resume``:
-  the model, optimisers, every random generator (torch, numpy, python, the method's own, the
-  batch stream position) and the log are restored, so an interrupted run ends where an
-  uninterrupted one would. SIGTERM and Ctrl-C save ``last.pt`` before leaving;
+* **every input checked before anything is written**: config ranges, the device, the network depth
+  against the patch size, the method's options; an error leaves no run folder behind;
+* **atomic checkpoints of plain data** (:mod:`minissl.run`: loaded with ``weights_only=True``) and
+  an exact ``--resume``: the model, optimisers, every random generator (torch, numpy, python, the
+  method's own, the batch stream position) and the log are restored, so an interrupted run ends
+  where an uninterrupted one would. A resume whose configuration differs in anything that changes
+  training is refused, naming the fields. SIGTERM and Ctrl-C save ``last.pt`` before leaving;
 * **many processes** with ``torchrun`` (one per GPU, NCCL; or CPU processes, gloo) and no other
   change: each rank draws its own batches, gradients are averaged over ranks before every
   optimiser step (so every method, whatever its networks, is data-parallel), and rank 0 validates,
@@ -21,14 +24,12 @@ What it guarantees (the protocol):
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import random
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,12 +39,12 @@ import torch.distributed as dist
 
 from . import evaluate as evaluation
 from . import metrics
-from .config import Config
+from .config import SAFE_OVERRIDES, Config
 from .data import datasets, phantoms, store as store_mod
-from .data.store import write_text_atomic
 from .inference import predict_case
 from .methods import Method, get_method
 from .ops import _build
+from .run import BEST, LAST, Run, load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 
 
 def seed_everything(seed: int) -> None:
@@ -80,40 +81,59 @@ def resolve(cfg: Config, store: Any) -> Config:
     return replace(cfg, max_iters=max_iters, budget=budget, run_name=name, val_every=val_every)
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+NOT_COMPARED = ("resume", "resume_override", "progress", "out_dir", "run_name", "method_args")
 
 
-def _rng_state(method: Method) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "method": method.rng.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def check_device(name: str) -> torch.device:
+    """``name`` as a torch device that this torch build can use (ValueError naming ``--device`` otherwise)."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {name}: {why}; expected --device cpu (or a machine with a GPU)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: expected a GPU index below {torch.cuda.device_count()}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available; expected --device cpu")
+    return device
 
 
-def _set_rng_state(method: Method, state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    method.rng.set_state(state["method"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def check_depth(cfg: Config, spec: Any) -> None:
+    """The UNet halves the patch ``depth`` times: every patch side must be divisible by ``2**depth``."""
+    if any(s % 2 ** cfg.depth for s in spec.patch_size):
+        deepest = min((s & -s).bit_length() - 1 for s in spec.patch_size)
+        raise ValueError(f"depth: expected at most {deepest} down-samplings for the patch size "
+                         f"{tuple(spec.patch_size)} of suite {spec.name!r} (each side divisible by 2**depth), "
+                         f"got {cfg.depth}")
+
+
+def config_changes(saved: dict, cfg: Config, resolved_args: dict) -> list[str]:
+    """``"field: old -> new"`` for every training field in which ``cfg`` differs from a saved config."""
+    new = asdict(cfg) | {"method_resolved": resolved_args}
+    keys = [f.name for f in fields(Config) if f.name not in NOT_COMPARED] + ["method_resolved"]
+    return [f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in keys if saved.get(k) != new[k]]
+
+
+def _check_resume(saved: dict, cfg: Config, resolved_args: dict, run_dir: Path) -> None:
+    allowed = {n.strip() for n in cfg.resume_override.split(",") if n.strip()}
+    changes = [c for c in config_changes(saved, cfg, resolved_args) if c.split(":")[0] not in allowed]
+    if changes:
+        safe = [c.split(":")[0] for c in changes if c.split(":")[0] in SAFE_OVERRIDES]
+        hint = f"; to allow {', '.join(safe)} pass --resume_override {','.join(safe)}" if safe else ""
+        raise ValueError(f"--resume: the run in {run_dir} was trained with another configuration "
+                         f"({'; '.join(changes)}); resume with the same values{hint}")
 
 
 class _Log:
     """Rows of ``log.csv`` (kept in memory and in checkpoints; TensorBoard when installed)."""
 
-    def __init__(self, path: Path, rows: Optional[list[dict]] = None):
-        self.path, self.rows, self.tb = path, rows or [], None
-        if int(os.environ.get("RANK", "0")) != 0:
+    def __init__(self, run: Optional[Run], rows: Optional[list[dict]] = None):
+        self.run, self.rows, self.tb = run, rows or [], None
+        if run is None:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(path.parent / "tb"))
+            self.tb = SummaryWriter(str(run.path / "tb"))
         except Exception:  # tensorboard is optional
             self.tb = None
 
@@ -125,13 +145,7 @@ class _Log:
                     self.tb.add_scalar(k, v, row["step"])
 
     def flush(self) -> None:
-        keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k != "step", k))
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.path)
+        self.run.write_log(self.rows)
 
 
 @torch.no_grad()
@@ -244,40 +258,45 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
         A RunResult (None on ranks > 0 under torchrun); the run folder holds everything needed to
         inspect or resume it.
     """
-    ddp = _Dist(cfg.device)
+    cfg = replace(cfg).validate()
+    check_device(cfg.device)
     store = open_data(cfg)
     cfg = resolve(cfg, store)
     spec = store.spec
-    device = ddp.device
+    check_depth(cfg, spec)
+    method_cls = get_method(cfg.method)
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    last_path, best_path = run_dir / LAST, run_dir / BEST
     if last_path.exists() and not (cfg.resume or overwrite):
         raise ValueError(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
                          f"or choose another --run_name")
     if cfg.resume and not last_path.exists():
         raise ValueError(f"--resume: expected a checkpoint at {last_path}, found none")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(last_path) if cfg.resume else None
 
+    ddp = _Dist(cfg.device)
+    device = ddp.device
     seed_everything(cfg.seed)  # the same seed on every rank: identical initial weights
-    method = get_method(cfg.method)(cfg, spec).to(device)
+    method = method_cls(cfg, spec).to(device)
+    if ckpt is not None:
+        _check_resume(ckpt.get("config", {}), cfg, method.resolved_args(), run_dir)
     optimizers = method.optimizers()
     if ddp.world > 1:
         optimizers = [_GradAverage(o, ddp.world) for o in optimizers]
-    if ddp.main:
-        cfg.to_json(run_dir / "config.json", {"method_resolved": method.resolved_args(), "suite_spec": _spec_dict(spec)})
+    extra = {"method_resolved": method.resolved_args(), "suite_spec": _spec_dict(spec)}
+    run = Run.create(run_dir, cfg, extra) if ddp.main else None
     labeled = store.labeled(cfg.budget, cfg.seed)
     val_cases = [store.read(i) for i in store.split("val")]
 
     start, best_val, best_step, rows = 0, -1.0, -1, []
-    if cfg.resume:
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
-        method.load_state_dict(ckpt["method"])
+    if ckpt is not None:
+        load_state(method, ckpt, last_path)
         for opt, st in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(st)
         start, best_val, best_step, rows = ckpt["step"], ckpt["best_val"], ckpt["best_step"], ckpt["log"]
-    log = _Log(run_dir / "log.csv", rows)
-    if cfg.resume:
-        _set_rng_state(method, ckpt["rng"])
+    log = _Log(run, rows)
+    if ckpt is not None:
+        set_rng_state(method.rng, ckpt["rng"])
     # supervised methods draw only the labeled stream: the same labeled images per step as the others
     # rank r > 0 draws its own batches (seed + 7919 r); rank 0 draws those of a single-process run
     batches = datasets.make_train_loader(store, labeled, seed=cfg.seed + 7919 * ddp.rank, batch_size=cfg.batch_size,
@@ -285,8 +304,8 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
 
     def checkpoint(step: int) -> dict:
         return {"step": step, "method": method.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                "best_val": best_val, "best_step": best_step, "log": log.rows, "rng": _rng_state(method),
-                "config": cfg}
+                "best_val": best_val, "best_step": best_step, "log": log.rows, "rng": rng_state(method.rng),
+                "config": extra | asdict(cfg)}
 
     _build.get_kernel("dice_ce_entropy")  # the one-time kernel build is not training time
     train_time, cpu_time, done = 0.0, 0.0, 0  # wall / process-CPU seconds in update() only (no validation)
@@ -317,7 +336,7 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
                 row = (row or {"step": it}) | {"val_dice": val}
                 if val > best_val:
                     best_val, best_step = val, it
-                    _save_atomic({"step": it, "method": method.state_dict(), "val_dice": val}, best_path)
+                    save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val}, best_path)
             if row is not None:
                 log.add(row)
             if bar is not None:
@@ -325,7 +344,7 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
                 bar.set_postfix(loss=f"{parts['loss']:.3f}", best=f"{best_val:.3f}")
             if (it % cfg.val_every == 0 or it == cfg.max_iters or stopping) and ddp.main:
                 log.flush()
-                _save_atomic(checkpoint(it), last_path)
+                save_checkpoint(checkpoint(it), last_path)
             if stopping and it < cfg.max_iters:
                 if bar is not None:
                     bar.close()
@@ -340,29 +359,15 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
             return None
 
     # test once, with the checkpoint chosen on validation
-    method.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["method"])
+    load_state(method, load_checkpoint(best_path, map_location=device), best_path)
     method.eval()
     test_cases = [store.read(i) for i in store.split("test")]
     test_rows = evaluation.evaluate(method.predict, test_cases, spec, device=device)
     evaluation.write_rows(test_rows, run_dir / "test_cases.csv", run_dir / "test_cases.json")
     summary = evaluation.summarise(test_rows)
-    write_text_atomic(run_dir / "metrics.json", json.dumps(
-        {"best_step": best_step, "best_val_dice": best_val, "seconds_per_iter": sec_per_iter,
-         "cpu_seconds_per_iter": cpu_per_iter, "test": summary},
-        indent=2))
+    run.write_metrics({"best_step": best_step, "best_val_dice": best_val, "seconds_per_iter": sec_per_iter,
+                       "cpu_seconds_per_iter": cpu_per_iter, "test": summary})
     return RunResult(run_dir, cfg, best_step, best_val, summary, test_rows, sec_per_iter)
-
-
-def load_method(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cpu") -> Method:
-    """The method of a finished run with the weights of ``checkpoint``, in eval mode."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / checkpoint).is_file():
-        raise ValueError(f"{run_dir}: expected a run folder with config.json and {checkpoint}")
-    data = json.loads((run_dir / "config.json").read_text())
-    cfg = Config(**{k: v for k, v in data.items() if k in Config.__dataclass_fields__})
-    method = get_method(cfg.method)(cfg, open_data(cfg).spec).to(device)
-    method.load_state_dict(torch.load(run_dir / checkpoint, map_location=device, weights_only=False)["method"])
-    return method.eval()
 
 
 def _spec_dict(spec: Any) -> dict:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minissl.data.store import write_text_atomic
+from minissl.atomic import write_text_atomic
 from minissl.inference import predict_case
 from minissl.metrics import METRICS, case_metrics, hc_error_mm
 

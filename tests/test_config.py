@@ -45,7 +45,7 @@ def test_missing_config_file_is_named(tmp_path):
 def test_method_args_resolved_and_unknown_rejected():
     args = resolve_args(MeanTeacherArgs, {"noise_std": 1}, "mean_teacher")
     assert args.noise_std == 1.0 and isinstance(args.noise_std, float)
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['thresh'\] for method 'mean_teacher'"):
+    with pytest.raises(ValueError, match=r"unknown option --thresh for method 'mean_teacher'"):
         resolve_args(MeanTeacherArgs, {"thresh": 0.5}, "mean_teacher")
 
 

@@ -10,6 +10,7 @@ from minissl import engine
 from minissl.config import load_config
 from minissl.methods import Method
 from minissl.methods.base import ema_update, sigmoid_rampup
+from minissl.run import Run, load_checkpoint
 
 
 def tiny_cfg(root, tmp_path, **kw):
@@ -55,14 +56,15 @@ def test_run_folder_and_protocol(tiny_stores, tmp_path, monkeypatch):
         assert (res.run_dir / f).is_file(), f
     store = engine.open_data(res.config)
     assert calls == [store.split("test")]  # the test split is evaluated once, at the end
-    log = (res.run_dir / "log.csv").read_text().splitlines()
-    rows = [dict(zip(log[0].split(","), r.split(","))) for r in log[1:]]
-    vals = [(float(r["val_dice"]), int(r["step"])) for r in rows if r["val_dice"]]
-    assert [s for _, s in vals] == [3, 6]
+    run = Run(res.run_dir)
+    vals = [(r["val_dice"], r["step"]) for r in run.log if r["val_dice"] is not None]
+    assert [s for _, s in vals] == [3, 6] and all(isinstance(r["loss"], float) for r in run.log)
     best = max(vals, key=lambda v: (v[0], -v[1]))  # the first of equal bests is kept
-    assert res.best_step == best[1] == torch.load(res.run_dir / "best.pt", weights_only=False)["step"]
+    assert res.best_step == best[1] == load_checkpoint(res.run_dir / "best.pt")["step"]
     saved = json.loads((res.run_dir / "config.json").read_text())
     assert saved["method"] == "mean_teacher" and saved["method_resolved"]["noise_std"] == 0.1
+    assert run.config == res.config and run.method_name == "mean_teacher" and run.finished
+    assert run.metrics["best_step"] == res.best_step and len(run.test_rows) == len(res.test_rows)
     assert 0.0 <= res.test["dice"]["mean"] <= 1.0
 
 
@@ -82,11 +84,11 @@ def test_resume_after_sigterm_matches_uninterrupted(tiny_stores, tmp_path, monke
     with pytest.raises(KeyboardInterrupt, match="stopped at iteration 4; continue with --resume"):
         engine.train(tiny_cfg(root, tmp_path, method="mean_teacher", run_name="cut"))
     monkeypatch.setattr(Method, "update", real_update)
-    assert torch.load(tmp_path / "runs" / "cut" / "last.pt", weights_only=False)["step"] == 4
+    assert load_checkpoint(tmp_path / "runs" / "cut" / "last.pt")["step"] == 4
     resumed = engine.train(tiny_cfg(root, tmp_path, method="mean_teacher", run_name="cut", resume=True))
     assert resumed.best_step == full.best_step
-    a = torch.load(full.run_dir / "last.pt", weights_only=False)["method"]
-    b = torch.load(resumed.run_dir / "last.pt", weights_only=False)["method"]
+    a = load_checkpoint(full.run_dir / "last.pt")["method"]
+    b = load_checkpoint(resumed.run_dir / "last.pt")["method"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed.test == full.test

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Sequence
 import h5py
 import numpy as np
 
+from ..atomic import write_text_atomic
+
 SPLITS = ("train", "val", "test")
 
 
@@ -194,16 +196,6 @@ def write_case(path: str | os.PathLike, case: Case, num_classes: int | None = No
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a small text file atomically (temporary file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
     return path
 
 
