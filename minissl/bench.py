@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 from .config import load_config
 from .report import bench_table
-from .run import Run
+from .run import LAST, Run
 
 
 @dataclass
@@ -55,12 +55,12 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
         kw["budget"] = budget
     cfg = load_config(overrides=list(overrides), **kw)
     cfg = resolve(cfg, store if store is not None else open_data(cfg))
-    run = Run(Path(cfg.out_dir) / f"{method}-b{cfg.budget}-s{seed}")
-    cfg.run_name = run.path.name
-    if not run.finished:
-        cfg.resume = (run.path / "last.pt").exists()
+    run_dir = Path(cfg.out_dir) / f"{method}-b{cfg.budget}-s{seed}"
+    cfg.run_name = run_dir.name
+    if not ((run_dir / "config.json").is_file() and Run(run_dir).finished):
+        cfg.resume = (run_dir / LAST).exists()
         train(cfg)
-    m = run.metrics
+    m = Run(run_dir).metrics
     t = m["test"]
     return BenchRun(method, seed, cfg.budget, 100 * t["dice"]["mean"], t["hd95"]["mean"],
                     t["hc_error_mm"]["mean"] if "hc_error_mm" in t else None, m["seconds_per_iter"],

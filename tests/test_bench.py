@@ -1,5 +1,3 @@
-import pytest
-
 from minissl import bench, engine
 
 
