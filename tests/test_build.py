@@ -1,41 +1,111 @@
-"""minissl.ops._build: cache key, build folder, stale-lock detection, env switches and fallback."""
+"""minissl.ops._build: sources, cache key, build folder, the build lock, the build announcement, env
+switches, fallback, and the wheel shipping the kernel sources."""
 import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 import warnings
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
+from minissl import ops
 from minissl.ops import _build
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLDER = """
+import sys, time
+from pathlib import Path
+from minissl.ops._build import build_lock
+folder = Path(sys.argv[1])
+with build_lock(folder, timeout=5):
+    (folder / "lock").touch()  # torch's own baton, as a build killed inside cpp_extension.load leaves it
+    print("held", flush=True)
+    time.sleep(120)
+"""
 
 
 @pytest.fixture
 def fresh_state(monkeypatch):
     """A build state as in a new process (restored afterwards, so the real extension stays loaded)."""
     monkeypatch.setattr(_build, "_state", {"tried": False, "path": None, "error": None, "seconds": None,
-                                           "build_dir": None})
+                                           "build_dir": None, "compiled": False})
     monkeypatch.delenv("MINISSL_NO_EXT", raising=False)
     monkeypatch.delenv("MINISSL_REQUIRE_EXT", raising=False)
 
 
-def test_sources_are_the_existing_files(monkeypatch):
+@pytest.fixture
+def tiny_csrc(tmp_path, monkeypatch):
+    """A one-file extension source tree (compiles in seconds) in place of csrc/, built under tmp_path."""
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "ops.cpp").write_text("extern \"C\" int minissl_tiny() { return 1; }\n")
+    monkeypatch.setattr(_build, "CSRC", csrc)
+    monkeypatch.setattr(_build, "CPU_SOURCES", ("ops.cpp",))
+    monkeypatch.setattr(_build, "with_cuda", lambda: False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    return csrc
+
+
+def _start_holder(folder: Path) -> subprocess.Popen:
+    """A process that takes the build lock of ``folder`` and keeps it until killed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_sources_are_the_listed_files():
     names = [p.relative_to(_build.CSRC).as_posix() for p in _build.sources(cuda=False)]
-    assert names[:2] == ["ops.cpp", "cpu/dense.cpp"] and not any(n.startswith("cuda/") for n in names)
-    monkeypatch.setattr(_build, "CPU_SOURCES", ("ops.cpp", "cpu/not_written_yet.cpp"))
-    assert [p.name for p in _build.sources(cuda=False)] == ["ops.cpp"]
+    assert names == list(_build.CPU_SOURCES)
+    assert [p.relative_to(_build.CSRC).as_posix() for p in _build.sources(cuda=True)][-3:] == list(_build.CUDA_SOURCES)
     flags = _build.build_flags()
-    assert {"-O3", "-fopenmp"} <= set(flags["cflags"]) and "-fopenmp" in flags["ldflags"]
+    assert {"-O3", "-fopenmp", "-march=native"} <= set(flags["cflags"]) and "-fopenmp" in flags["ldflags"]
 
 
-def test_cache_key_follows_sources_and_flags(tmp_path):
+def test_missing_source_is_an_error(monkeypatch):
+    monkeypatch.setattr(_build, "CPU_SOURCES", ("ops.cpp", "cpu/not_written.cpp"))
+    with pytest.raises(FileNotFoundError, match=r"kernel source\(s\) cpu/not_written.cpp missing in .*csrc"):
+        _build.sources(cuda=False)
+
+
+def test_missing_source_fails_the_build_with_its_name(fresh_state, monkeypatch):
+    monkeypatch.setattr(_build, "CPU_SOURCES", ("ops.cpp", "cpu/not_written.cpp"))
+    with pytest.warns(RuntimeWarning, match=r"could not build the C\+\+ kernels .*cpu/not_written.cpp missing"):
+        assert _build.load() is None
+    assert "cpu/not_written.cpp" in ops.kernel_status().error
+    monkeypatch.setattr(_build, "_state", {**_build._state, "tried": False})
+    monkeypatch.setenv("MINISSL_REQUIRE_EXT", "1")
+    with pytest.raises(RuntimeError, match="MINISSL_REQUIRE_EXT=1: minissl: kernel source"):
+        _build.load()
+
+
+def test_cache_key_follows_sources_flags_and_cpu(tmp_path, monkeypatch):
     src = tmp_path / "k.cpp"
     src.write_text("int f() { return 1; }\n")
     flags = _build.build_flags()
     key = _build.cache_key([src], flags)
     assert key == _build.cache_key([src], flags)
     assert key != _build.cache_key([src], {**flags, "cflags": flags["cflags"] + ["-DX"]})
+    monkeypatch.setattr(_build, "cpu_model", lambda: "x86_64 Another CPU")  # -march=native code differs per CPU
+    assert key != _build.cache_key([src], flags)
+    monkeypatch.undo()
     src.write_text("int f() { return 2; }\n")
     assert key != _build.cache_key([src], flags)
+
+
+def test_cpu_model_names_the_machine():
+    model = _build.cpu_model()
+    assert model.startswith(platform.machine())
+    if Path("/proc/cpuinfo").is_file() and "model name" in Path("/proc/cpuinfo").read_text():
+        assert len(model) > len(platform.machine()) + 1
 
 
 def test_build_directory(monkeypatch, tmp_path):
@@ -46,27 +116,70 @@ def test_build_directory(monkeypatch, tmp_path):
     assert ".cache/minissl" in _build.build_directory("abc123", cuda=False).as_posix()
 
 
-def test_stale_lock_is_reported(tmp_path):
-    _build.check_stale_lock(tmp_path)  # no lock: fine
-    lock = tmp_path / "lock"
-    lock.touch()
-    _build.check_stale_lock(tmp_path)  # fresh lock, maybe a build in progress: wait as torch does
-    old = time.time() - 2 * _build.STALE_LOCK_SECONDS
-    os.utime(lock, (old, old))
-    with pytest.raises(RuntimeError, match=r"stale build lock .*lock.*Delete it \(`rm "):
-        _build.check_stale_lock(tmp_path)
-    (tmp_path / "builder.pid").write_text(f"{os.getpid()}\n")  # the builder is alive: not stale
-    _build.check_stale_lock(tmp_path)
-    lock.touch()
-    (tmp_path / "builder.pid").write_text("999999999\n")  # the builder is gone: stale at once
-    with pytest.raises(RuntimeError, match="stale build lock"):
-        _build.check_stale_lock(tmp_path)
+def test_lock_timeout_from_the_environment(monkeypatch):
+    monkeypatch.delenv("MINISSL_BUILD_LOCK_TIMEOUT", raising=False)
+    assert _build.lock_timeout() == _build.LOCK_TIMEOUT_SECONDS
+    monkeypatch.setenv("MINISSL_BUILD_LOCK_TIMEOUT", "2.5")
+    assert _build.lock_timeout() == 2.5
+    monkeypatch.setenv("MINISSL_BUILD_LOCK_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="MINISSL_BUILD_LOCK_TIMEOUT must be a number of seconds >= 0, got 'soon'"):
+        _build.lock_timeout()
+
+
+def test_waiter_times_out_on_a_live_holder_with_the_lock_path(tmp_path, capsys):
+    holder = _start_holder(tmp_path)
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=rf"waited 1 s for the kernel build lock {tmp_path}/build.lock "
+                                               rf"\(held by pid {holder.pid}.*MINISSL_BUILD_LOCK_TIMEOUT"):
+            with _build.build_lock(tmp_path, timeout=1.0):
+                pytest.fail("the lock was taken while its holder is alive")
+        assert time.monotonic() - start < 10
+        assert f"waiting for another process (pid {holder.pid}) to build the kernels" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_waiter_takes_over_when_the_builder_is_killed(tmp_path):
+    holder = _start_holder(tmp_path)
+    threading.Timer(1.0, os.kill, (holder.pid, signal.SIGKILL)).start()  # killed while we wait
+    try:
+        with _build.build_lock(tmp_path, timeout=60):
+            assert holder.wait(5) == -signal.SIGKILL
+            assert not (tmp_path / "lock").exists(), "torch's baton of the killed build must be removed"
+            assert (tmp_path / "build.lock").read_text().strip() == str(os.getpid())
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_killed_build_recovers_and_announces_only_a_compile(fresh_state, tiny_csrc, capsys):
+    folder = _build.build_directory(_build.cache_key(_build.sources(False), _build.build_flags()), cuda=False)
+    holder = _start_holder(folder)  # holds the lock and leaves torch's `lock` baton, as a killed build would
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert (folder / "lock").exists()
+    path = _build._build()  # (load() minus registering the real ops) would wait forever on torch's baton
+    assert Path(path).is_file() and _build.build_info()["compiled"]
+    err = capsys.readouterr().err
+    assert "minissl: compiling the C++ kernels (first use, about 1-2 minutes)..." in err
+    assert "minissl: compiled the C++ kernels in " in err and str(folder) in err
+    _build._state["compiled"] = False  # as in a new process: a cache hit says nothing
+    assert _build._build() == path and not _build.build_info()["compiled"]
+    assert capsys.readouterr().err == ""
 
 
 def test_no_ext_forces_reference(fresh_state, monkeypatch):
     monkeypatch.setenv("MINISSL_NO_EXT", "1")
     monkeypatch.setattr(_build, "_build", lambda: pytest.fail("MINISSL_NO_EXT=1 must not build"))
-    assert _build.get_kernel("dice_ce_entropy") is None and _build.get_kernel("mix") is None
+    assert _build.get_kernel("dice_ce_entropy") is None and _build.get_kernel("mix", "cpu") is None
+    status = ops.kernel_status()
+    assert not status.enabled and status.path is None and status.kernels["mix"] == ()
+    before = status.calls["mix"].get("reference", 0)
+    ops.mix([torch.zeros(1, 4, 4)], [torch.ones(1, 4, 4)], boxes=torch.tensor([[0, 0, 2, 2]]))
+    assert ops.kernel_status().calls["mix"]["reference"] == before + 1
+    assert "ops run the reference" in str(ops.kernel_status())
 
 
 def test_failed_build_warns_once_and_falls_back(fresh_state, monkeypatch):
@@ -91,3 +204,24 @@ def test_required_build_failure_raises(fresh_state, monkeypatch):
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match="MINISSL_REQUIRE_EXT=1"):
             _build.get_kernel("dice_ce_entropy")
+
+
+def test_wheel_ships_the_kernel_sources(tmp_path):
+    """A regular (non-editable) install gets csrc/ as minissl/_csrc, where _build finds it."""
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "_csrc")
+    for name in ("minissl", "csrc"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    for name in ("setup.py", "MANIFEST.in", "README.md"):
+        if (ROOT / name).is_file():
+            (src / name).write_bytes((ROOT / name).read_bytes())
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("minissl-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"minissl/_csrc/{p.relative_to(ROOT / 'csrc').as_posix()}" for p in (ROOT / "csrc").rglob("*")
+                if p.is_file() and p.suffix in (".cpp", ".cu", ".h")}
+    assert {"minissl/_csrc/ops.cpp", "minissl/_csrc/checks.h", "minissl/_csrc/cuda/bindings.cpp"} <= expected
+    assert expected <= names, sorted(expected - names)
+    assert "minissl/ops/_build.py" in names and "minissl/ops/benchmark.py" in names

@@ -21,9 +21,7 @@ def kernels():
     path = _build.load()  # raises when MINISSL_REQUIRE_EXT=1 and the build fails
     if path is None:
         pytest.skip(f"extension not built: {_build.build_info()['error']}")
-    from minissl.ops import _kernels
-
-    return _kernels
+    return ops  # the public functions, which run the compiled kernels now that they are loaded
 
 
 def _inputs(B, C, spatial, dtype, soft, weighted, g, device="cpu"):
@@ -193,9 +191,12 @@ def test_bad_input_errors(kernels):
 
 
 def test_dispatch_uses_kernel(kernels, monkeypatch):
-    assert _build.get_kernel("dice_ce_entropy") is kernels.dice_ce_entropy
-    assert _build.get_kernel("mix") is kernels.mix
-    assert _build.get_kernel("head_circumference") is None  # no kernel: the reference runs
+    assert _build.get_kernel("dice_ce_entropy") is torch.ops.minissl.dice_ce_entropy
+    assert _build.get_kernel("mix", "cpu") is torch.ops.minissl.mix
+    assert _build.get_kernel("mix", "meta") is None  # no kernel for that device: the reference runs
+    status = ops.kernel_status()
+    assert status.path and all(status.kernels[op][:1] == ("cpu",) for op in ops.KERNEL_OPS)
+    calls = status.calls["dice_ce_entropy"].get("cpu", 0)
 
     def boom(*args, **kwargs):
         raise AssertionError("the reference ran although a kernel is compiled")
@@ -206,12 +207,13 @@ def test_dispatch_uses_kernel(kernels, monkeypatch):
     assert stats.ce.shape == (2,)
     out = ops.mix([torch.zeros(1, 4, 4)], [torch.ones(1, 4, 4)], boxes=torch.tensor([[0, 0, 2, 2]]))
     assert out[0].sum() == 4
+    assert ops.kernel_status().calls["dice_ce_entropy"]["cpu"] == calls + 1
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_matches_reference(kernels, dtype):
-    assert kernels.has_kernel("dice_ce_entropy", "cuda"), "CUDA torch but the CUDA kernels were not built"
+    assert _build.has_kernel("dice_ce_entropy", "cuda"), "CUDA torch but the CUDA kernels were not built"
     _check_against_reference(kernels, dtype, "cuda")
     g = torch.Generator().manual_seed(4)
     a = [torch.randn(3, 2, 4, 6, 8, generator=g).cuda(), torch.randint(0, 9, (3, 4, 6, 8), generator=g).cuda()]

@@ -27,9 +27,7 @@ def kernels():
         pytest.skip("MINISSL_NO_EXT=1: compiled kernels disabled")
     if _build.load() is None:  # raises when MINISSL_REQUIRE_EXT=1 and the build fails
         pytest.skip(f"extension not built: {_build.build_info()['error']}")
-    from minissl.ops import _kernels
-
-    if not _kernels.has_kernel("fit_ellipse", "cpu"):
+    if not _build.has_kernel("fit_ellipse", "cpu"):
         pytest.skip("geometry kernels not compiled")
     return OPS
 
@@ -369,7 +367,8 @@ def test_bad_input_raises(kernels):
         (lambda: kernels.fit_ellipse(torch.zeros(8, 8, dtype=torch.uint8)), r"expected masks of shape \(B, H, W\)"),
         (lambda: kernels.largest_component(torch.zeros(2, 8, 8), 2), "expected labels to be int64, uint8 or bool"),
         (lambda: kernels.largest_component(torch.zeros(8, 8, dtype=torch.long), 2), r"expected labels of shape"),
-        (lambda: kernels.largest_component(torch.zeros(1, 8, 8, dtype=torch.long), 0), "expected num_classes >= 1"),
+        (lambda: kernels.largest_component(torch.zeros(1, 8, 8, dtype=torch.long), 0),
+         r"expected num_classes in \[1, 65536\], got 0"),
         (lambda: kernels.fit_ellipse_points(torch.zeros(8, 3, dtype=torch.float64)), r"expected points of shape \(N, 2\)"),
         (lambda: kernels.fit_ellipse_points(torch.zeros(8, 2)), "expected points to be Double, got Float"),
         (lambda: kernels.ellipse_refine(torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(2, 5, dtype=torch.float64),
@@ -380,6 +379,13 @@ def test_bad_input_raises(kernels):
          r"expected params of shape \(2, 5\), got shape \[3, 5\]"),
         (lambda: kernels.ellipse_mask(torch.zeros(2, 5, dtype=torch.float64), torch.ones(2, dtype=torch.uint8), 4, 4),
          "expected valid to be Bool, got Byte"),
+        (lambda: kernels.ellipse_mask(torch.tensor([[4.0, 4.0, 0.0, 2.0, 0.0]]), torch.ones(1, dtype=torch.bool), 8, 8),
+         r"expected params finite with semi-axes a, b > 0 in valid rows, got row 0: \[4, 4, 0, 2, 0\]"),
+        (lambda: kernels.ellipse_refine(torch.zeros(1, 4, 4), torch.tensor([[2.0, 2.0, 3.0, float("nan"), 0.0]]),
+                                        torch.ones(1, dtype=torch.bool), 0.6, 0.6, 2.0, 0.5),
+         "expected params finite with semi-axes a, b > 0 in valid rows, got row 0"),
+        (lambda: kernels.ellipse_mask(torch.zeros(1, 5), torch.ones(1, dtype=torch.bool), -1, 4),
+         r"expected a non-negative shape, got \(-1, 4\)"),
     ]
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -394,9 +400,7 @@ def test_bad_input_raises(kernels):
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 def test_cuda_matches_cpu(kernels):
-    from minissl.ops import _kernels
-
-    if not _kernels.has_kernel("fit_ellipse", "cuda"):
+    if not _build.has_kernel("fit_ellipse", "cuda"):
         pytest.skip("CUDA geometry kernels not compiled")
     g = torch.Generator().manual_seed(8)
     dev = torch.device("cuda")

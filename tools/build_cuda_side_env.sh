@@ -17,19 +17,12 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2}
 if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then export CUDA_HOME=/usr/local/cuda; fi
 cd "$ROOT"
 PYTHONPATH="$ROOT" "$VENV/bin/python" - <<'PY'
-import time
-
 import torch
 
+from minissl import ops
 from minissl.ops import _build
 
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, nvcc found: {_build.with_cuda()}")
 assert _build.with_cuda(), "this torch has no CUDA, or nvcc is not on PATH"
-start = time.time()
-path = _build.load()  # MINISSL_REQUIRE_EXT=1: a failed build raises
-print(f"built {path} in {time.time() - start:.0f} s")
-from minissl.ops import _kernels
-
-for name in _kernels.OPS:
-    print(f"  {name:26s} CPU kernel: {_kernels.has_kernel(name, 'cpu')!s:5}  CUDA kernel: {_kernels.has_kernel(name, 'cuda')}")
+print(ops.kernel_status())  # MINISSL_REQUIRE_EXT=1: a failed build raises
 PY

@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../checks.h"
 #include "../common.h"
 
 namespace minissl {
@@ -282,14 +283,8 @@ at::Tensor dice_ce_entropy_backward_cpu(const at::Tensor& gI, const at::Tensor& 
                                         const std::optional<at::Tensor>& weight, bool squared) {
   const bool hard = check_dce(logits, target, weight);
   check_device_type(logits, c10::DeviceType::CPU, "logits");
-  const int64_t B = logits.size(0), C = logits.size(1);
-  for (const at::Tensor* g : {&gI, &gP}) {
-    TORCH_CHECK_VALUE(g->dim() == 2 && g->size(0) == B && g->size(1) == C, "minissl: expected a (", B, ", ", C,
-                ") gradient, got ", g->sizes());
-  }
-  for (const at::Tensor* g : {&gCE, &gH}) {
-    TORCH_CHECK_VALUE(g->dim() == 1 && g->size(0) == B, "minissl: expected a (", B, ",) gradient, got ", g->sizes());
-  }
+  check_dce_grads(gI, gP, gCE, gH, logits);
+  const int64_t C = logits.size(1);
   const auto dt = logits.scalar_type();
   const at::Tensor lg = logits.contiguous(), tg = target.contiguous(), w = optional_weight(weight);
   const at::Tensor i = gI.to(dt).contiguous(), p = gP.to(dt).contiguous(), ce = gCE.to(dt).contiguous(),
@@ -528,14 +523,6 @@ std::vector<at::Tensor> mix_cpu(at::TensorList a, at::TensorList b, const std::o
   at::Tensor bx, bl;
   if (boxes.has_value() && boxes->defined()) {
     bx = boxes->contiguous();
-    const int64_t* p = bx.data_ptr<int64_t>();
-    for (int64_t s = 0; s < g.B; ++s) {
-      for (int d = 0; d < g.sd; ++d) {
-        const int64_t lo = p[s * 2 * g.sd + d], hi = p[s * 2 * g.sd + g.sd + d];
-        TORCH_CHECK_VALUE(0 <= lo && lo <= hi && hi <= g.S[d], "minissl: mix expected 0 <= lo <= hi <= ", g.S[d],
-                    " on spatial dim ", d, ", got box (", lo, ", ", hi, ") for sample ", s);
-      }
-    }
   } else {
     bl = blocks->contiguous();
   }

@@ -27,6 +27,7 @@
 #include <cstring>
 #include <vector>
 
+#include "checks.h"
 #include "common.h"
 #include "kernels/ellipse.h"
 
@@ -215,12 +216,8 @@ void largest_component_sample(const T* in, T* out, int64_t depth, int64_t H, int
 
 at::Tensor largest_component_cpu(const at::Tensor& labels, int64_t num_classes) {
   check_device_type(labels, c10::DeviceType::CPU, "labels");
-  TORCH_CHECK_VALUE(labels.dim() == 3 || labels.dim() == 4,
-              "minissl: expected labels of shape (B, H, W) or (B, D, H, W), got shape ", labels.sizes());
+  check_labels(labels, num_classes);
   const auto dt = labels.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kLong || dt == at::kByte || dt == at::kBool,
-              "minissl: expected labels to be int64, uint8 or bool, got ", dt);
-  TORCH_CHECK_VALUE(num_classes >= 1, "minissl: expected num_classes >= 1, got ", num_classes);
   const at::Tensor in = labels.contiguous();
   at::Tensor out = at::empty_like(in);
   const int64_t B = in.size(0);
@@ -377,9 +374,7 @@ bool fit_ellipse_sample(const T* mask, int64_t H, int32_t W, RunSet& rs, double*
 
 std::tuple<at::Tensor, at::Tensor> fit_ellipse_cpu(const at::Tensor& masks) {
   check_device_type(masks, c10::DeviceType::CPU, "masks");
-  TORCH_CHECK_VALUE(masks.dim() == 3, "minissl: expected masks of shape (B, H, W), got shape ", masks.sizes());
-  TORCH_CHECK_VALUE(masks.scalar_type() == at::kByte || masks.scalar_type() == at::kBool,
-              "minissl: expected masks to be uint8 or bool, got ", masks.scalar_type());
+  check_masks(masks);
   const at::Tensor m = masks.contiguous();
   const int64_t B = m.size(0), H = m.size(1), W = m.size(2);
   TORCH_CHECK_VALUE(W < INT32_MAX, "minissl: expected width < 2^31, got ", W);
@@ -397,9 +392,7 @@ std::tuple<at::Tensor, at::Tensor> fit_ellipse_cpu(const at::Tensor& masks) {
 
 std::tuple<at::Tensor, at::Tensor> fit_ellipse_points_cpu(const at::Tensor& points) {
   check_device_type(points, c10::DeviceType::CPU, "points");
-  TORCH_CHECK_VALUE(points.dim() == 2 && points.size(1) == 2, "minissl: expected points of shape (N, 2), got shape ",
-              points.sizes());
-  check_dtype(points, at::kDouble, "points");
+  check_points(points);
   const at::Tensor pts = points.contiguous();
   const int64_t N = pts.size(0);
   const double* p = pts.data_ptr<double>();
@@ -431,25 +424,13 @@ std::tuple<at::Tensor, at::Tensor> fit_ellipse_points_cpu(const at::Tensor& poin
 // ------------------------------------------------------------------------------------------------
 // ellipse_refine / ellipse_mask (per pixel; rows in parallel)
 
-void check_params(const at::Tensor& params, const at::Tensor& valid, int64_t B) {
-  TORCH_CHECK_VALUE(params.dim() == 2 && params.size(1) == 5 && params.size(0) == B,
-              "minissl: expected params of shape (", B, ", 5), got shape ", params.sizes());
-  TORCH_CHECK_VALUE(valid.dim() == 1 && valid.size(0) == B, "minissl: expected valid of shape (", B, ",), got shape ",
-              valid.sizes());
-  check_dtype(valid, at::kBool, "valid");
-  check_floating(params, "params");
-  check_device_type(params, c10::DeviceType::CPU, "params");
-  check_device_type(valid, c10::DeviceType::CPU, "valid");
-}
-
 std::tuple<at::Tensor, at::Tensor> ellipse_refine_cpu(const at::Tensor& probs, const at::Tensor& params,
                                                       const at::Tensor& valid, double threshold, double fill_base,
                                                       double fill_power, double decay) {
   check_device_type(probs, c10::DeviceType::CPU, "probs");
-  TORCH_CHECK_VALUE(probs.dim() == 3, "minissl: expected probs of shape (B, H, W), got shape ", probs.sizes());
-  check_floating(probs, "probs");
+  check_probs(probs);
   const int64_t B = probs.size(0), H = probs.size(1), W = probs.size(2);
-  check_params(params, valid, B);
+  check_ellipses(params, valid, B, probs);
   const at::Tensor P = probs.contiguous();
   const at::Tensor prm = params.to(at::kDouble).contiguous();
   const at::Tensor ok = valid.contiguous();
@@ -500,9 +481,10 @@ std::tuple<at::Tensor, at::Tensor> ellipse_refine_cpu(const at::Tensor& probs, c
 }
 
 at::Tensor ellipse_mask_cpu(const at::Tensor& params, const at::Tensor& valid, int64_t height, int64_t width) {
-  TORCH_CHECK_VALUE(height >= 0 && width >= 0, "minissl: expected a non-negative shape, got (", height, ", ", width, ")");
+  check_mask_shape(height, width);
+  check_device_type(params, c10::DeviceType::CPU, "params");
   const int64_t B = params.dim() >= 1 ? params.size(0) : -1;
-  check_params(params, valid, B);
+  check_ellipses(params, valid, B, params);
   const at::Tensor prm = params.to(at::kDouble).contiguous();
   const at::Tensor ok = valid.contiguous();
   at::Tensor out = at::empty({B, height, width}, prm.options().dtype(at::kByte));

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "checks.h"
 #include "common.h"
 #include "cuda/launchers.h"
 
@@ -48,6 +49,7 @@ at::Tensor dice_ce_entropy_backward_cuda(const at::Tensor& gI, const at::Tensor&
                                          const at::Tensor& gH, const at::Tensor& logits, const at::Tensor& target,
                                          const std::optional<at::Tensor>& weight, bool squared) {
   const bool hard = check_dce(logits, target, weight);
+  check_dce_grads(gI, gP, gCE, gH, logits);
   check_device_type(logits, c10::DeviceType::CUDA, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto dt = logits.scalar_type();
@@ -77,15 +79,6 @@ std::vector<at::Tensor> mix_cuda(at::TensorList a, at::TensorList b, const std::
   at::Tensor bx, bl;
   if (boxes.has_value() && boxes->defined()) {
     bx = boxes->contiguous();
-    const at::Tensor host = bx.cpu();  // (B, 2 sd), small: checked on the host
-    const int64_t* p = host.data_ptr<int64_t>();
-    for (int64_t s = 0; s < g.B; ++s) {
-      for (int d = 0; d < g.sd; ++d) {
-        const int64_t lo = p[s * 2 * g.sd + d], hi = p[s * 2 * g.sd + g.sd + d];
-        TORCH_CHECK_VALUE(0 <= lo && lo <= hi && hi <= g.S[d], "minissl: mix expected 0 <= lo <= hi <= ", g.S[d],
-                          " on spatial dim ", d, ", got box (", lo, ", ", hi, ") for sample ", s);
-      }
-    }
   } else {
     bl = blocks->contiguous();
   }
@@ -101,7 +94,7 @@ std::vector<at::Tensor> mix_cuda(at::TensorList a, at::TensorList b, const std::
   return out;
 }
 
-// ---- geometry ops (kernel engineer #2): tensor -> launcher glue goes below --------------------------
+// ---- geometry ops --------------------------
 
 int32_t int32_total(int64_t n, const char* what) {
   TORCH_CHECK_VALUE(n < INT32_MAX, "minissl: expected fewer than 2^31 voxels in ", what, " on CUDA, got ", n);
@@ -110,12 +103,7 @@ int32_t int32_total(int64_t n, const char* what) {
 
 at::Tensor largest_component_cuda(const at::Tensor& labels, int64_t num_classes) {
   check_device_type(labels, c10::DeviceType::CUDA, "labels");
-  TORCH_CHECK_VALUE(labels.dim() == 3 || labels.dim() == 4,
-              "minissl: expected labels of shape (B, H, W) or (B, D, H, W), got shape ", labels.sizes());
-  const auto dt = labels.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kLong || dt == at::kByte || dt == at::kBool,
-              "minissl: expected labels to be int64, uint8 or bool, got ", dt);
-  TORCH_CHECK_VALUE(num_classes >= 1, "minissl: expected num_classes >= 1, got ", num_classes);
+  check_labels(labels, num_classes);
   const c10::cuda::CUDAGuard guard(labels.device());
   const at::Tensor in = labels.contiguous();
   at::Tensor out = at::empty_like(in);
@@ -132,9 +120,7 @@ at::Tensor largest_component_cuda(const at::Tensor& labels, int64_t num_classes)
 
 std::tuple<at::Tensor, at::Tensor> fit_ellipse_cuda(const at::Tensor& masks) {
   check_device_type(masks, c10::DeviceType::CUDA, "masks");
-  TORCH_CHECK_VALUE(masks.dim() == 3, "minissl: expected masks of shape (B, H, W), got shape ", masks.sizes());
-  TORCH_CHECK_VALUE(masks.scalar_type() == at::kByte || masks.scalar_type() == at::kBool,
-              "minissl: expected masks to be uint8 or bool, got ", masks.scalar_type());
+  check_masks(masks);
   const c10::cuda::CUDAGuard guard(masks.device());
   const at::Tensor m = masks.contiguous();
   const int64_t B = m.size(0), H = m.size(1), W = m.size(2);
@@ -149,9 +135,7 @@ std::tuple<at::Tensor, at::Tensor> fit_ellipse_cuda(const at::Tensor& masks) {
 
 std::tuple<at::Tensor, at::Tensor> fit_ellipse_points_cuda(const at::Tensor& points) {
   check_device_type(points, c10::DeviceType::CUDA, "points");
-  TORCH_CHECK_VALUE(points.dim() == 2 && points.size(1) == 2, "minissl: expected points of shape (N, 2), got shape ",
-              points.sizes());
-  check_dtype(points, at::kDouble, "points");
+  check_points(points);
   const c10::cuda::CUDAGuard guard(points.device());
   const at::Tensor p = points.contiguous();
   at::Tensor params = at::empty({5}, p.options());
@@ -161,23 +145,11 @@ std::tuple<at::Tensor, at::Tensor> fit_ellipse_points_cuda(const at::Tensor& poi
   return {params, valid};
 }
 
-void check_ellipses(const at::Tensor& params, const at::Tensor& valid, int64_t B, const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(params.dim() == 2 && params.size(0) == B && params.size(1) == 5, "minissl: expected params of shape (",
-              B, ", 5), got shape ", params.sizes());
-  TORCH_CHECK_VALUE(valid.dim() == 1 && valid.size(0) == B, "minissl: expected valid of shape (", B, ",), got shape ",
-              valid.sizes());
-  check_dtype(valid, at::kBool, "valid");
-  check_floating(params, "params");
-  check_same_device(params, ref, "params");
-  check_same_device(valid, ref, "valid");
-}
-
 std::tuple<at::Tensor, at::Tensor> ellipse_refine_cuda(const at::Tensor& probs, const at::Tensor& params,
                                                        const at::Tensor& valid, double threshold, double fill_base,
                                                        double fill_power, double decay) {
   check_device_type(probs, c10::DeviceType::CUDA, "probs");
-  TORCH_CHECK_VALUE(probs.dim() == 3, "minissl: expected probs of shape (B, H, W), got shape ", probs.sizes());
-  check_floating(probs, "probs");
+  check_probs(probs);
   check_ellipses(params, valid, probs.size(0), probs);
   const c10::cuda::CUDAGuard guard(probs.device());
   const at::Tensor P = probs.contiguous(), prm = params.to(at::kDouble).contiguous(), ok = valid.contiguous();
@@ -193,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> ellipse_refine_cuda(const at::Tensor& probs, 
 
 at::Tensor ellipse_mask_cuda(const at::Tensor& params, const at::Tensor& valid, int64_t height, int64_t width) {
   check_device_type(params, c10::DeviceType::CUDA, "params");
-  TORCH_CHECK_VALUE(height >= 0 && width >= 0, "minissl: expected a non-negative shape, got (", height, ", ", width, ")");
+  check_mask_shape(height, width);
   check_ellipses(params, valid, params.dim() >= 1 ? params.size(0) : -1, params);
   const c10::cuda::CUDAGuard guard(params.device());
   const at::Tensor prm = params.to(at::kDouble).contiguous(), ok = valid.contiguous();

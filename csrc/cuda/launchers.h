@@ -10,7 +10,7 @@
 namespace minissl {
 namespace cuda {
 
-// ---- dense.cu (kernel engineer #1) ------------------------------------------------------------------
+// ---- dense.cu ------------------------------------------------------------------
 // Max channels of the fused loss on CUDA (per-thread registers).
 constexpr int kMaxClasses = 32;
 
@@ -42,7 +42,7 @@ const char* mix(const void* a, const void* b, void* out, int64_t elem_size, int6
                 const int64_t* sizes, const int64_t* grid, int sd, const int64_t* boxes,
                 const bool* blocks, void* stream);
 
-// ---- geometry.cu (kernel engineer #2): add declarations below ---------------------------------------
+// ---- geometry.cu ---------------------------------------
 // Workspaces are device buffers of the given byte sizes, allocated by the caller (no alignment beyond 8).
 
 // Largest component per class of labels viewed as (B, D, H, W) (D = 1: 2D 8-conn, else 3D 26-conn),

@@ -2,32 +2,42 @@
 
 The shared object holds one ``TORCH_LIBRARY(minissl, m)`` schema block (``csrc/ops.cpp``) and the
 ``TORCH_LIBRARY_IMPL`` kernels of each backend: ``csrc/cpu/*.cpp`` always, ``csrc/cuda/*`` only when
-torch was built with CUDA and ``nvcc`` is found. It is built once per (torch version, sources, flags)
-into its own folder, so editing a kernel or upgrading torch rebuilds it instead of loading a stale
-``.so``:
+torch was built with CUDA and ``nvcc`` is found. It is built once per (torch version, sources, flags,
+CPU model) into its own folder, so editing a kernel, upgrading torch or moving the cache to another
+CPU type (the flags use ``-march=native``) rebuilds it instead of loading a stale ``.so``:
 
     $TORCH_EXTENSIONS_DIR/minissl-<torch>-<cpu|cuXY>-<hash>/     (when the variable is set)
     ~/.cache/minissl/torch_extensions/minissl-<torch>-<cpu|cuXY>-<hash>/   (otherwise)
+
+Concurrent builds: a process holds an exclusive ``fcntl.flock`` on ``<folder>/build.lock`` while it
+builds or loads; the OS drops the lock when its holder dies, so a build killed half-way is simply
+redone by the next process (torch's own ``lock`` file left behind by the killed build is removed
+under our lock). A waiter gives up after ``MINISSL_BUILD_LOCK_TIMEOUT`` seconds (default 900) with an
+error naming the lock file.
 
 Environment:
     MINISSL_NO_EXT=1       never build; every op uses ``minissl.ops.reference``.
     MINISSL_REQUIRE_EXT=1  a failed build raises instead of falling back (CI sets it).
     MINISSL_BUILD_VERBOSE=1  show the compiler commands.
-Otherwise a failed build falls back to the reference ops with one warning.
-
-Use ``get_kernel(name)``: the compiled implementation of a public op (same signature as its reference
-twin), or None when the extension is disabled, failed to build, or has no kernel for that op yet.
+    MINISSL_BUILD_LOCK_TIMEOUT=<seconds>  how long to wait for another process's build.
+Otherwise a failed build falls back to the reference ops with one warning; the next process tries
+the build again.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import platform
+import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
+
 
 def _csrc() -> Path:
     """The kernel sources: ``csrc/`` at the repository root (editable install, source checkout), else
@@ -36,15 +46,16 @@ def _csrc() -> Path:
     for folder in (package.parent / "csrc", package / "_csrc"):
         if (folder / "ops.cpp").is_file():
             return folder
-    return package.parent / "csrc"
+    return package / "_csrc"
 
 
 CSRC = _csrc()
 CPU_SOURCES = ("ops.cpp", "cpu/dense.cpp", "cpu/geometry.cpp")  # at most ~3 heavy translation units
 CUDA_SOURCES = ("cuda/dense.cu", "cuda/geometry.cu", "cuda/bindings.cpp")
-STALE_LOCK_SECONDS = 300.0  # an older `lock` with no live builder is left over from a killed build
+LOCK_TIMEOUT_SECONDS = 900.0  # default wait for another process's build (MINISSL_BUILD_LOCK_TIMEOUT)
 
-_state: dict = {"tried": False, "path": None, "error": None, "seconds": None, "build_dir": None}
+_state: dict = {"tried": False, "path": None, "error": None, "seconds": None, "build_dir": None,
+                "compiled": False}
 
 
 def _flag(name: str) -> bool:
@@ -61,16 +72,24 @@ def with_cuda() -> bool:
 
 
 def sources(cuda: Optional[bool] = None) -> list[Path]:
-    """The kernel sources of this build: those of CPU_SOURCES (+ CUDA_SOURCES) that exist."""
+    """The kernel sources of this build (CPU_SOURCES, + CUDA_SOURCES with CUDA); every one must exist.
+
+    Raises:
+        FileNotFoundError: a source is missing (a broken checkout or install), naming it.
+    """
     names = CPU_SOURCES + (CUDA_SOURCES if (with_cuda() if cuda is None else cuda) else ())
-    return [CSRC / n for n in names if (CSRC / n).is_file()]
+    missing = [n for n in names if not (CSRC / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"minissl: kernel source(s) {', '.join(missing)} missing in {CSRC}; the checkout "
+                                "or installation is incomplete (reinstall minissl)")
+    return [CSRC / n for n in names]
 
 
 def build_flags() -> dict[str, list[str]]:
     """Compiler and linker flags. OpenMP in both (at::parallel_for is serial without -fopenmp).
 
-    ``-march=native`` is fine because the JIT build runs where the code runs; the at::vec CPU
-    capability macros select the same SIMD width torch itself uses on this machine.
+    ``-march=native`` is fine because the JIT build runs where the code runs (the CPU model is part of
+    the cache key); the at::vec CPU capability macros select the SIMD width torch itself uses here.
     """
     cflags = ["-O3", "-fopenmp", "-march=native"]
     cap = torch.backends.cpu.get_cpu_capability()
@@ -79,10 +98,21 @@ def build_flags() -> dict[str, list[str]]:
     return {"cflags": cflags, "cuda_cflags": ["-O3", "-DMINISSL_WITH_CUDA"], "ldflags": ["-fopenmp"]}
 
 
+def cpu_model() -> str:
+    """The CPU the code is compiled for: architecture plus /proc/cpuinfo's first "model name" (if any)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{platform.machine()} {name or platform.processor()}".strip()
+
+
 def cache_key(srcs: list[Path], flags: dict[str, list[str]]) -> str:
-    """Hash of the torch version, every source and header under csrc, and the flags."""
+    """Hash of the torch version, the CPU model, the flags and every source and header under csrc."""
     h = hashlib.sha256()
     h.update(torch.__version__.encode())
+    h.update(cpu_model().encode())
     h.update(repr(sorted(flags.items())).encode())
     headers = sorted(p for p in CSRC.rglob("*") if p.suffix in (".h", ".cuh"))
     for p in list(srcs) + headers:
@@ -100,38 +130,63 @@ def build_directory(key: str, cuda: bool) -> Path:
     return base / f"minissl-{tag}-{variant}-{key}"
 
 
-def _pid_alive(pid: int) -> bool:
+def lock_timeout() -> float:
+    """Seconds to wait for another process's build: MINISSL_BUILD_LOCK_TIMEOUT or LOCK_TIMEOUT_SECONDS."""
+    raw = os.environ.get("MINISSL_BUILD_LOCK_TIMEOUT", "").strip()
+    if not raw:
+        return LOCK_TIMEOUT_SECONDS
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"minissl: MINISSL_BUILD_LOCK_TIMEOUT must be a number of seconds >= 0, got {raw!r}")
+    return value
 
 
-def check_stale_lock(folder: Path, max_age: float = STALE_LOCK_SECONDS) -> None:
-    """Raise a clear error if ``folder/lock`` was left by a build that is no longer running.
+@contextmanager
+def build_lock(folder: Path, timeout: Optional[float] = None) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``folder/build.lock`` (released by the OS if this process dies).
 
-    torch's builder waits silently forever on such a file. We record the builder's pid next to it
-    (``builder.pid``): the lock is stale when that process is gone, or, without a pid file, when the
-    lock is older than ``max_age`` seconds.
+    Waits up to ``timeout`` seconds (default ``lock_timeout()``) for another holder, saying so once on
+    stderr. Under the lock no other minissl build runs, so torch's ``folder/lock`` is a leftover of a
+    killed build and is removed (torch would otherwise wait on it forever).
+
+    Raises:
+        TimeoutError: the lock was not free within ``timeout`` seconds; the message names the lock file
+            and the holder's pid.
     """
-    lock = folder / "lock"
-    if not lock.exists():
-        return
-    age = time.time() - lock.stat().st_mtime
-    pid_file = folder / "builder.pid"
-    alive = None
-    if pid_file.exists():
+    timeout = lock_timeout() if timeout is None else timeout
+    path = folder / "build.lock"
+    with open(path, "a+") as f:
+        start, told = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                if waited >= timeout:
+                    raise TimeoutError(
+                        f"minissl: waited {waited:.0f} s for the kernel build lock {path} (held by pid {holder}, "
+                        "another process building the kernels); let it finish, or raise "
+                        "MINISSL_BUILD_LOCK_TIMEOUT (seconds)") from None
+                if not told:
+                    print(f"minissl: waiting for another process (pid {holder}) to build the kernels "
+                          f"(lock {path})...", file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(min(0.2, max(timeout - waited, 0.01)))
         try:
-            alive = _pid_alive(int(pid_file.read_text().split()[0]))
-        except (ValueError, IndexError, OSError):
-            alive = None
-    if alive is False or (alive is None and age > max_age):
-        raise RuntimeError(
-            f"minissl: stale build lock {lock} (age {age:.0f} s, no build running): an earlier kernel build "
-            f"was interrupted. Delete it (`rm {lock}`) or the whole folder {folder} and try again.")
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            (folder / "lock").unlink(missing_ok=True)
+            yield path
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def load() -> Optional[str]:
@@ -166,14 +221,16 @@ def _build() -> str:
     folder = build_directory(cache_key(srcs, flags), cuda)
     folder.mkdir(parents=True, exist_ok=True)
     _state["build_dir"] = folder
-    check_stale_lock(folder)
     if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no visible GPU: torch cannot pick the archs itself
-    pid_file = folder / "builder.pid"
-    pid_file.write_text(f"{os.getpid()}\n")
-    try:
+    name = "minissl_ext_cuda" if cuda else "minissl_ext"
+    with build_lock(folder):
+        compiling = not (folder / f"{name}.so").is_file()
+        if compiling:
+            print("minissl: compiling the C++ kernels (first use, about 1-2 minutes)...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
         path = cpp_extension.load(
-            name="minissl_ext_cuda" if cuda else "minissl_ext",
+            name=name,
             sources=[str(s) for s in srcs],
             extra_cflags=flags["cflags"] + (["-DMINISSL_WITH_CUDA"] if cuda else []),
             extra_cuda_cflags=flags["cuda_cflags"],
@@ -184,24 +241,30 @@ def _build() -> str:
             is_python_module=False,
             verbose=_flag("MINISSL_BUILD_VERBOSE"),
         )
-    finally:
-        pid_file.unlink(missing_ok=True)
+        if compiling:
+            _state["compiled"] = True
+            print(f"minissl: compiled the C++ kernels in {time.perf_counter() - start:.0f} s ({folder})",
+                  file=sys.stderr, flush=True)
     return str(path)
 
 
 def build_info() -> dict:
-    """What happened: .so path, build/load seconds, build folder, error (None if fine)."""
-    return {k: _state[k] for k in ("path", "seconds", "build_dir", "error")}
+    """What happened: .so path, build/load seconds, build folder, whether it compiled, error (None if fine)."""
+    return {k: _state[k] for k in ("path", "seconds", "build_dir", "compiled", "error")}
 
 
-def get_kernel(name: str) -> Optional[Callable]:
-    """Return the compiled implementation of public op ``name``, or None to use the reference.
+def has_kernel(name: str, device_type: str) -> bool:
+    """True when op ``minissl::name`` has a compiled kernel for ``device_type`` ('cpu' or 'cuda')."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"minissl::{name}", key)
 
-    None when MINISSL_NO_EXT=1, when the build failed (one warning), or when this op has no compiled
-    CPU kernel yet (e.g. its source file is not written): dispatch falls back per op.
+
+def get_kernel(name: str, device_type: str = "cpu") -> Optional[Callable]:
+    """``torch.ops.minissl.<name>`` when it has a compiled kernel for ``device_type``, else None.
+
+    Builds the extension on the first call (``load``); None when MINISSL_NO_EXT=1, when the build
+    failed (one warning), or when the op has no kernel for that device (e.g. CUDA with a CPU build).
     """
-    if load() is None:
+    if load() is None or not has_kernel(name, device_type):
         return None
-    from . import _kernels
-
-    return _kernels.get(name)
+    return getattr(torch.ops.minissl, name)

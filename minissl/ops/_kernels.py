@@ -1,29 +1,13 @@
-"""Python side of the compiled ops: ``torch.ops.minissl.*`` calls, fake kernels and autograd.
+"""Registrations around the compiled ops: fake (meta) kernels and autograd of ``torch.ops.minissl.*``.
 
 Imported by ``_build.load()`` only after the shared object is loaded (the schemas must exist before
-``torch.library`` can refer to them). Each wrapper has exactly the signature of its twin in
-``minissl.ops.reference`` and falls back to that twin when the op has no compiled kernel for the
-device of its inputs (e.g. a CUDA tensor with a CPU-only build, or an op whose source is not written).
+``torch.library`` can refer to them). Dispatch to the kernels is in ``minissl/ops/__init__.py``.
 """
 from __future__ import annotations
-
-from functools import lru_cache
-from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import reference
-from .reference import DiceCEStats
-
-OPS = ("dice_ce_entropy", "dice_ce_entropy_backward", "mix", "largest_component", "fit_ellipse",
-       "fit_ellipse_points", "ellipse_refine", "ellipse_mask")
-
-
-@lru_cache(maxsize=None)
-def has_kernel(name: str, device_type: str = "cpu") -> bool:
-    """True when op ``minissl::name`` has a compiled kernel for ``device_type`` ('cpu' or 'cuda')."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"minissl::{name}", key)
 
 
 # ---- fake (meta) kernels: shapes only, for torch.compile and opcheck ---------------------------------
@@ -97,85 +81,30 @@ def _dce_backward(ctx, g_intersect, g_pred_sum, g_target_sum, g_ce, g_entropy, g
 torch.library.register_autograd("minissl::dice_ce_entropy", _dce_backward, setup_context=_dce_setup_context)
 
 
-# ---- wrappers with the reference signatures ----------------------------------------------------------
-
-def dice_ce_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
-                    squared: bool = False) -> DiceCEStats:
-    """Compiled ``reference.dice_ce_entropy``: one pass forward, one pass backward."""
-    if not has_kernel("dice_ce_entropy", logits.device.type):
-        return reference.dice_ce_entropy(logits, target, weight, squared=squared)
-    if target.is_floating_point():
-        target = target.detach().to(logits.dtype)
-    if weight is not None:
-        weight = weight.detach().to(logits.dtype)
-    return DiceCEStats(*torch.ops.minissl.dice_ce_entropy(logits, target, weight, squared))
+def _dce_backward_setup_context(ctx, inputs, output):
+    g_intersect, g_pred_sum, g_ce, g_entropy, logits, target, weight, squared = inputs
+    ctx.save_for_backward(g_intersect, g_pred_sum, g_ce, g_entropy, logits, target, weight)
+    ctx.squared = squared
 
 
-def mix(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, boxes: Optional[torch.Tensor] = None,
-        blocks: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
-    """Compiled ``reference.mix``: one pass of row copies per tensor."""
-    if not a or not has_kernel("mix", a[0].device.type):
-        return reference.mix(a, b, boxes=boxes, blocks=blocks)
-    return list(torch.ops.minissl.mix(list(a), list(b), boxes, blocks))
+def _dce_double_backward(ctx, grad_out):
+    """Second derivatives through the reference twin (the kernel has no second-order pass).
+
+    The first-order gradient g(logits, g_intersect, g_pred_sum, g_ce, g_entropy) is rebuilt as a
+    differentiable function with ``reference.dice_ce_entropy``; its vector-Jacobian product with
+    ``grad_out`` (B, C, *S) gives the gradients of all five inputs. Second order only: the results
+    carry no graph of their own.
+    """
+    *g_stats, logits, target, weight = ctx.saved_tensors
+    with torch.enable_grad():
+        x = logits.detach().requires_grad_()
+        gs = [g.detach().requires_grad_() for g in g_stats]  # (B, C), (B, C), (B,), (B,)
+        s = reference.dice_ce_entropy(x, target, weight, squared=ctx.squared)
+        first = sum((stat * g).sum() for stat, g in zip((s.intersect, s.pred_sum, s.ce, s.entropy), gs))
+        (g_x,) = torch.autograd.grad(first, x, create_graph=True)  # (B, C, *S) the first-order gradient
+        grads = torch.autograd.grad(g_x, [*gs, x], grad_out, allow_unused=True)
+    return (*grads, None, None, None)
 
 
-def largest_component(labels: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:
-    """Compiled ``reference.largest_component``."""
-    if not has_kernel("largest_component", labels.device.type):
-        return reference.largest_component(labels, num_classes)
-    if num_classes is None:
-        num_classes = 2 if labels.dtype == torch.bool else (int(labels.max()) + 1 if labels.numel() else 1)
-    return torch.ops.minissl.largest_component(labels, int(num_classes))
-
-
-def fit_ellipse(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compiled ``reference.fit_ellipse``."""
-    if not has_kernel("fit_ellipse", masks.device.type):
-        return reference.fit_ellipse(masks)
-    params, valid = torch.ops.minissl.fit_ellipse(masks)
-    return params, valid
-
-
-def fit_ellipse_points(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compiled ``reference.fit_ellipse_points``."""
-    if not has_kernel("fit_ellipse_points", points.device.type):
-        return reference.fit_ellipse_points(points)
-    params, valid = torch.ops.minissl.fit_ellipse_points(points.to(torch.float64))
-    return params, valid
-
-
-def ellipse_mask(params: torch.Tensor, valid: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Compiled ``reference.ellipse_mask``."""
-    if not has_kernel("ellipse_mask", params.device.type):
-        return reference.ellipse_mask(params, valid, shape)
-    H, W = (int(s) for s in shape)
-    return torch.ops.minissl.ellipse_mask(params, valid, H, W)
-
-
-def ellipse_refine(probs: torch.Tensor, params: torch.Tensor, valid: torch.Tensor, *, threshold: float = 0.6,
-                   fill_base: float = 0.6, fill_power: float = 2.0,
-                   decay: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compiled ``reference.ellipse_refine``."""
-    if not has_kernel("ellipse_refine", probs.device.type):
-        return reference.ellipse_refine(probs, params, valid, threshold=threshold, fill_base=fill_base,
-                                        fill_power=fill_power, decay=decay)
-    refined, pseudo = torch.ops.minissl.ellipse_refine(probs, params, valid, float(threshold), float(fill_base),
-                                                       float(fill_power), float(decay))
-    return refined, pseudo
-
-
-KERNELS: dict[str, Callable] = {
-    "dice_ce_entropy": dice_ce_entropy,
-    "mix": mix,
-    "largest_component": largest_component,
-    "fit_ellipse": fit_ellipse,
-    "fit_ellipse_points": fit_ellipse_points,
-    "ellipse_mask": ellipse_mask,
-    "ellipse_refine": ellipse_refine,
-}
-
-
-def get(name: str) -> Optional[Callable]:
-    """The wrapper of public op ``name`` when it has a compiled CPU kernel, else None."""
-    fn = KERNELS.get(name)
-    return fn if fn is not None and has_kernel(name, "cpu") else None
+torch.library.register_autograd("minissl::dice_ce_entropy_backward", _dce_double_backward,
+                                setup_context=_dce_backward_setup_context)

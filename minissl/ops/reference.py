@@ -1,7 +1,7 @@
 """Pure-PyTorch reference twins of the ops: the readable spec every compiled kernel is tested against.
 
-Inputs are assumed valid here (the public wrappers in ``minissl.ops`` check them). Each function has
-exactly the signature of its public wrapper, so a kernel is a drop-in replacement.
+Inputs are assumed valid here (the public functions in ``minissl.ops`` check them and resolve defaults,
+then call a compiled kernel or the twin here of the same name and arguments).
 
 Notation: B batch, C classes, S spatial dims (2 or 3), i a voxel, p_ic the predicted probability
 (softmax over C, or sigmoid when C == 1), t_ic the target (one-hot of a label map, or soft), w_i a
@@ -84,19 +84,21 @@ def dice_ce_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional
     )
 
 
-def largest_component(labels: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:
+def largest_component(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Keep the largest connected component of each class, per sample (scipy.ndimage.label).
 
-    Connectivity is full: 8 in 2D ((B, H, W)), 26 in 3D ((B, D, H, W)). scipy numbers components in
-    C-order raster scan order, so argmax over sizes picks, among equal sizes, the one reached first.
+    Classes 1..num_classes-1 that occur in a sample are cleaned (labels are in [0, num_classes), the
+    public wrapper checks that and resolves the default). Connectivity is full: 8 in 2D ((B, H, W)),
+    26 in 3D ((B, D, H, W)). scipy numbers components in C-order raster scan order, so argmax over
+    sizes picks, among equal sizes, the one reached first.
     """
     arr = labels.detach().cpu().numpy()
     out = arr.copy()
-    if num_classes is None:
-        num_classes = 2 if labels.dtype == torch.bool else int(arr.max(initial=0)) + 1
     structure = np.ones((3,) * (arr.ndim - 1), dtype=bool)
     for b in range(arr.shape[0]):
-        for c in range(1, num_classes):
+        for c in np.unique(arr[b]):  # only the classes present: a sparse label range costs nothing
+            if not 1 <= c < num_classes:
+                continue
             mask = arr[b] == c  # (*S) bool
             comp, n = ndimage.label(mask, structure=structure)
             if n > 1:
@@ -202,7 +204,7 @@ def fit_ellipse(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         params (B, 5) float64 [cx, cy, a, b, theta] and valid (B,) bool.
     """
-    fg = largest_component(masks.detach().cpu() != 0)  # (B, H, W) bool
+    fg = largest_component(masks.detach().cpu() != 0, 2)  # (B, H, W) bool
     params = torch.zeros(masks.shape[0], 5, dtype=torch.float64)
     valid = torch.zeros(masks.shape[0], dtype=torch.bool)
     for i in range(masks.shape[0]):
@@ -237,7 +239,7 @@ def ellipse_mask(params: torch.Tensor, valid: torch.Tensor, shape: Sequence[int]
 def ellipse_refine(probs: torch.Tensor, params: torch.Tensor, valid: torch.Tensor, *, threshold: float = 0.6,
                    fill_base: float = 0.6, fill_power: float = 2.0,
                    decay: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """ERSR refinement of a foreground probability map P by its fitted ellipse (methods.md §1).
+    """ERSR refinement of a foreground probability map P by its fitted ellipse.
 
     inside (d <= 1):  P' = max(P, clip(fill_base + (1 - d)^fill_power, 0, 1))
     outside (d > 1):  P' = P exp(-decay (d - 1))
