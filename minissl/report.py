@@ -25,12 +25,9 @@ ArrayLike = Any  # numpy array or torch tensor
 
 
 def _np(a: ArrayLike) -> np.ndarray:
-    """A numpy copy of a tensor (detached, on the CPU, bool as uint8) or the array itself."""
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu()
-        a = a.to(torch.uint8) if a.dtype == torch.bool else a
-        return a.numpy()
-    return np.asarray(a)
+    """A numpy array of a tensor (detached, on the CPU) or of an array-like; bool as uint8."""
+    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    return a.astype(np.uint8) if a.dtype == bool else a
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -202,3 +202,23 @@ def test_gallery_shows_every_suite():
     assert len(fig.axes) == 2 * len(phantoms.SUITES)
     assert [ax.get_title() for ax in fig.axes[::2]] == [f"{name} 0" for name in phantoms.SUITES]
     np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), phantoms.generate_case("fetal_head", 0).image)
+
+
+def test_demo_report_reads_runs(tiny_stores, tmp_path):
+    from matplotlib.image import imread
+
+    from minissl.config import load_config
+    from minissl.demo import report as demo_report
+    from minissl.engine import train
+    from minissl.run import Run
+
+    runs = []
+    for method in ("supervised", "mean_teacher"):
+        cfg = load_config(method=method, data_root=str(tiny_stores["fetal_head"]), max_iters=2, val_every=1, width=4,
+                          depth=2, batch_size=4, labeled_bs=2, out_dir=str(tmp_path), progress=False)
+        runs.append(Run(train(cfg).run_dir))
+    rows = [report.summary_row(r.method_name, r) for r in runs]
+    assert [r["method"] for r in rows] == ["supervised", "mean_teacher"]
+    assert rows[0]["dice"] == pytest.approx(100 * runs[0].metrics["test"]["dice"]["mean"])
+    png = imread(demo_report(runs, tmp_path / "report.png", n_cases=2))
+    assert png.ndim == 3 and png.shape[0] > 300
