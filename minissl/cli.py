@@ -128,13 +128,9 @@ def cmd_bench(tokens: Sequence[str]) -> int:
         from .bench import main as bench_main
 
         return bench_main(rest)
-    root = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ops.py"
-    if not root.exists():
-        raise ValueError(f"benchmarks need a source checkout: {root} not found")
-    import runpy
+    from .ops.benchmark import main as ops_main
 
-    sys.argv = [str(root), *rest]
-    runpy.run_path(str(root), run_name="__main__")
+    ops_main(rest)
     return 0
 
 

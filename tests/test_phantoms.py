@@ -99,3 +99,68 @@ def test_unknown_suite_lists_the_known_ones():
         phantoms.make_suite("heart")
     with pytest.raises(ValueError, match="sizes"):
         phantoms.make_suite("cardiac", sizes=(0, 1, 1))
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("content", ["notes.txt", "suite.json", "cases"])
+def test_make_suite_never_replaces_a_folder_it_did_not_write(tmp_path, content):
+    user = tmp_path / "mine"
+    (user / "cases").mkdir(parents=True)
+    (user / "cases" / "scan.h5").write_bytes(b"user data")
+    if content == "notes.txt":
+        (user / "notes.txt").write_text("my notes")
+    elif content == "suite.json":  # someone else's store: a suite.json without minissl's generator key
+        (user / "suite.json").write_text(json.dumps({"name": "mine", "version": 1}))
+    before = _snapshot(user)
+    with pytest.raises(ValueError, match=f"refusing to write the suite into {user}: the folder is not empty "
+                                         "and was not written by minissl"):
+        phantoms.make_suite("fetal_head", root=user, sizes=(3, 1, 1))
+    assert _snapshot(user) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left behind
+
+
+def test_make_suite_keeps_user_files_in_its_own_folder(tmp_path):
+    root = phantoms.make_suite("fetal_head", root=tmp_path / "s", sizes=(3, 1, 1))
+    (root / "my_results.csv").write_text("dice\n0.9\n")
+    before = _snapshot(root)
+    with pytest.raises(ValueError, match=r"not written by minissl \(it also holds \['my_results.csv'\]\)"):
+        phantoms.make_suite("fetal_head", root=root, sizes=(3, 1, 1), force=True)
+    assert _snapshot(root) == before
+
+
+def test_cli_data_make_refuses_a_user_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    user = tmp_path / "thesis"
+    user.mkdir()
+    (user / "chapter1.tex").write_text("\\section{Intro}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-m", "minissl.cli", "data", "make", "cardiac", "--root", str(user)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0
+    assert f"refusing to write the suite into {user}" in out.stderr and "nothing was changed" in out.stderr
+    assert (user / "chapter1.tex").read_text() == "\\section{Intro}"
+    assert sorted(p.name for p in user.iterdir()) == ["chapter1.tex"]
+
+
+def test_make_suite_replaces_its_own_older_suite_and_fills_an_empty_folder(tmp_path):
+    root = phantoms.make_suite("fetal_head", root=tmp_path / "s", sizes=(3, 1, 1))
+    info = json.loads((root / "suite.json").read_text())
+    (root / "suite.json").write_text(json.dumps(info | {"version": phantoms.VERSION - 1}))
+    (root / "cases" / "fetal_head_0000.h5").write_bytes(b"stale")
+    assert phantoms.make_suite("fetal_head", root=root, sizes=(3, 1, 1)) == root
+    assert json.loads((root / "suite.json").read_text())["version"] == phantoms.VERSION
+    np.testing.assert_array_equal(store.read_case(root / "cases" / "fetal_head_0000.h5").image,
+                                  phantoms.generate_case("fetal_head", 0).image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert phantoms.make_suite("fetal_head", root=empty, sizes=(3, 1, 1)) == empty
+    assert (empty / "suite.json").is_file()
+    with pytest.raises(ValueError, match="expected a folder for the suite, got a file at"):
+        phantoms.make_suite("fetal_head", root=empty / "suite.json")

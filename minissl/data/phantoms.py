@@ -30,6 +30,7 @@ from scipy import ndimage as ndi
 from .store import Case, SuiteSpec, write_case, write_store
 
 VERSION = 2
+GENERATOR_PREFIX = "minissl.data.phantoms."  # suite.json 'generator' of the folders written here
 
 SUITES: dict[str, SuiteSpec] = {
     "fetal_head": SuiteSpec(
@@ -571,6 +572,11 @@ def make_suite(name: str, root: str | os.PathLike | None = None, seed: int = 0, 
 
     Returns:
         The store root (open it with ``store.open_store``).
+
+    Raises:
+        ValueError: ``root`` is a file or a non-empty folder that ``make_suite`` did not write. Only a
+            folder whose ``suite.json`` names this module as its ``generator`` (another version, seed or
+            size) is ever replaced; the suite is built in a temporary sibling and renamed into place.
     """
     spec = suite_spec(name)
     if sizes is not None:
@@ -581,11 +587,10 @@ def make_suite(name: str, root: str | os.PathLike | None = None, seed: int = 0, 
                        default_budget=min(n_tr, max(2, round(0.1 * n_tr))))
     tag = "" if sizes is None else f"-{spec.n_train}-{spec.n_val}-{spec.n_test}"
     root = Path(root) if root is not None else cache_dir() / f"{name}-v{VERSION}-s{seed}{tag}"
-    meta = root / "suite.json"
-    if meta.is_file() and not force:
-        info = json.loads(meta.read_text())
-        if info.get("version") == VERSION and info.get("seed") == seed and SuiteSpec.from_dict(info) == spec:
-            return root
+    info = _written_by_minissl(root)
+    if info is not None and not force and info.get("version") == VERSION and info.get("seed") == seed \
+            and {k: info.get(k) for k in spec.to_dict()} == spec.to_dict():
+        return root
     tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     ids, spacing = [], None
@@ -597,12 +602,48 @@ def make_suite(name: str, root: str | os.PathLike | None = None, seed: int = 0, 
     a, b = spec.n_train, spec.n_train + spec.n_val
     write_store(tmp, spec, {"train": ids[:a], "val": ids[a:b], "test": ids[b:]},
                 {"spacing": list(spacing), "version": VERSION, "seed": seed,
-                 "generator": f"minissl.data.phantoms.{GENERATORS[name].__name__}"})
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+                 "generator": f"{GENERATOR_PREFIX}{GENERATORS[name].__name__}"})
+    _replace_dir(tmp, root)
     return root
+
+
+def _written_by_minissl(root: Path) -> dict | None:
+    """The ``suite.json`` of a folder this module wrote, None for a missing or empty folder.
+
+    Raises:
+        ValueError: ``root`` is a file, or a non-empty folder that this module did not write (no
+            ``suite.json`` whose ``generator`` names this module, or other entries than
+            ``suite.json``, ``cases/`` and ``splits/``): it is never replaced.
+    """
+    if not root.exists():
+        return None
+    if not root.is_dir():
+        raise ValueError(f"expected a folder for the suite, got a file at {root}; choose another --root")
+    entries = {p.name for p in root.iterdir()}
+    if not entries:
+        return None
+    refuse = (f"refusing to write the suite into {root}: the folder is not empty and was not written by "
+              f"minissl ({{why}}); nothing was changed: choose an empty or new folder")
+    try:
+        info = json.loads((root / "suite.json").read_text())
+    except (OSError, ValueError):
+        raise ValueError(refuse.format(why="no readable suite.json")) from None
+    if not (isinstance(info, dict) and str(info.get("generator", "")).startswith(GENERATOR_PREFIX)):
+        raise ValueError(refuse.format(why=f"suite.json has no 'generator' starting with {GENERATOR_PREFIX!r}"))
+    others = sorted(entries - {"suite.json", "cases", "splits"})
+    if others:
+        raise ValueError(refuse.format(why=f"it also holds {others[:5]}"))
+    return info
+
+
+def _replace_dir(new: Path, root: Path) -> None:
+    """Move the finished folder ``new`` to ``root``, replacing a suite folder this module wrote."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    old = root.with_name(f".{root.name}.old{os.getpid()}")
+    if root.exists():
+        os.replace(root, old)
+    try:
+        os.replace(new, root)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

@@ -225,7 +225,7 @@ def _build() -> str:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no visible GPU: torch cannot pick the archs itself
     name = "minissl_ext_cuda" if cuda else "minissl_ext"
     with build_lock(folder):
-        compiling = not (folder / f"{name}.so").is_file()
+        compiling = not any(folder.glob(f"{name}*.so"))  # the folder is per source hash: a .so is a cache hit
         if compiling:
             print("minissl: compiling the C++ kernels (first use, about 1-2 minutes)...", file=sys.stderr, flush=True)
         start = time.perf_counter()
