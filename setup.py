@@ -43,7 +43,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "medpy>=0.5", "monai>=1.3",
-                 "opencv-python-headless>=4.8", "nbclient>=0.7", "nbformat>=5.7", "ipykernel>=6"],
+                 "opencv-python-headless>=4.8", "nbclient>=0.7", "nbformat>=5.7", "ipykernel>=6",
+                 "nibabel>=5", "pynrrd>=1.0", "SimpleITK>=2.2", "pillow>=9"],
         "notebooks": ["jupyter", "nbclient>=0.7", "nbformat>=5.7", "ipykernel>=6"],
         "data": ["nibabel>=5", "tifffile>=2023.1", "pynrrd>=1.0", "SimpleITK>=2.2", "pillow>=9"],
     },

@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from .config import load_config
+from .data.sources import open_data
+from .data.store import CaseStore
 from .report import bench_table
 from .run import LAST, Run
 
@@ -38,13 +40,13 @@ class BenchRun:
 
 def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Optional[int], out: Path,
             data_root: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = False,
-            store: Any = None) -> BenchRun:
+            store: Optional[CaseStore] = None) -> BenchRun:
     """Train (or read back, or resume) one run of the benchmark.
 
     Args:
         store: the suite's opened store, shared by every run of a benchmark (None: opened here).
     """
-    from .engine import open_data, resolve, train
+    from .engine import resolve, train
 
     kw = dict(method=method, suite=suite, seed=seed, out_dir=str(out / suite), progress=progress)
     if data_root:
@@ -54,12 +56,13 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     if budget:
         kw["budget"] = budget
     cfg = load_config(overrides=list(overrides), **kw)
-    cfg = resolve(cfg, store if store is not None else open_data(cfg))
+    store = store if store is not None else open_data(cfg.data_root or cfg.suite)
+    cfg = resolve(cfg, store)
     run_dir = Path(cfg.out_dir) / f"{method}-b{cfg.budget}-s{seed}"
     cfg.run_name = run_dir.name
     if not ((run_dir / "config.json").is_file() and Run(run_dir).finished):
         cfg.resume = (run_dir / LAST).exists()
-        train(cfg)
+        train(cfg, store=store)
     m = Run(run_dir).metrics
     t = m["test"]
     return BenchRun(method, seed, cfg.budget, 100 * t["dice"]["mean"], t["hd95"]["mean"],
@@ -75,10 +78,8 @@ def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budg
     Args:
         budget: labeled cases, ``"all"`` for every training case, or None for the suite default.
     """
-    from .engine import open_data
-
     out_path = Path(out)
-    store = open_data(load_config(suite=suite, data_root=data_root))
+    store = open_data(data_root or suite)
     if budget == "all":
         n_budget = len(set(store.patients(store.split("train"))))
     else:

@@ -3,8 +3,10 @@
 Examples::
 
     minissl demo                                   # supervised vs BCP on fetal_head, table + PNG
+    minissl train --help                           # every option with its default and meaning
+    minissl train --method bcp --help              # ... plus the method's own options
     minissl train --method mean_teacher --suite cardiac --iters 300
-    minissl train --run_name my-run --resume true  # continue an interrupted run
+    minissl train --run_name my-run --resume true  # continue an interrupted run (same options)
     minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
     minissl data make atrium
     minissl methods
@@ -14,11 +16,26 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 ALIASES = {"--iters": "--max_iters"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose error for an unknown option adds the closest valid names."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            from .config import closest
+
+            names = [o.lstrip("-") for a in self._actions for o in a.option_strings if o.startswith("--")]
+            hints = [closest(t.split("=")[0].lstrip("-"), names) for t in message.split(":", 1)[1].split()
+                     if t.startswith("--")]
+            message += "".join(h for h in hints if h)
+        super().error(message)
 
 
 def _overrides(tokens: Sequence[str]) -> list[str]:
@@ -40,14 +57,69 @@ def _overrides(tokens: Sequence[str]) -> list[str]:
     return out
 
 
+def _option_lines(cls: type) -> list[str]:
+    """``--name TYPE  default  comment`` for every field of the dataclass ``cls``."""
+    from dataclasses import MISSING, fields
+
+    from .config import type_name, field_help
+
+    notes, lines = field_help(cls), []
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        kind = type_name(f.type).replace("Optional[", "").rstrip("]").upper()
+        shown = f"{default:.4g}" if isinstance(default, float) else json.dumps(default) if default == "" else str(default)
+        lines.append(_option_line(f"--{f.name} {kind}", shown, notes.get(f.name, "")))
+    return lines
+
+
+def _option_line(option: str, default: str, note: str) -> str:
+    return f"  {option:<28s} {default:<12s} {note}".rstrip()
+
+
+def train_help(method: Optional[str] = None) -> str:
+    """The text of ``minissl train --help`` (with ``method``'s own options when a method is named)."""
+    from .config import Config
+
+    lines = ["usage: minissl train [--config FILE] [--OPTION VALUE ...]", "",
+             "Train one method on one suite, choose the checkpoint on validation, test once.",
+             "Every option can also be set in a --config .yaml/.json file; the command line wins.", "",
+             "options (name, type, default, meaning):",
+             _option_line("--config FILE", "", "a .json/.yaml file of options"),
+             _option_line("--iters INT", "", "the same as --max_iters"),
+             *_option_lines(Config)]
+    if method:
+        from .methods import get_method
+
+        cls = get_method(method)
+        own = _option_lines(cls.Args)
+        lines += ["", f"options of method {method!r}:", *(own or ["  (none)"])]
+    else:
+        lines += ["", "a method's own options: minissl train --method NAME --help (names: minissl methods)"]
+    return "\n".join(lines)
+
+
+def _method_in(tokens: Sequence[str], config: Optional[str]) -> Optional[str]:
+    """The method named by ``--method X`` / ``--method=X`` or by the config file, if any."""
+    from .config import _read_file
+
+    pairs = _overrides([t for t in tokens if t not in ("-h", "--help")])
+    named = [v for k, v in zip(pairs[::2], pairs[1::2]) if k == "--method"]
+    if named:
+        return named[-1]
+    return _read_file(config).get("method") if config else None
+
+
 def cmd_train(tokens: Sequence[str]) -> int:
     from .config import load_config
     from .engine import train
     from .report import format_table, summary_row, table_columns
 
-    p = argparse.ArgumentParser(prog="minissl train", description="Train one method; any Config field is --field value.")
+    p = _Parser(prog="minissl train", add_help=False)
     p.add_argument("--config", help="a .json/.yaml file of overrides")
     args, rest = p.parse_known_args(tokens)
+    if "-h" in rest or "--help" in rest:
+        print(train_help(_method_in(rest, args.config)))
+        return 0
     cfg = load_config(args.config, _overrides(rest))
     result = train(cfg)
     if result is None:  # a rank > 0 under torchrun: rank 0 reports
@@ -62,17 +134,18 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     import torch
 
     from . import evaluate as evaluation
-    from .engine import check_device, open_data
+    from .data.sources import open_data
+    from .engine import check_device
     from .run import Run
 
-    p = argparse.ArgumentParser(prog="minissl eval", description="Evaluate a run's best checkpoint on a split.")
+    p = _Parser(prog="minissl eval", description="Evaluate a run's best checkpoint on a split.")
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--device", default="cpu")
     args = p.parse_args(tokens)
     run = Run(args.run_dir)
     method = run.load_method(device=check_device(args.device))
-    store = open_data(run.config)
+    store = open_data(run.config.data_root or run.config.suite)
     cases = [store.read(i) for i in store.split(args.split)]
     rows = evaluation.evaluate(method.predict, cases, store.spec, device=torch.device(args.device))
     out = Path(args.run_dir) / f"eval_{args.split}"
@@ -85,7 +158,7 @@ def cmd_eval(tokens: Sequence[str]) -> int:
 def cmd_data(tokens: Sequence[str]) -> int:
     from .data import phantoms
 
-    p = argparse.ArgumentParser(prog="minissl data", description="Make an embedded synthetic suite.")
+    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite.")
     p.add_argument("action", choices=["make"])
     p.add_argument("suite")
     p.add_argument("--root", default=None)
@@ -108,7 +181,7 @@ def cmd_methods(tokens: Sequence[str]) -> int:
 def cmd_demo(tokens: Sequence[str]) -> int:
     from .demo import run_demo
 
-    p = argparse.ArgumentParser(prog="minissl demo",
+    p = _Parser(prog="minissl demo",
                                 description="Supervised baseline vs a semi-supervised method on an embedded suite.")
     p.add_argument("--suite", default="fetal_head")
     p.add_argument("--method", default=None, help="semi-supervised method (default: bcp)")
@@ -121,7 +194,7 @@ def cmd_demo(tokens: Sequence[str]) -> int:
 
 
 def cmd_bench(tokens: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="minissl bench", description="Benchmarks: methods (leaderboard) or ops (kernels).")
+    p = _Parser(prog="minissl bench", description="Benchmarks: methods (leaderboard) or ops (kernels).")
     p.add_argument("what", choices=["methods", "ops"])
     args, rest = p.parse_known_args(tokens)
     if args.what == "methods":
@@ -139,10 +212,17 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "data": cmd_
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one ``minissl`` command; returns the exit status (2 for bad input, with one clear line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0
+    if argv[0] not in COMMANDS:
+        from .config import closest
+
+        print(f"minissl: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}"
+              f"{closest(argv[0], list(COMMANDS), prefix='')}", file=sys.stderr)
+        return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (ValueError, OSError) as err:  # bad input or a failed write: one clear line, no traceback

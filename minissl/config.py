@@ -16,7 +16,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import inspect
 import io
@@ -74,7 +73,7 @@ class Config:
             FieldError: (a ValueError) naming the field, what was expected and what came.
         """
         for f in fields(self):
-            setattr(self, f.name, coerce(f.name, getattr(self, f.name), f.type))
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), f.type, finite=False))
         for name, (ok, expected) in RANGES.items():
             value = getattr(self, name)
             if value is not None and not ok(value):
@@ -143,22 +142,22 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {  # field -> (check, wha
 }
 
 
-def _type_name(annotation: Any) -> str:
+def type_name(annotation: Any) -> str:
     """``"Optional[int]"`` for a string annotation or a type (``int`` -> ``"int"``)."""
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
     return text.replace("typing.", "")
 
 
-def coerce(name: str, value: Any, annotation: Any) -> Any:
+def coerce(name: str, value: Any, annotation: Any, finite: bool = True) -> Any:
     """``value`` converted to the field type ``annotation`` (bool, int, float, str, dict, Optional[...]).
 
     Strings (the command line, YAML's ``1e-3``) are parsed; an integral float is an int; a bool is never
-    a number; floats must be finite.
+    a number; floats must be finite unless ``finite=False`` (a range check follows).
 
     Raises:
         FieldError: the value cannot be read as that type.
     """
-    kind = _type_name(annotation)
+    kind = type_name(annotation)
     optional = kind.startswith("Optional[")
     kind = kind[len("Optional["):-1] if optional else kind
     if isinstance(value, str) and optional and value.strip().lower() in ("none", "null", ""):
@@ -184,7 +183,7 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
         except ValueError:
             raise FieldError(name, "an integer" if kind == "int" else "a number", value) from None
         if kind == "float":
-            if not math.isfinite(number):
+            if finite and not math.isfinite(number):
                 raise FieldError(name, "a finite number", value)
             return float(number)
         if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
@@ -223,10 +222,10 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def closest(name: str, candidates: Sequence[str]) -> str:
+def closest(name: str, candidates: Sequence[str], prefix: str = "--") -> str:
     """``" (did you mean --a, --b?)"`` for the closest ``candidates`` to ``name``, or ``""``."""
     near = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
-    return f" (did you mean {', '.join('--' + n for n in near)}?)" if near else ""
+    return f" (did you mean {', '.join(prefix + n for n in near)}?)" if near else ""
 
 
 def _read_file(path: str) -> dict:
@@ -349,5 +348,5 @@ def resolve_args(args_cls: type, given: dict, method: str) -> Any:
         try:
             out[k] = coerce(k, v, names[k].type)
         except FieldError as err:
-            raise ValueError(f"method {method!r}: {err}") from None
+            raise ValueError(f"method {method!r}: --{err}") from None
     return args_cls(**out)

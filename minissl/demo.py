@@ -23,10 +23,11 @@ DEMO_METHOD = "bcp"
 def report(runs: Sequence[Run], path: str | Path, n_cases: int = 4) -> Path:
     """PNG report of finished runs on the same data: the first test cases with ground truth and each
     run's prediction (its best checkpoint), plus loss and validation-Dice curves."""
-    from .engine import open_data
+    from .data.sources import open_data
     from .inference import predict_case
 
-    store = open_data(runs[0].config)
+    cfg = runs[0].config
+    store = open_data(cfg.data_root or cfg.suite)
     spec = store.spec
     cases = [store.read(i) for i in store.split("test")[:n_cases]]
     preds = {}

@@ -39,8 +39,10 @@ import torch.distributed as dist
 
 from . import evaluate as evaluation
 from . import metrics
-from .config import SAFE_OVERRIDES, Config
-from .data import datasets, phantoms, store as store_mod
+from .atomic import write_text_atomic
+from .config import SAFE_OVERRIDES, Config, resolve_args
+from .data import datasets, sources
+from .data.store import CaseStore
 from .inference import predict_case
 from .methods import Method, get_method
 from .ops import _build
@@ -64,18 +66,11 @@ def learning_rate(cfg: Config, step: int) -> float:
     return cfg.lr
 
 
-def open_data(cfg: Config) -> Any:
-    """The case store of a run: ``cfg.data_root`` if given, else the embedded suite (made once)."""
-    root = cfg.data_root or phantoms.make_suite(cfg.suite)
-    return store_mod.open_store(root)
-
-
-def resolve(cfg: Config, store: Any) -> Config:
+def resolve(cfg: Config, store: CaseStore) -> Config:
     """Fill the suite-dependent defaults (iterations, budget, run name, validation period)."""
     spec = store.spec
     max_iters = cfg.max_iters or int(spec.default_iters)
     budget = cfg.budget or int(spec.default_budget)
-    store.labeled(budget, cfg.seed)  # validates the budget against the training patients
     name = cfg.run_name or f"{spec.name}-{cfg.method}-b{budget}-s{cfg.seed}"
     val_every = cfg.val_every or max(max_iters // 10, 1)
     return replace(cfg, max_iters=max_iters, budget=budget, run_name=name, val_every=val_every)
@@ -101,7 +96,7 @@ def check_depth(cfg: Config, spec: Any) -> None:
     """The UNet halves the patch ``depth`` times: every patch side must be divisible by ``2**depth``."""
     if any(s % 2 ** cfg.depth for s in spec.patch_size):
         deepest = min((s & -s).bit_length() - 1 for s in spec.patch_size)
-        raise ValueError(f"depth: expected at most {deepest} down-samplings for the patch size "
+        raise ValueError(f"--depth: expected at most {deepest} down-samplings for the patch size "
                          f"{tuple(spec.patch_size)} of suite {spec.name!r} (each side divisible by 2**depth), "
                          f"got {cfg.depth}")
 
@@ -247,12 +242,13 @@ class _Stop:
             signal.signal(sig, handler)
 
 
-def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
+def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = None) -> Optional[RunResult]:
     """Train ``cfg.method`` on ``cfg``'s data, choose the checkpoint on validation, test once.
 
     Args:
         cfg: the run configuration (suite defaults are filled in here).
         overwrite: start afresh even if the run folder already holds a run.
+        store: the run's data when the caller has opened it (default: ``cfg.data_root or cfg.suite``).
 
     Returns:
         A RunResult (None on ranks > 0 under torchrun); the run folder holds everything needed to
@@ -260,11 +256,14 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
     """
     cfg = replace(cfg).validate()
     check_device(cfg.device)
-    store = open_data(cfg)
+    method_cls = get_method(cfg.method)
+    resolve_args(method_cls.Args, cfg.method_args, cfg.method)  # a misspelled option fails before any data work
+    store = store if store is not None else sources.open_data(cfg.data_root or cfg.suite)
     cfg = resolve(cfg, store)
+    labeled = store.labeled(cfg.budget, cfg.seed)  # resolved once, passed down
+    sources.check_store(store, labeled)  # every split and case, before anything is created
     spec = store.spec
     check_depth(cfg, spec)
-    method_cls = get_method(cfg.method)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     last_path, best_path = run_dir / LAST, run_dir / BEST
     if last_path.exists() and not (cfg.resume or overwrite):
@@ -285,7 +284,8 @@ def train(cfg: Config, overwrite: bool = False) -> Optional[RunResult]:
         optimizers = [_GradAverage(o, ddp.world) for o in optimizers]
     extra = {"method_resolved": method.resolved_args(), "suite_spec": _spec_dict(spec)}
     run = Run.create(run_dir, cfg, extra) if ddp.main else None
-    labeled = store.labeled(cfg.budget, cfg.seed)
+    if run is not None:  # the labeled cases of this run (any budget), kept beside it, never in the data
+        write_text_atomic(run_dir / "labeled.txt", "".join(c + "\n" for c in labeled))
     val_cases = [store.read(i) for i in store.split("val")]
 
     start, best_val, best_step, rows = 0, -1.0, -1, []

@@ -6,7 +6,8 @@ volume cases, as SSL4MIS/BCP do). One row per (case, foreground class)::
 
     {"case": id, "class": name, "unit": "mm" | "px", "dice", "jaccard", "hd95", "asd"[, "hc_error_mm"]}
 
-``unit`` says how hd95/asd are measured: "mm" when the case has a spacing, "px" (spacing 1) otherwise.
+``unit`` says how hd95/asd are measured: "mm" when the case has a physical spacing, "px" (spacing 1)
+when it has none or its metadata says ``spacing_unit: "pixel"`` (SSL4MIS files hold no spacing).
 ``hc_error_mm`` (head circumference error, HC18) is added for binary 2D cases whose metadata gives
 ``pixel_size_mm``. Empty masks score the defined values documented in :mod:`minissl.metrics`, so every row
 is finite and every case counts in the means.
@@ -45,9 +46,12 @@ def case_rows(pred: np.ndarray, case: Any, spec: Any) -> list[dict[str, Any]]:
     """
     if case.label is None:
         raise ValueError(f"case {case.id} has no label to evaluate against")
+    meta = getattr(case, "meta", None) or {}
     spacing = tuple(case.spacing) if getattr(case, "spacing", None) else None
+    if meta.get("spacing_unit") in ("pixel", "px"):
+        spacing = None  # distances in pixels, whatever placeholder spacing the case carries
     scores = case_metrics(pred, case.label, spec.num_classes, spacing)
-    names, meta = _class_names(spec), getattr(case, "meta", None) or {}
+    names = _class_names(spec)
     rows = [{"case": case.id, "class": names[c], "unit": "mm" if spacing else "px", **m} for c, m in scores.items()]
     if spec.num_classes == 2 and np.ndim(pred) == 2 and meta.get("pixel_size_mm"):
         rows[0]["hc_error_mm"] = hc_error_mm(pred == 1, case.label == 1, float(meta["pixel_size_mm"]))

@@ -136,7 +136,10 @@ class Run:
 
     @classmethod
     def create(cls, path: str | os.PathLike, cfg: Config, extra: Optional[dict] = None) -> "Run":
-        """Make the folder (if needed) and write ``config.json`` (``cfg`` plus ``extra``)."""
+        """Make the folder (if needed), remove temporaries of a write that was killed, and write
+        ``config.json`` (``cfg`` plus ``extra``)."""
+        for stale in Path(path).glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
         cfg.to_json(Path(path) / "config.json", extra)
         return cls(path)
 

@@ -3,20 +3,22 @@ import numpy as np
 import pytest
 import torch
 
-from minissl.data import datasets, phantoms, store
+from minissl.data import datasets, phantoms
+from minissl.data.sources import open_data
 
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
     base = tmp_path_factory.mktemp("suites")
     sizes = {"fetal_head": (8, 2, 2), "cardiac": (6, 1, 1), "atrium": (4, 1, 1)}
-    return {n: phantoms.make_suite(n, root=base / n, sizes=s) for n, s in sizes.items()}
+    return {n: open_data(phantoms.make_suite(n, root=base / n, sizes=s)) for n, s in sizes.items()}
 
 
 @pytest.mark.parametrize("name", list(phantoms.SUITES))
 def test_batch_shapes_and_dtypes(roots, name):
-    spec = store.open_store(roots[name]).spec
-    it = datasets.make_train_loader(roots[name], 2, seed=0, batch_size=5, labeled_bs=2)
+    st = roots[name]
+    spec = st.spec
+    it = datasets.make_train_loader(st, st.labeled(2, 0), seed=0, batch_size=5, labeled_bs=2)
     b = next(it)
     P = spec.patch_size
     assert set(b) == {"x_l", "y_l", "x_u"}
@@ -28,23 +30,24 @@ def test_batch_shapes_and_dtypes(roots, name):
 
 
 def test_deterministic_and_resumable(roots):
-    a = datasets.make_train_loader(roots["cardiac"], 2, seed=4, batch_size=4)
+    st = roots["cardiac"]
+    a = datasets.make_train_loader(st, st.labeled(2, 4), seed=4, batch_size=4)
     seq = [next(a) for _ in range(7)]
-    b = datasets.make_train_loader(roots["cardiac"], 2, seed=4, batch_size=4, start=5)
+    b = datasets.make_train_loader(st, st.labeled(2, 4), seed=4, batch_size=4, start=5)
     resumed = next(b)
     for k in ("x_l", "y_l", "x_u"):
         assert torch.equal(resumed[k], seq[5][k])
     state = a.state_dict()
     lab = [c.id for c in a.labeled.cases]
-    c = datasets.make_train_loader(roots["cardiac"], lab, seed=99, batch_size=4)
+    c = datasets.make_train_loader(st, lab, seed=99, batch_size=4)
     c.load_state_dict(state)
     assert c.step == 7 and torch.equal(next(c)["x_u"], next(a)["x_u"])
-    d = datasets.make_train_loader(roots["cardiac"], 2, seed=5, batch_size=4)
+    d = datasets.make_train_loader(st, st.labeled(2, 5), seed=5, batch_size=4)
     assert not torch.equal(next(d)["x_l"], seq[0]["x_l"])
 
 
 def test_split_by_case_no_leakage(roots):
-    st = store.open_store(roots["cardiac"])
+    st = roots["cardiac"]
     lab = st.labeled(2, 1)
     it = datasets.make_train_loader(st, lab, seed=1, batch_size=6, labeled_bs=2)
     ids_l = {c.id for c in it.labeled.cases}
@@ -64,25 +67,26 @@ def test_split_by_case_no_leakage(roots):
 
 
 def test_epochs_visit_every_labeled_item_once(roots):
-    it = datasets.make_train_loader(roots["fetal_head"], 4, seed=0, batch_size=2, labeled_bs=2, unlabeled=False)
+    st = roots["fetal_head"]
+    it = datasets.make_train_loader(st, st.labeled(4, 0), seed=0, batch_size=2, labeled_bs=2, unlabeled=False)
     assert len(it.labeled) == 4
     orders = it._order(0, 4, 0, 2) + it._order(0, 4, 1, 2)
     assert sorted(orders) == [0, 1, 2, 3]
 
 
 def test_full_supervision_and_supervised_only(roots):
-    st = store.open_store(roots["fetal_head"])
+    st = roots["fetal_head"]
     full = datasets.make_train_loader(st, st.split("train"), batch_size=4, labeled_bs=2)
     b = next(full)
     assert b["x_u"].shape == (0, 1, 64, 64) and b["x_l"].shape[0] == 2
-    sup = datasets.make_train_loader(st, 2, batch_size=4, unlabeled=False)
+    sup = datasets.make_train_loader(st, st.labeled(2, 0), batch_size=4, unlabeled=False)
     b = next(sup)
     assert b["x_l"].shape[0] == 4 and b["x_u"].shape[0] == 0
 
 
 def test_no_augmentation_centre_crop(roots):
     it = datasets.make_train_loader(roots["atrium"], ["atrium_0000"], batch_size=1, augment=False, unlabeled=False)
-    case = store.open_store(roots["atrium"]).read("atrium_0000")
+    case = roots["atrium"].read("atrium_0000")
     b = next(it)
     np.testing.assert_array_equal(b["x_l"][0, 0].numpy(), case.image[8:24, 8:40, 8:40])
     np.testing.assert_array_equal(b["y_l"][0].numpy(), case.label[8:24, 8:40, 8:40])
@@ -91,9 +95,9 @@ def test_no_augmentation_centre_crop(roots):
 def test_errors_and_load_cases(roots):
     with pytest.raises(ValueError, match="not in train"):
         datasets.make_train_loader(roots["fetal_head"], ["fetal_head_0009"])
-    with pytest.raises(ValueError, match="larger than the training set"):
-        datasets.make_train_loader(roots["fetal_head"], 50)
+    with pytest.raises(ValueError, match=r"labeled: expected a list of case ids \(store.labeled\(budget, seed\)\), got 2"):
+        datasets.make_train_loader(roots["fetal_head"], 2)
     with pytest.raises(ValueError, match="labeled_bs"):
-        datasets.make_train_loader(roots["fetal_head"], 2, batch_size=4, labeled_bs=5)
+        datasets.make_train_loader(roots["fetal_head"], ["fetal_head_0000"], batch_size=4, labeled_bs=5)
     val = datasets.load_cases(roots["cardiac"], "val")
     assert [c.id for c in val] == ["cardiac_0006"] and val[0].image.ndim == 3

@@ -1,4 +1,3 @@
-import json
 import math
 import os
 import signal
@@ -8,6 +7,7 @@ import torch
 
 from minissl import engine
 from minissl.config import load_config
+from minissl.data.sources import open_data
 from minissl.methods import Method
 from minissl.methods.base import ema_update, sigmoid_rampup
 from minissl.run import Run, load_checkpoint
@@ -54,14 +54,14 @@ def test_run_folder_and_protocol(tiny_stores, tmp_path, monkeypatch):
     res = engine.train(tiny_cfg(tiny_stores["fetal_head"], tmp_path, method="mean_teacher"))
     for f in ("config.json", "log.csv", "best.pt", "last.pt", "metrics.json", "test_cases.csv", "test_cases.json"):
         assert (res.run_dir / f).is_file(), f
-    store = engine.open_data(res.config)
+    store = open_data(res.config.data_root or res.config.suite)
     assert calls == [store.split("test")]  # the test split is evaluated once, at the end
     run = Run(res.run_dir)
     vals = [(r["val_dice"], r["step"]) for r in run.log if r["val_dice"] is not None]
     assert [s for _, s in vals] == [3, 6] and all(isinstance(r["loss"], float) for r in run.log)
     best = max(vals, key=lambda v: (v[0], -v[1]))  # the first of equal bests is kept
     assert res.best_step == best[1] == load_checkpoint(res.run_dir / "best.pt")["step"]
-    saved = json.loads((res.run_dir / "config.json").read_text())
+    saved = run.saved
     assert saved["method"] == "mean_teacher" and saved["method_resolved"]["noise_std"] == 0.1
     assert run.config == res.config and run.method_name == "mean_teacher" and run.finished
     assert run.metrics["best_step"] == res.best_step and len(run.test_rows) == len(res.test_rows)

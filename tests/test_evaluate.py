@@ -88,3 +88,14 @@ def test_evaluate_3d_sliding_window():
     rows = ev.evaluate(Oracle(2), [_case("a0", label, label, spacing=(1.0, 0.6, 0.6))], spec)
     assert rows == [{"case": "a0", "class": "atrium", "unit": "mm", "dice": 1.0, "jaccard": 1.0,
                      "hd95": 0.0, "asd": 0.0}]
+
+
+def test_distances_of_an_ssl4mis_case_are_in_pixels():
+    """SSL4MIS files hold no spacing: the reader gives spacing 1 and spacing_unit "pixel"; the rows
+    must say px (they said mm)."""
+    spec = SimpleNamespace(spatial_dims=2, num_classes=2, patch_size=(32, 32), class_names=["bg", "fg"])
+    gt = _disk((32, 32), 16, 16, 8)
+    pred = _disk((32, 32), 16, 18, 8)
+    case = _case("patient001_frame01_slice_3", gt, gt, spacing=(1.0, 1.0), spacing_unit="pixel")
+    row = ev.case_rows(pred, case, spec)[0]
+    assert row["unit"] == "px" and row["hd95"] == pytest.approx(mb.hd95(pred == 1, gt == 1), abs=1e-6)

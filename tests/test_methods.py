@@ -21,7 +21,7 @@ import torch
 
 from minissl.config import load_config
 from minissl.data import datasets
-from minissl.data.store import open_store
+from minissl.data.sources import open_data
 from minissl.metrics import dice
 from minissl import ops
 from minissl.methods import METHODS, get_method
@@ -32,7 +32,7 @@ ITERS = 40
 
 
 def build(name, root):
-    store = open_store(root)
+    store = open_data(root)
     cfg = load_config(method=name, data_root=str(root), width=8, depth=2, batch_size=4, labeled_bs=2,
                       max_iters=ITERS, lr=0.03, rampup=0.1, cons_weight=1.0, progress=False)
     torch.manual_seed(0)
@@ -89,7 +89,7 @@ def documented_weights(method, step):
 @pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.semi_supervised))
 def test_loss_weights_follow_the_documented_schedule(name, tiny_stores):
     suite = HOME.get(name, "cardiac")
-    store = open_store(tiny_stores[suite])
+    store = open_data(tiny_stores[suite])
     cfg = load_config(method=name, data_root=str(tiny_stores[suite]), width=8, depth=2, batch_size=4,
                       labeled_bs=2, max_iters=40, rampup=0.8, cons_weight=2.0, progress=False)
     torch.manual_seed(0)

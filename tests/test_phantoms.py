@@ -7,6 +7,7 @@ from scipy import ndimage as ndi
 from skimage.measure import regionprops
 
 from minissl.data import phantoms, store
+from minissl.data.sources import open_data
 
 
 @pytest.mark.parametrize("name", list(phantoms.SUITES))
@@ -82,8 +83,13 @@ def test_make_suite_store_and_cache(tmp_path, monkeypatch):
     assert info["version"] == phantoms.VERSION and info["seed"] == 0 and info["spatial_dims"] == 2
     assert info["patch_size"] == [64, 64] and info["class_names"] == ["background", "head"]
     assert info["n_train"] == 5 and info["default_budget"] == 2 and len(info["spacing"]) == 2
-    st = store.open_store(root)
+    st = open_data(root)
     assert [len(st.split(s)) for s in ("train", "val", "test")] == [5, 2, 3]
+    saved = sorted(p.name for p in (root / "splits").glob("labeled_*.txt"))  # standard budgets 2 and 4, seeds 0-4
+    assert saved == sorted(f"labeled_{b}_seed{k}.txt" for b in (2, 4) for k in range(5))
+    for k in range(5):
+        ids = store.read_list(root / "splits" / f"labeled_2_seed{k}.txt")
+        assert ids == store.choose_labeled(st.split("train"), st.split("train"), 2, k) == st.labeled(2, k)
     assert not set(st.split("train")) & (set(st.split("val")) | set(st.split("test")))
     c = st.read(st.split("test")[0])
     np.testing.assert_array_equal(c.image, phantoms.generate_case("fetal_head", 7).image)

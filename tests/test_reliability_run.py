@@ -2,6 +2,7 @@
 behind, a changed config never resumes silently."""
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +102,100 @@ def test_not_a_run_folder(tmp_path, capsys):
         Run(tmp_path)
     assert cli.main(["eval", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def _resume(root, out, **kw):
+    return engine.train(_tiny(root, out, resume=True, **kw))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"lr": 0.02}, r"lr: 0.01 -> 0.02"),
+    ({"max_iters": 4}, r"max_iters: 2 -> 4"),
+    ({"cons_weight": 0.5}, r"cons_weight: 0.1 -> 0.5"),
+    ({"method": "mean_teacher"}, r"method: 'supervised' -> 'mean_teacher'"),
+    ({"val_every": 2}, r"val_every: 1 -> 2\); resume with the same values; to allow val_every pass "
+                       r"--resume_override val_every"),
+])
+def test_resume_with_another_config_is_refused_naming_the_fields(trained, tiny_stores, tmp_path, change, match):
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"--resume: the run in .* was trained with another configuration \(.*" + match):
+        _resume(tiny_stores["fetal_head"], tmp_path / "runs", **change)
+    after = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    assert after == before  # config.json and the checkpoints are untouched
+
+
+def test_resume_override_allows_a_safe_field(trained, tiny_stores, tmp_path):
+    res = _resume(tiny_stores["fetal_head"], tmp_path / "runs", val_every=2, resume_override="val_every")
+    assert Run(res.run_dir).config.val_every == 2 and res.best_step >= 1
+
+
+def test_resume_cannot_override_a_training_field(tiny_stores, tmp_path):
+    with pytest.raises(ValueError, match="resume_override: expected comma-separated names among val_every"):
+        _resume(tiny_stores["fetal_head"], tmp_path / "runs", lr=0.02, resume_override="lr")
+
+
+def test_checkpoint_of_another_method_is_a_clear_error(trained, tmp_path):
+    from minissl.run import load_state
+    from minissl.methods import get_method
+
+    run = Run(trained)
+    cfg = load_config(method="cps", max_iters=2, width=4, depth=2)
+    other = get_method("cps")(cfg, run.suite_spec())
+    with pytest.raises(ValueError, match=f"checkpoint {trained / 'best.pt'} does not fit method 'cps'"):
+        load_state(other, run.checkpoint("best.pt"), trained / "best.pt")
+
+
+KILLER = """
+import os, signal, sys
+from minissl import engine
+from minissl.config import load_config
+from minissl.methods import Method
+
+real = Method.update
+
+def update(self, batch, step, optimizers):
+    if step == 5:  # after the checkpoint of iteration 4, in the middle of the run
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, batch, step, optimizers)
+
+Method.update = update
+engine.train(load_config(**eval(sys.argv[1])))
+"""
+
+
+def test_resume_after_kill_9_matches_uninterrupted(tiny_stores, tmp_path):
+    import subprocess
+    import sys
+
+    kw = dict(data_root=str(tiny_stores["cardiac"]), out_dir=str(tmp_path), width=4, depth=2, batch_size=4,
+              labeled_bs=2, max_iters=8, val_every=2, log_every=1, progress=False, method="mean_teacher")
+    full = engine.train(load_config(**kw, run_name="full"))
+    env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads()),  # the same float rounding as here
+                        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KILLER, repr(kw | {"run_name": "cut"})], capture_output=True,
+                          env=env, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 4
+    resumed = engine.train(load_config(**kw, run_name="cut", resume=True))
+    a, b = load_checkpoint(full.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
+    assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
+    assert resumed.test == full.test and Run(resumed.run_dir).log == Run(full.run_dir).log
+
+
+def test_full_disk_during_training_is_one_clear_line(tiny_stores, tmp_path, monkeypatch, capsys):
+    real = torch.save
+
+    def full_for_last(obj, f):
+        real(obj, f)  # the bytes are written, then the disk is full
+        if Path(f.name).name.startswith(".last.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_for_last)
+    argv = ["train", "--data_root", str(tiny_stores["fetal_head"]), "--out_dir", str(tmp_path), "--run_name", "r",
+            "--width", "4", "--depth", "2", "--batch_size", "4", "--labeled_bs", "2", "--max_iters", "2",
+            "--progress", "false"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"minissl train: error: [Errno 28] could not write {tmp_path / 'r' / 'last.pt'}: No space left" in err
+    assert not [p.name for p in (tmp_path / "r").iterdir() if ".tmp" in p.name]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minissl.data.ssl4mis import ACDCStore, LAStore, detect
-from minissl.data.store import open_store
+from minissl.data.sources import open_data
 
 # train_slices.list order is patient-grouped but not sorted, as in SSL4MIS (starts with patient099)
 TRAIN = ["patient099", "patient038", "patient050", "patient100"]
@@ -61,7 +61,7 @@ def _la(tmp_path: Path, n_train: int = 20, n_test: int = 3) -> tuple[Path, list[
 
 def test_acdc_detect_and_splits(acdc: Path, tmp_path: Path) -> None:
     for root in (acdc, acdc / "data", tmp_path):  # the folder, its data/, its parent
-        store = open_store(root)  # no suite.json: open_store asks detect()
+        store = open_data(root)  # no suite.json: open_data asks detect()
         assert isinstance(store, ACDCStore) and store.root == acdc
     assert store.split("train") == [f"{p}_frame{f}" for p in TRAIN for f in FRAMES]
     assert store.split("val") == ["patient028_frame01", "patient028_frame12"]
@@ -128,7 +128,7 @@ def test_errors_name_the_missing_thing(acdc: Path, tmp_path: Path) -> None:
     (acdc / "data" / "patient099_frame12.h5").unlink()
     for s in (acdc / "data" / "slices").glob("patient099_frame12_*"):
         s.unlink()
-    with pytest.raises(FileNotFoundError, match="patient099_frame12.h5"):
+    with pytest.raises(FileNotFoundError, match="missing h5 file .*slices/patient099_frame12_slice_1.h5"):
         store.read("patient099_frame12")
     _h5(acdc / "data" / "broken.h5", image=np.zeros((1, 2, 2)))
     with pytest.raises(ValueError, match=r"broken.h5: expected key 'label'"):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from minissl.data import store
+from minissl.data.sources import open_data
 from minissl.data.store import Case, SuiteSpec
 
 SPEC = SuiteSpec("toy", 2, 3, (8, 8), 6, 1, 1, 2, 10, ("bg", "a", "b"))
@@ -23,7 +24,7 @@ def _toy_store(root, patients=None):
         store.write_case(root / "cases" / f"{c.id}.h5", c, 3)
         ids.append(c.id)
     store.write_store(root, SPEC, {"train": ids[:6], "val": ids[6:7], "test": ids[7:]}, {"version": 1})
-    return store.open_store(root)
+    return open_data(root)
 
 
 @pytest.mark.parametrize("shape", [(8, 8), (4, 8, 8)])
@@ -83,23 +84,33 @@ def test_store_splits_and_read(tmp_path):
     st = _toy_store(tmp_path)
     assert isinstance(st, store.H5Store) and st.spec == SPEC
     assert st.split("train") == [f"c{i}" for i in range(6)]
-    assert store.read_split(tmp_path, "test") == ["c7"]
+    assert st.split("test") == ["c7"]
     np.testing.assert_array_equal(st.read("c3").label, _case(3).label)
     (tmp_path / "cases" / "c2.h5").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="c2.h5"):
         st.read("c2")
 
 
-def test_budget_files_written_once_and_deterministic(tmp_path):
+def test_budgets_saved_by_the_writer_else_drawn_and_never_written(tmp_path):
     st = _toy_store(tmp_path)
-    ids = store.labeled_cases(tmp_path, 2, seed=3)
-    path = tmp_path / "splits" / "labeled_2_seed3.txt"
-    assert path.read_text().split() == ids and len(ids) == 2 and set(ids) <= set(st.split("train"))
+    before = sorted(p.name for p in (tmp_path / "splits").iterdir())
+    ids = st.labeled(2, seed=3)
+    assert sorted(p.name for p in (tmp_path / "splits").iterdir()) == before  # nothing written into the data
+    assert len(ids) == 2 and set(ids) <= set(st.split("train")) and st.labeled(2, 3) == ids
     assert store.choose_labeled(st.split("train"), st.patients(st.split("train")), 2, 3) == ids
-    path.write_text("c5\nc0\n")  # an existing file is the truth: it is read, never redrawn
+    train = st.split("train")
+    store.write_store(tmp_path, SPEC, {"train": train}, {"version": 1}, budgets=(2, 3))
+    saved = sorted(p.name for p in (tmp_path / "splits").glob("labeled_*"))
+    assert saved == sorted(f"labeled_{b}_seed{k}.txt" for b in (2, 3) for k in store.STANDARD_SEEDS)
+    assert (tmp_path / "splits" / "labeled_2_seed3.txt").read_text().split() == ids  # the same draw
+    path = tmp_path / "splits" / "labeled_2_seed3.txt"
+    path.write_text("c5\nc0\n")  # a saved file is the truth: it is read, never redrawn
     assert st.labeled(2, 3) == ["c5", "c0"]
     path.write_text("c7\n")
-    with pytest.raises(ValueError, match="not in train"):
+    with pytest.raises(ValueError, match="labeled_2_seed3.txt: expected training case ids, got ids not in train"):
+        st.labeled(2, 3)
+    path.write_text("c1\nc1\n")
+    with pytest.raises(ValueError, match=r"labeled_2_seed3.txt: expected each case once, got duplicates \['c1'\]"):
         st.labeled(2, 3)
     draws = {tuple(store.choose_labeled(st.split("train"), st.patients(st.split("train")), 3, s)) for s in range(10)}
     assert len(draws) > 1  # the seed matters
@@ -121,11 +132,11 @@ def test_budget_counts_patients(tmp_path):
         st.labeled(0, 0)
 
 
-def test_open_store_errors(tmp_path):
+def test_open_data_errors(tmp_path):
     with pytest.raises(ValueError, match="fetal_head"):
-        store.open_store("no_such_suite_or_folder")
+        open_data("no_such_suite_or_folder")
     with pytest.raises(ValueError, match="found neither"):
-        store.open_store(tmp_path)
+        open_data(tmp_path)
     (tmp_path / "suite.json").write_text('{"name": "x"}')
-    with pytest.raises(ValueError, match="missing keys"):
-        store.open_store(tmp_path)
+    with pytest.raises(ValueError, match="suite.json: suite spec is missing keys"):
+        open_data(tmp_path)

@@ -1,7 +1,7 @@
 """Training batches: 2D slices / 3D patches, labeled and unlabeled streams split by case.
 
-The unit of labeling is the **case** (patient): ``store.labeled(budget, seed)`` names the labeled
-cases and every slice of them goes to the labeled stream; the unlabeled stream holds the slices (or
+The unit of labeling is the **case** (patient): the run resolves the labeled cases once
+(``store.labeled(budget, seed)``) and passes them here; every slice of them goes to the labeled stream; the unlabeled stream holds the slices (or
 volumes) of the other training cases only. So no slice of a labeled patient is ever in the
 unlabeled pool (the slice-level leakage trap of some SSL4MIS variants).
 
@@ -16,20 +16,18 @@ augmentation of batch ``b`` draws from ``default_rng([seed, 2, b])``. A run resu
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .store import Case, CaseStore, open_store
+from .store import Case, CaseStore
 from .transforms import crop, weak
 
 
-def load_cases(root: str | os.PathLike | CaseStore, split: str) -> list[Case]:
+def load_cases(store: CaseStore, split: str) -> list[Case]:
     """All cases of a split (whole images / volumes, e.g. for validation and test)."""
-    store = open_store(root)
     return [store.read(c) for c in store.split(split)]
 
 
@@ -115,7 +113,7 @@ class TrainLoader:
         for k in self._order(0, len(self.labeled), b, self.labeled_bs):
             img, lab = self._sample(self.labeled, k, rng, self.foreground_prob, True)
             if lab is None:
-                raise ValueError(f"labeled item {self.labeled.items[k]} has no label")
+                raise ValueError(f"labeled case {self.labeled.cases[self.labeled.items[k][0]].id!r} has no label")
             xl.append(img)
             yl.append(lab.astype(np.int64))
         if self.unlabeled is not None and self.unlabeled_bs:
@@ -144,17 +142,16 @@ class TrainLoader:
         self._perms.clear()
 
 
-def make_train_loader(root: str | os.PathLike | CaseStore, labeled: Sequence[str] | int | None = None, *,
-                      seed: int = 0, batch_size: int = 8, labeled_bs: int | None = None, unlabeled: bool = True,
-                      start: int = 0, augment: bool = True, foreground_prob: float = 0.0,
-                      patch_size: Sequence[int] | None = None) -> TrainLoader:
+def make_train_loader(store: CaseStore, labeled: Sequence[str], *, seed: int = 0, batch_size: int = 8,
+                      labeled_bs: int | None = None, unlabeled: bool = True, start: int = 0, augment: bool = True,
+                      foreground_prob: float = 0.0, patch_size: Sequence[int] | None = None) -> TrainLoader:
     """The two-stream training iterator of a store.
 
     Args:
-        root: store folder, suite name or CaseStore.
-        labeled: labeled case ids, or a budget in patients (``store.labeled(budget, seed)``), or None
-            for the suite's default budget.
-        seed: order and augmentation seed (also the budget seed when ``labeled`` is a number).
+        store: the opened data (``sources.open_data``).
+        labeled: labeled case ids of the train split, resolved once by the caller
+            (``store.labeled(budget, seed)``); the other training cases form the unlabeled stream.
+        seed: order and augmentation seed.
         batch_size: items per batch, labeled + unlabeled.
         labeled_bs: labeled items per batch (default batch_size // 2; batch_size when ``unlabeled`` is False).
         unlabeled: draw the unlabeled stream (``batch_size - labeled_bs`` items) from the training
@@ -168,11 +165,10 @@ def make_train_loader(root: str | os.PathLike | CaseStore, labeled: Sequence[str
     Returns:
         TrainLoader; ``next()`` gives ``{'x_l': (Bl, 1, *P), 'y_l': (Bl, *P) int64, 'x_u': (Bu, 1, *P)}``.
     """
-    store = open_store(root)
     spec = store.spec
     train = store.split("train")
-    if labeled is None or isinstance(labeled, (int, np.integer)):
-        labeled = store.labeled(int(spec.default_budget if labeled is None else labeled), seed)
+    if isinstance(labeled, (str, int, np.integer)) or labeled is None:
+        raise ValueError(f"labeled: expected a list of case ids (store.labeled(budget, seed)), got {labeled!r}")
     labeled = list(labeled)
     unknown = sorted(set(labeled) - set(train))
     if unknown:

@@ -545,6 +545,11 @@ def suite_spec(name: str) -> SuiteSpec:
     return SUITES[name]
 
 
+def standard_budgets(spec: SuiteSpec) -> tuple[int, ...]:
+    """Budgets whose labeled lists a suite folder holds (seeds 0-4): the default (10 %) and twice it."""
+    return tuple(b for b in dict.fromkeys((spec.default_budget, 2 * spec.default_budget)) if b <= spec.n_train)
+
+
 def cache_dir() -> Path:
     """Folder holding the generated suites: ``$MINISSL_DATA`` or ``~/.cache/minissl/suites``."""
     return Path(os.environ.get("MINISSL_DATA") or Path.home() / ".cache" / "minissl" / "suites")
@@ -561,6 +566,8 @@ def make_suite(name: str, root: str | os.PathLike | None = None, seed: int = 0, 
                sizes: tuple[int, int, int] | None = None) -> Path:
     """Generate suite ``name`` in the store format (once; later calls return the cached folder).
 
+    The folder holds the labeled lists of ``standard_budgets(spec)`` for seeds 0-4.
+
     Args:
         name: one of ``SUITES``.
         root: destination (default ``cache_dir() / f"{name}-v{VERSION}-s{seed}"``, plus
@@ -571,7 +578,7 @@ def make_suite(name: str, root: str | os.PathLike | None = None, seed: int = 0, 
             the default budget becomes 10 % of n_train, at least 2 (at most n_train).
 
     Returns:
-        The store root (open it with ``store.open_store``).
+        The store root (open it with ``sources.open_data``).
 
     Raises:
         ValueError: ``root`` is a file or a non-empty folder that ``make_suite`` did not write. Only a
@@ -602,7 +609,8 @@ def make_suite(name: str, root: str | os.PathLike | None = None, seed: int = 0, 
     a, b = spec.n_train, spec.n_train + spec.n_val
     write_store(tmp, spec, {"train": ids[:a], "val": ids[a:b], "test": ids[b:]},
                 {"spacing": list(spacing), "version": VERSION, "seed": seed,
-                 "generator": f"{GENERATOR_PREFIX}{GENERATORS[name].__name__}"})
+                 "generator": f"{GENERATOR_PREFIX}{GENERATORS[name].__name__}"},
+                budgets=standard_budgets(spec))
     _replace_dir(tmp, root)
     return root
 

@@ -3,7 +3,7 @@
 Users who prepared ACDC or LA for SSL4MIS, BCP, UA-MT or MC-Net point minissl at the folder and
 start at once: nothing is converted and nothing is written there. ``detect(root)`` recognises a
 layout and returns a ``minissl.data.store.CaseStore`` (``spec``, ``split(name)``, ``read(case_id)``,
-``labeled(budget, seed)``); ``store.open_store(root)`` calls it when ``root`` has no ``suite.json``.
+``labeled(budget, seed)``); ``sources.open_data(root)`` calls it when ``root`` has no ``suite.json``.
 Budget lists are computed, never written into the user's folder (both rules are deterministic).
 
 ACDC (SSL4MIS ``acdc_data_processing.py``; ``root`` may also be its parent or its ``data/``)::
@@ -14,7 +14,8 @@ ACDC (SSL4MIS ``acdc_data_processing.py``; ``root`` may also be its parent or it
 
 * A case is a volume ``patientXXX_frameYY``; a patient groups its ED and ES frames. Train cases are
   the volumes of ``train_slices.list`` in order of first appearance (``train.list`` when there is
-  no slice list). A volume missing from ``data/`` is stacked from its slices (by slice index).
+  no slice list). A volume missing from ``data/`` is stacked from its slices (by slice index): the
+  slices the list names, every one of which must exist (a listed slice missing on disk is an error).
 * Budgets count PATIENTS and return all their frames. Rule ``"first"`` (default, SSL4MIS-compatible):
   the first N patients in list order, which is how SSL4MIS/BCP/UniMatch get 3 -> 68, 7 -> 136 and
   14 -> 256 labeled slices (``seed`` is ignored). Rule ``"random"``: minissl's seeded patient draw,
@@ -36,7 +37,7 @@ LA (UA-MT / MC-Net / BCP ``la_heart_processing.py``; ``root`` may also hold ``20
 
 List lines are tolerated with path prefixes, ``.h5`` suffixes, ``<ID>/mri_norm2.h5`` forms, blank
 lines and ``#`` comments. Missing list or h5 files raise FileNotFoundError naming them; a missing
-h5 key raises ValueError naming the file and the key.
+h5 key, a truncated or corrupt h5 file raise ValueError naming the file.
 """
 from __future__ import annotations
 
@@ -75,11 +76,15 @@ def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(image float32, label as stored) of an SSL4MIS h5 file, in the file's axis order."""
     if not path.is_file():
         raise FileNotFoundError(f"missing h5 file {path}")
-    with h5py.File(path, "r") as f:
-        for key in ("image", "label"):
-            if key not in f:
-                raise ValueError(f"{path}: expected key {key!r}, found keys {sorted(f.keys())}")
-        return f["image"][()].astype(np.float32), f["label"][()]
+    try:
+        with h5py.File(path, "r") as f:
+            keys = sorted(f.keys())
+            if "image" in f and "label" in f:
+                return np.asarray(f["image"][()], dtype=np.float32), np.asarray(f["label"][()])
+    except (OSError, TypeError, ValueError) as e:  # truncated, corrupt or not HDF5
+        raise ValueError(f"could not read h5 file {path}: {e}") from e
+    missing = [k for k in ("image", "label") if k not in keys]
+    raise ValueError(f"{path}: expected key {missing[0]!r}, found keys {keys}")
 
 
 class SSL4MISStore(CaseStore):
@@ -137,8 +142,11 @@ class ACDCStore(SSL4MISStore):
         dirs = [self.root, self.root / "data"]
         slices = _read_list(dirs, "train_slices.list", required=False)
         train = _read_list(dirs, "train.list", required=False)
+        self.slices: dict[str, list[str]] = {}  # case -> its slices named in train_slices.list
+        for name in slices or ():
+            self.slices.setdefault(_SLICE.sub(r"\g<case>", name), []).append(name)
         if slices is not None:  # slice order defines the SSL4MIS "first N patients"
-            train = list(dict.fromkeys(_SLICE.sub(r"\g<case>", s) for s in slices))
+            train = list(self.slices)
         elif train is None:
             raise FileNotFoundError(f"missing list file 'train_slices.list' (or 'train.list') in {self.root}")
         self.splits = {"train": train, "val": _read_list(dirs, "val.list"),
@@ -154,16 +162,32 @@ class ACDCStore(SSL4MISStore):
     def patient(self, case_id: str) -> str:
         return case_id.split("_frame")[0]
 
+    def slice_files(self, case_id: str) -> list[Path]:
+        """The slice files of a case in slice order: those ``train_slices.list`` names, else those on disk."""
+        names = self.slices.get(case_id) or [
+            p.stem for p in (self.root / "data" / "slices").glob(f"{case_id}_slice_*.h5")
+            if (m := _SLICE.match(p.stem)) and m["case"] == case_id]
+        names = sorted(names, key=lambda n: int(m["index"]) if (m := _SLICE.match(n)) else -1)  # slice index
+        return [self.root / "data" / "slices" / f"{n}.h5" for n in names]
+
+    def problems(self) -> list[str]:
+        """Slices named in ``train_slices.list`` that are missing on disk."""
+        missing = [p for c in self.slices for p in self.slice_files(c) if not p.is_file()]
+        return [f"train_slices.list names {len(missing)} slice(s) missing on disk: "
+                f"{', '.join(str(p) for p in missing[:10])}"] if missing else []
+
     def read(self, case_id: str) -> Case:
         """The volume ``data/<case_id>.h5`` (or its stacked slices): image (Z, Y, X) float32."""
         path = self.root / "data" / f"{case_id}.h5"
-        found = {} if path.is_file() else {  # slice index -> file
-            int(m["index"]): p for p in (self.root / "data" / "slices").glob(f"{case_id}_slice_*.h5")
-            if (m := _SLICE.match(p.stem)) and m["case"] == case_id}
-        if not found:
+        files = [] if path.is_file() else self.slice_files(case_id)
+        if not files:
             image, label = _read_h5(path)  # (Z, Y, X)
         else:
-            pairs = [_read_h5(found[k]) for k in sorted(found)]  # (Y, X) each
+            pairs = [_read_h5(f) for f in files]  # (Y, X) each; a listed slice missing on disk raises
+            shapes = {a.shape for pair in pairs for a in pair}
+            if len(shapes) > 1:
+                raise ValueError(f"case {case_id!r} at {self.root}: expected slice images and labels of one shape, "
+                                 f"got shapes {sorted(shapes)}")
             image, label = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])  # (Z, Y, X)
         frame = case_id.split("_frame")[-1] if "_frame" in case_id else ""
         return self._case(case_id, image, label, {"frame": frame, "source": "ssl4mis-acdc"})

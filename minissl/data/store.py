@@ -10,17 +10,19 @@ Layout of a store root::
     <root>/splits/labeled_<n>_seed<k>.txt  the labeled subset of `train` for budget n and seed k
 
 Budgets count **patients** (cases that share the `patient_id` attribute are labeled together; in the
-embedded suites one case is one patient). A budget file is written once, then only read, so every
-method and every run with the same (budget, seed) uses the same labeled cases.
+embedded suites one case is one patient). Whoever writes a store (a suite builder, a converter) writes
+the labeled lists of its standard budgets for seeds 0-4 (``write_store(..., budgets=...)``); any other
+budget is drawn by the same deterministic rule when asked for and never written into the data folder.
 
 Every reader of cases (this HDF5 store, the SSL4MIS-layout reader in ``ssl4mis.py``) is a
 :class:`CaseStore`: ``.spec``, ``.split(name)``, ``.read(case_id)``, ``.labeled(budget, seed)``.
-``open_store(root)`` returns the right one, and the datasets only ever talk to that interface.
+``sources.open_data`` returns the right one, and the datasets only ever talk to that interface.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -31,6 +33,7 @@ import numpy as np
 from ..atomic import write_text_atomic
 
 SPLITS = ("train", "val", "test")
+STANDARD_SEEDS = (0, 1, 2, 3, 4)  # seeds of the labeled lists a store writer saves
 
 
 @dataclass
@@ -80,6 +83,28 @@ class SuiteSpec:
     class_names: tuple[str, ...]
     description: str = ""
 
+    def __post_init__(self) -> None:
+        def fail(name: str, expected: str) -> None:
+            raise ValueError(f"suite spec field {name!r}: expected {expected}, got {getattr(self, name)!r}")
+
+        def count(v: Any, low: int) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
+
+        if self.spatial_dims not in (2, 3) or isinstance(self.spatial_dims, bool):
+            fail("spatial_dims", "2 or 3")
+        if not count(self.num_classes, 2):
+            fail("num_classes", "an integer >= 2 (background included)")
+        if len(self.patch_size) != self.spatial_dims or not all(count(p, 1) for p in self.patch_size):
+            fail("patch_size", f"{self.spatial_dims} positive integers (spatial_dims={self.spatial_dims})")
+        for name in ("n_train", "n_val", "n_test"):
+            if not count(getattr(self, name), 0):
+                fail(name, "an integer >= 0")
+        for name in ("default_budget", "default_iters"):
+            if not count(getattr(self, name), 1):
+                fail(name, "an integer >= 1")
+        if len(self.class_names) != self.num_classes:
+            fail("class_names", f"{self.num_classes} names (num_classes={self.num_classes})")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -91,6 +116,8 @@ class SuiteSpec:
         kw = {k: v for k, v in d.items() if k in names}
         for k in ("patch_size", "class_names"):
             if k in kw:
+                if not isinstance(kw[k], (list, tuple)):
+                    raise ValueError(f"suite spec field {k!r}: expected a list, got {kw[k]!r}")
                 kw[k] = tuple(kw[k])
         missing = names - set(kw) - {"description"}
         if missing:
@@ -102,10 +129,16 @@ class SuiteSpec:
 def _check_case(image: np.ndarray, label: np.ndarray | None, num_classes: int | None, where: str) -> None:
     if image.ndim not in (2, 3):
         raise ValueError(f"{where}: expected image of shape (Y, X) or (Z, Y, X), got shape {image.shape}")
+    if image.dtype.kind in "fc" and not np.isfinite(image).all():
+        n_nan, n_inf = int(np.isnan(image).sum()), int(np.isinf(image).sum())
+        raise ValueError(f"{where}: expected finite image values, got {n_nan} NaN and {n_inf} Inf "
+                         f"of {image.size} voxels")
     if label is None:
         return
     if label.shape != image.shape:
         raise ValueError(f"{where}: image/label shape mismatch: image {image.shape}, label {label.shape}")
+    if label.dtype.kind == "f" and not np.array_equal(label, np.round(label)):
+        raise ValueError(f"{where}: expected an integer label map, got non-integer values of dtype {label.dtype}")
     if num_classes is not None and label.size:
         lo, hi = int(label.min()), int(label.max())
         if lo < 0 or hi >= num_classes:
@@ -148,18 +181,17 @@ def read_case(path: str | os.PathLike, num_classes: int | None = None, *, case_i
             image = np.asarray(f["image"][()], dtype=np.float32)
             label = np.asarray(f["label"][()]) if "label" in f else None
             attrs = {k: _attr(v) for k, v in f.attrs.items()}
-    except (OSError, KeyError) as e:
+    except (OSError, KeyError, TypeError, ValueError) as e:  # truncated, corrupt or not HDF5
         raise ValueError(f"could not read HDF5 case file {path}: {e}") from e
-    spacing = tuple(float(s) for s in attrs.pop("spacing", (1.0,) * image.ndim))
-    if len(spacing) != image.ndim:
-        raise ValueError(f"{path}: expected {image.ndim} spacing values, got {spacing}")
-    if label is not None:
-        if label.dtype.kind == "f" and not np.array_equal(label, np.round(label)):
-            raise ValueError(f"{path}: expected an integer label map, got non-integer values of dtype {label.dtype}")
-        _check_case(image, label, num_classes, str(path))
-        label = label.astype(np.uint8)
-    else:
-        _check_case(image, None, None, str(path))
+    _check_case(image, label, num_classes, str(path))
+    raw = attrs.pop("spacing", [1.0] * image.ndim)
+    try:
+        spacing = tuple(float(v) for v in np.atleast_1d(raw))
+    except (TypeError, ValueError):
+        spacing = ()
+    if len(spacing) != image.ndim or not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise ValueError(f"{path}: expected {image.ndim} positive finite spacing values, got {raw!r}")
+    label = None if label is None else label.astype(np.uint8)
     return Case(case_id or path.stem, image, label, spacing, attrs)
 
 
@@ -205,6 +237,29 @@ def read_list(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"split file not found: {path}")
     return [s.strip() for s in path.read_text().splitlines() if s.strip()]
+
+
+def budget_file(root: str | os.PathLike, budget: int, seed: int) -> Path:
+    """``<root>/splits/labeled_<budget>_seed<seed>.txt``: the saved labeled list of (budget, seed)."""
+    return Path(root) / "splits" / f"labeled_{budget}_seed{seed}.txt"
+
+
+def duplicates(ids: Sequence[str]) -> list[str]:
+    """Ids listed more than once, each once, in order of first repetition."""
+    counts = Counter(ids)
+    return [c for c, n in counts.items() if n > 1]
+
+
+def labeled_list_problems(ids: Sequence[str], train: Sequence[str], where: str) -> list[str]:
+    """What is wrong with a labeled list (empty, duplicates, ids outside ``train``); [] if nothing."""
+    out = []
+    if not ids:
+        out.append(f"{where}: expected at least one labeled case, got an empty list")
+    if dup := duplicates(ids):
+        out.append(f"{where}: expected each case once, got duplicates {dup[:5]}")
+    if bad := sorted(set(ids) - set(train)):
+        out.append(f"{where}: expected training case ids, got ids not in train: {bad[:5]}")
+    return out
 
 
 def choose_labeled(case_ids: Sequence[str], patients: Sequence[str], budget: int, seed: int) -> list[str]:
@@ -255,31 +310,21 @@ class CaseStore:
         """Patient id of each case (default: ``meta['patient_id']``, else the case id)."""
         return [str(self.read(c).meta.get("patient_id", c)) for c in case_ids]
 
-    def budget_file(self, budget: int, seed: int) -> Path:
-        """Where the labeled list for (budget, seed) lives."""
-        return self.root / "splits" / f"labeled_{budget}_seed{seed}.txt"
-
     def labeled(self, budget: int, seed: int = 0) -> list[str]:
-        """Labeled training case ids for a budget counted in patients (written once, then read).
+        """Labeled training case ids for a budget counted in patients (``choose_labeled``; never written).
 
         Raises:
-            ValueError: budget < 1 or larger than the number of training patients, or an existing
-                budget file names cases outside the training split.
+            ValueError: budget < 1 or larger than the number of training patients.
         """
         train = self.split("train")
-        path = self.budget_file(budget, seed)
-        if path.is_file():
-            ids = read_list(path)
-            bad = sorted(set(ids) - set(train))
-            if bad:
-                raise ValueError(f"{path}: expected training case ids, got ids not in train: {bad[:5]}")
-            return ids
-        ids = choose_labeled(train, self.patients(train), budget, seed)
-        try:
-            write_text_atomic(path, "".join(c + "\n" for c in ids))
-        except OSError:  # read-only store: the choice is deterministic anyway
-            pass
-        return ids
+        return choose_labeled(train, self.patients(train), budget, seed)
+
+    def problems(self) -> list[str]:
+        """What is wrong in the store's own files besides the cases (list files); [] if nothing.
+
+        ``sources.check_store`` adds the split-level and per-case checks.
+        """
+        return []
 
     def unlabeled(self, budget: int, seed: int = 0) -> list[str]:
         """Training case ids that are not labeled for (budget, seed)."""
@@ -300,9 +345,14 @@ class H5Store(CaseStore):
             raise FileNotFoundError(f"not a minissl store (no suite.json): {self.root}")
         try:
             self.info: dict[str, Any] = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"could not parse {meta_path}: {e}") from e
-        self.spec = SuiteSpec.from_dict(self.info)
+        if not isinstance(self.info, dict):
+            raise ValueError(f"{meta_path}: expected a JSON object, got {type(self.info).__name__}")
+        try:
+            self.spec = SuiteSpec.from_dict(self.info)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{meta_path}: {e}") from e
 
     def case_path(self, case_id: str) -> Path:
         """``<root>/cases/<case_id>.h5``."""
@@ -313,6 +363,31 @@ class H5Store(CaseStore):
 
     def read(self, case_id: str) -> Case:
         return read_case(self.case_path(case_id), self.spec.num_classes, case_id=case_id)
+
+    def labeled(self, budget: int, seed: int = 0) -> list[str]:
+        """The saved labeled list of (budget, seed) if the store has one, else drawn (never written).
+
+        Raises:
+            ValueError: a saved list is empty, repeats a case or names cases outside train; or the
+                budget is < 1 or larger than the number of training patients.
+        """
+        path = budget_file(self.root, budget, seed)
+        if not path.is_file():
+            return super().labeled(budget, seed)
+        ids = read_list(path)
+        found = labeled_list_problems(ids, self.split("train"), str(path))
+        if found:
+            raise ValueError("; ".join(found))
+        return ids
+
+    def problems(self) -> list[str]:
+        """Problems of the saved labeled lists ``splits/labeled_<n>_seed<k>.txt``."""
+        found: list[str] = []
+        files = sorted((self.root / "splits").glob("labeled_*.txt"))
+        train = self.split("train") if files else []
+        for path in files:
+            found += labeled_list_problems(read_list(path), train, str(path))
+        return found
 
     def patients(self, case_ids: Iterable[str]) -> list[str]:
         out = []
@@ -329,62 +404,26 @@ class H5Store(CaseStore):
 
 
 def write_store(root: str | os.PathLike, spec: SuiteSpec, splits: dict[str, Sequence[str]],
-                extra: dict[str, Any] | None = None) -> Path:
-    """Write ``suite.json`` and the split lists of a store whose cases are (or will be) in ``cases/``.
+                extra: dict[str, Any] | None = None, budgets: Sequence[int] = (),
+                patients: Sequence[str] | None = None) -> Path:
+    """Write ``suite.json``, the split lists and the standard labeled lists of a store.
 
     Args:
-        root: store root.
+        root: store root (cases are, or will be, in ``cases/``).
         spec: the suite spec.
         splits: {'train': [...], 'val': [...], 'test': [...]} case ids.
         extra: more keys for suite.json (spacing, generator version, seed, ...).
+        budgets: standard budgets (patients) whose labeled lists are saved for ``STANDARD_SEEDS``.
+        patients: patient id of each training case (default: one patient per case).
     """
     root = Path(root)
     for name, ids in splits.items():
         write_text_atomic(root / "splits" / f"{name}.txt", "".join(c + "\n" for c in ids))
+    train = list(splits.get("train", ()))
+    for budget in budgets:
+        for seed in STANDARD_SEEDS:
+            ids = choose_labeled(train, list(patients) if patients is not None else train, budget, seed)
+            write_text_atomic(budget_file(root, budget, seed), "".join(c + "\n" for c in ids))
     info = spec.to_dict() | dict(extra or {})
     write_text_atomic(root / "suite.json", json.dumps(info, indent=2) + "\n")
     return root
-
-
-def open_store(root: str | os.PathLike | CaseStore) -> CaseStore:
-    """Open a case source.
-
-    Args:
-        root: a store folder (``suite.json`` present), an SSL4MIS-layout folder (ACDC / LA), the
-            name of an embedded suite (generated and cached on first use), or a CaseStore (returned).
-
-    Raises:
-        ValueError: nothing recognisable at ``root``.
-    """
-    if isinstance(root, CaseStore):
-        return root
-    path = Path(root)
-    if (path / "suite.json").is_file():
-        return H5Store(path)
-    if not path.exists():
-        from minissl.data import phantoms
-
-        if str(root) in phantoms.SUITES:
-            return H5Store(phantoms.make_suite(str(root)))
-        raise ValueError(f"expected a store folder or one of the suites {sorted(phantoms.SUITES)}, "
-                         f"got {str(root)!r} (no such folder)")
-    try:
-        from minissl.data import ssl4mis
-    except ImportError:
-        ssl4mis = None
-    if ssl4mis is not None:
-        found = ssl4mis.detect(path)
-        if found is not None:
-            return found
-    raise ValueError(f"expected a minissl store (suite.json) or an SSL4MIS layout (ACDC data/slices, "
-                     f"LA <id>/mri_norm2.h5) at {path}, found neither")
-
-
-def read_split(root: str | os.PathLike | CaseStore, name: str) -> list[str]:
-    """Case ids of split ``name`` of the store at ``root``."""
-    return open_store(root).split(name)
-
-
-def labeled_cases(root: str | os.PathLike | CaseStore, budget: int, seed: int = 0) -> list[str]:
-    """Labeled training case ids for a budget in patients (the split file is written once, then read)."""
-    return open_store(root).labeled(budget, seed)

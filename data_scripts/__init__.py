@@ -1,0 +1,1 @@
+"""Converters of the public benchmark datasets into the minissl store (``prepare_<dataset>.py``)."""
