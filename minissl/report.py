@@ -126,7 +126,8 @@ def bench_table(runs: Sequence[Any], baseline: str = "supervised") -> str:
     for (method, budget), rs in groups.items():
         base = {r.seed: r for r in groups.get((baseline, budget), [])}
         gain = paired_gain(rs, base) if method != baseline else None
-        row = f"| {method} | {budget} | {len(rs)} | {ms([r.dice for r in rs])} | {gain or '-'} | {ms([r.hd95 for r in rs])} |"
+        row = (f"| {method} | {budget} | {len(rs)} | {ms([r.dice for r in rs])} | {gain or '-'} "
+               f"| {ms([r.hd95 for r in rs])} |")
         if has_hc:
             row += f" {ms([r.hc_error_mm for r in rs])} |"
         secs = [r.cpu_s_per_iter if cpu else r.s_per_iter for r in rs]
@@ -237,8 +238,8 @@ def mix_figure(mixes: Mapping[str, Sequence[ArrayLike]], region: Optional[ArrayL
     return panel_grid(rows, num_classes)
 
 
-def disagreement_figure(x: ArrayLike, probs_a: ArrayLike, probs_b: ArrayLike, names: Sequence[str] = ("student", "teacher"),
-                        n: int = 2) -> Figure:
+def disagreement_figure(x: ArrayLike, probs_a: ArrayLike, probs_b: ArrayLike,
+                        names: Sequence[str] = ("student", "teacher"), n: int = 2) -> Figure:
     """Two networks on the same images: each argmax, where the argmaxes differ, and the squared
     difference of the softmaxes (the Mean Teacher consistency per voxel), one row per sample.
 

@@ -84,7 +84,8 @@ def test_selection_table_and_figure():
 
 def test_panel_grid_shows_the_data():
     a, b = np.arange(12.0).reshape(3, 4), torch.tensor([[0, 1], [2, 1]])
-    fig = report.panel_grid([[report.Panel(a, "first"), report.Panel(b, "labels", "label")], [report.Panel(a, "map", "map")]])
+    fig = report.panel_grid([[report.Panel(a, "first"), report.Panel(b, "labels", "label")],
+                             [report.Panel(a, "map", "map")]])
     assert len(fig.axes) == 4  # 2 x 2 grid, the empty cell has no image
     shown = _images(fig)
     assert [t for t, _ in shown] == ["first", "labels", "map"]
