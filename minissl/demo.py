@@ -33,8 +33,8 @@ def report(runs: Sequence[Run], path: str | Path, n_cases: int = 4) -> Path:
     preds = {}
     for run in runs:
         method = run.load_method()
-        preds[run.method_name] = [predict_case(method.predict, c.image, spec.spatial_dims, spec.patch_size)
-                                  for c in cases]
+        preds[run.method_name] = [predict_case(method.predict, c.image, spec.spatial_dims, spec.patch_size,
+                                                 zoom=spec.zoom) for c in cases]
     fig = report_figure(cases, preds, runs={run.method_name: run for run in runs}, class_names=spec.class_names)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
