@@ -1,50 +1,47 @@
-"""``minissl bench methods``: the leaderboard under one protocol, resumable.
+"""``minissl bench methods | render``: the leaderboard under one protocol, resumable, kept as data.
 
 Every method runs on the same suite with the same labeled budget, iterations, augmentation, network
-and seeds; only the method differs. Each run lives in ``<out>/<suite>/<method>-b<budget>-s<seed>``:
-a finished run (``metrics.json``) is read back, an interrupted one (``last.pt``) is resumed, so the
-command can be stopped and started again at no cost. The table gives mean ± std over seeds of the
-per-run test means (Dice %, HD95, HC error for fetal_head, CPU seconds per iteration) and, per method,
-the Dice gain over ``supervised`` paired by seed (same labeled cases, initial weights and data order).
+and seeds; only the method differs. A run trains in ``<out>/<suite>/<method>-b<budget>-s<seed>`` (an
+interrupted one is resumed from its ``last.pt``); once finished, its small files are recorded under
+``<results>/<suite>/b<budget>-i<iters>-<recipe>/<method>/seed<k>/`` (:mod:`minissl.results`). A run
+whose result folder is complete is not trained again, so a long leaderboard continues where it
+stopped, in a later session too: the committed ``results/`` is enough, the run folders are not needed.
+The table (:func:`minissl.report.render_leaderboard`) gives per method mean ± std (ddof 1) over seeds
+and the Dice difference to ``supervised`` paired by seed (same labeled cases, initial weights and
+data order) with its Student-t 95 % interval and mark.
+
+``minissl bench render`` writes every table of ``results/`` to ``docs/results/<suite>-<setting>.md``;
+with ``--check`` it writes nothing and fails when a committed table differs from its rendering.
 
 Example::
 
-    minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2
+    minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2,3,4
     minissl bench methods --suite fetal_head --methods supervised --budget all   # the upper bound
+    minissl bench render --check
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import load_config
 from .data.sources import open_data
 from .data.store import CaseStore
-from .report import bench_table
+from .report import render_all, render_leaderboard
+from .results import DEFAULT_RECIPE, ResultRow, is_complete, read_row, record, result_dir
 from .run import LAST, Run
-
-
-@dataclass
-class BenchRun:
-    method: str
-    seed: int
-    budget: int
-    dice: float  # test mean over cases, %
-    hd95: float
-    hc_error_mm: Optional[float]
-    s_per_iter: float  # wall seconds per iteration (inflated when other jobs share the CPU)
-    cpu_s_per_iter: Optional[float] = None  # process CPU seconds per iteration (None: run older than the field)
 
 
 def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Optional[int], out: Path,
             data_root: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = False,
-            store: Optional[CaseStore] = None) -> BenchRun:
-    """Train (or read back, or resume) one run of the benchmark.
+            store: Optional[CaseStore] = None, results: str | Path = "results") -> ResultRow:
+    """One run of the benchmark: read back from ``results`` when recorded, else trained (or resumed,
+    or read back from its finished run folder) and recorded.
 
     Args:
         store: the suite's opened store, shared by every run of a benchmark (None: opened here).
+        results: the results folder.
     """
     from .engine import resolve, train
 
@@ -58,54 +55,86 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     cfg = load_config(overrides=list(overrides), **kw)
     store = store if store is not None else open_data(cfg.data_root or cfg.suite)
     cfg = resolve(cfg, store)
-    run_dir = Path(cfg.out_dir) / f"{method}-b{cfg.budget}-s{seed}"
-    cfg.run_name = run_dir.name
-    if not ((run_dir / "config.json").is_file() and Run(run_dir).finished):
-        cfg.resume = (run_dir / LAST).exists()
-        train(cfg, store=store)
-    m = Run(run_dir).metrics
-    t = m["test"]
-    return BenchRun(method, seed, cfg.budget, 100 * t["dice"]["mean"], t["hd95"]["mean"],
-                    t["hc_error_mm"]["mean"] if "hc_error_mm" in t else None, m["seconds_per_iter"],
-                    m.get("cpu_seconds_per_iter"))
+    folder = result_dir(results, store.spec.name, cfg.budget, cfg.max_iters, method, seed,
+                        getattr(cfg, "recipe", DEFAULT_RECIPE))
+    if not is_complete(folder):
+        run_dir = Path(cfg.out_dir) / f"{method}-b{cfg.budget}-s{seed}"
+        cfg.run_name = run_dir.name
+        if not ((run_dir / "config.json").is_file() and Run(run_dir).finished):
+            cfg.resume = (run_dir / LAST).exists()
+            train(cfg, store=store)
+        record(Run(run_dir), results)
+    return read_row(folder)
 
 
 def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budget: Optional[str] = None,
                   iters: Optional[int] = None, out: str = "runs/bench", data_root: Optional[str] = None,
-                  overrides: Sequence[str] = ()) -> str:
-    """Run every (method, seed) and return (and write) the markdown table.
+                  overrides: Sequence[str] = (), results: str = "results") -> str:
+    """Run (or read back) every (method, seed), record it, and return and print the leaderboard.
 
     Args:
         budget: labeled cases, ``"all"`` for every training case, or None for the suite default.
+        results: the results folder.
     """
-    out_path = Path(out)
     store = open_data(data_root or suite)
     if budget == "all":
         n_budget = len(set(store.patients(store.split("train"))))
     else:
         n_budget = int(budget) if budget else None
-    runs = []
+    rows = []
     for method in methods:
         for seed in seeds:
             print(f"[bench] {suite} {method} seed {seed}", flush=True)
-            runs.append(run_one(suite, method, seed, n_budget, iters, out_path, data_root, overrides, store=store))
-    text = bench_table(runs)
-    tag = f"{suite}-b{budget or 'default'}"
-    (out_path / f"{tag}.md").write_text(text + "\n")
+            rows.append(run_one(suite, method, seed, n_budget, iters, Path(out), data_root, overrides, store=store,
+                                results=results))
+    text = render_leaderboard(rows)
     print(text)
     return text
 
 
+def render(results: str = "results", docs: str = "docs/results", check: bool = False) -> list[Path]:
+    """Write every table of ``results`` to ``docs`` (see :func:`minissl.report.render_all`).
+
+    Args:
+        check: write nothing; return the tables whose file is missing or differs from the rendering.
+
+    Returns:
+        The tables written, or with ``check`` the ones that differ.
+    """
+    tables = render_all(results, docs)
+    if check:
+        return [p for p, text in tables.items() if not p.is_file() or p.read_text() != text]
+    for path, text in tables.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return list(tables)
+
+
 def main(tokens: Sequence[str]) -> int:
+    """``minissl bench methods`` (see the module docstring)."""
     p = argparse.ArgumentParser(prog="minissl bench methods", description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="cardiac")
     p.add_argument("--methods", default="supervised,mean_teacher", help="comma-separated registry names")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--budget", default=None, help="labeled cases, or 'all'")
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--out", default="runs/bench", help="run folders (checkpoints, logs)")
+    p.add_argument("--results", default="results", help="result folders (the committed small files)")
     p.add_argument("--data_root", default=None)
     args, rest = p.parse_known_args(tokens)
     bench_methods(args.suite, args.methods.split(","), [int(s) for s in args.seeds.split(",")], args.budget,
-                  args.iters, args.out, args.data_root, rest)
+                  args.iters, args.out, args.data_root, rest, args.results)
     return 0
+
+
+def render_main(tokens: Sequence[str]) -> int:
+    """``minissl bench render [--check]``: 1 when ``--check`` finds a table that differs."""
+    p = argparse.ArgumentParser(prog="minissl bench render", description="Render every table of results/.")
+    p.add_argument("--results", default="results")
+    p.add_argument("--docs", default="docs/results")
+    p.add_argument("--check", action="store_true", help="write nothing; fail when a committed table differs")
+    args = p.parse_args(tokens)
+    paths = render(args.results, args.docs, args.check)
+    for path in paths:
+        print(f"{'differs from its rendering' if args.check else 'wrote'}: {path}")
+    return 1 if args.check and paths else 0

@@ -12,7 +12,8 @@ Examples::
     minissl data make atrium
     minissl data prepare hc18 ~/raw/HC18 ~/data/hc18   # convert a downloaded dataset (acdc la pancreas hc18 psfh)
     minissl methods
-    minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2
+    minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2,3,4
+    minissl bench render --check                   # the docs tables match results/
     minissl bench ops
 """
 from __future__ import annotations
@@ -229,13 +230,14 @@ def cmd_demo(tokens: Sequence[str]) -> int:
 
 
 def cmd_bench(tokens: Sequence[str]) -> int:
-    p = _Parser(prog="minissl bench", description="Benchmarks: methods (leaderboard) or ops (kernels).")
-    p.add_argument("what", choices=["methods", "ops"])
+    p = _Parser(prog="minissl bench",
+                description="Benchmarks: methods (leaderboard), render (its tables) or ops (kernels).")
+    p.add_argument("what", choices=["methods", "render", "ops"])
     args, rest = p.parse_known_args(tokens)
-    if args.what == "methods":
-        from .bench import main as bench_main
+    if args.what in ("methods", "render"):
+        from .bench import main as bench_main, render_main
 
-        return bench_main(rest)
+        return (bench_main if args.what == "methods" else render_main)(rest)
     from .ops.benchmark import main as ops_main
 
     ops_main(rest)

@@ -14,12 +14,12 @@ lengths or recipes apart; a leaderboard compares the methods of one setting. ``<
 registry name, or a label given to :func:`record` for an ablation. No checkpoints are kept.
 
 A leaderboard continues where it stopped: :func:`missing` lists the (method, seed) pairs of a setting
-whose folder is absent or incomplete, and the bench trains only those. :func:`render_leaderboard`
-makes the markdown table of one setting, :func:`render_all` every table of a results folder.
+whose folder is absent or incomplete, and the bench trains only those. The tables are rendered from
+these folders by :func:`minissl.report.render_leaderboard` and :func:`minissl.report.render_all`.
 
 Example:
     >>> folder = record(Run("runs/cardiac-mean_teacher-b3-s0"))     # doctest: +SKIP
-    >>> print(render_leaderboard(load("results")))                  # doctest: +SKIP
+    >>> rows = load("results")                                      # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ import torch
 
 from .atomic import write_text_atomic
 from .run import Run
-from .stats import mean_std, paired_interval, verdict
 
 FILES = ("config.json", "metrics.json", "test_cases.csv", "val_curve.csv", "provenance.json")
 DEFAULT_RECIPE = "shared"  # runs whose config has no "recipe" field used the shared recipe
@@ -229,133 +228,5 @@ def load(root: str | os.PathLike = "results") -> list[ResultRow]:
     return sorted(rows, key=lambda r: (r.suite, r.budget, r.iters, r.recipe, r.method, r.seed))
 
 
-def _pm(values: Sequence[float], digits: int) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.{digits}f} ± " + (f"{std:.{digits}f}" if std is not None else "-")
-
-
-def _mean(values: Sequence[Optional[float]], digits: int) -> str:
-    known = [v for v in values if v is not None]
-    return f"{sum(known) / len(known):.{digits}f}" if known and len(known) == len(values) else "-"
-
-
-def _gain(rows: Sequence[ResultRow], base: Mapping[int, float]) -> Optional[tuple[str, str, str]]:
-    """Paired Dice difference to the baseline's Dice by seed: ("+m (n)", "[lo, hi]", mark), None if no pairs."""
-    diffs = [r.dice - base[r.seed] for r in rows if r.seed in base]
-    if not diffs:
-        return None
-    mean, lower, upper = paired_interval(diffs)
-    interval = f"[{lower:+.2f}, {upper:+.2f}]" if lower is not None else "undefined (1 seed)"
-    return f"{mean:+.2f} ({len(diffs)})", interval, verdict(lower, upper)
-
-
-def render_leaderboard(rows: Sequence[ResultRow], baseline: str = "supervised",
-                       not_applicable: Sequence[str] = ()) -> str:
-    """Markdown leaderboard of one setting (one suite, budget, length and recipe).
-
-    Per method: seeds, test Dice % and HD95 as mean ± std (ddof 1) over seeds, the paired difference
-    of Dice to ``baseline`` over the seeds both have, its Student-t 95 % interval and the mark
-    (:func:`minissl.stats.verdict`), CPU seconds per iteration and peak memory (MB) when the runs
-    recorded them ("-" otherwise). The baseline comes first, the others in name order.
-
-    Args:
-        rows: results of one setting (see :func:`load`).
-        baseline: the method the others are paired with.
-        not_applicable: methods that do not apply to the suite, named below the table.
-
-    Raises:
-        ValueError: ``rows`` is empty or mixes settings (the settings found are named).
-    """
-    if not rows:
-        raise ValueError("render_leaderboard: expected at least one result row, got none")
-    settings = sorted({(r.suite, r.setting) for r in rows})
-    if len(settings) > 1:
-        raise ValueError(f"render_leaderboard: expected rows of one suite and setting, got {settings}")
-    suite, setting = settings[0]
-    by_method: dict[str, list[ResultRow]] = {}
-    for r in sorted(rows, key=lambda r: (r.method != baseline, r.method, r.seed)):
-        by_method.setdefault(r.method, []).append(r)
-    base = {r.seed: r.dice for r in by_method.get(baseline, [])}
-    has_hc = any(r.hc_error_mm is not None for r in rows)
-    units = "/".join(sorted({r.hd95_unit for r in rows}))
-    head = ["method", "seeds", "Dice %", f"HD95 {units}"] + (["HC err mm"] if has_hc else []) + [
-        f"Δ Dice vs {baseline} (paired seeds)", "95 % interval", "mark", "CPU s/iter", "peak MB"]
-    r0 = rows[0]
-    title = f"**{suite}**: {r0.budget} labeled, {r0.iters} iterations, {r0.recipe} recipe"
-    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, rs in by_method.items():
-        cells = [method, str(len(rs)), _pm([r.dice for r in rs], 2), _pm([r.hd95 for r in rs], 2)]
-        if has_hc:
-            hc = [r.hc_error_mm for r in rs]
-            cells.append(_pm(hc, 2) if None not in hc else "-")
-        gain = _gain(rs, base) if method != baseline else None
-        cells += list(gain) if gain else ["-", "-", "-"]
-        cells += [_mean([r.cpu_s_per_iter for r in rs], 3), _mean([r.peak_rss_mb for r in rs], 0)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Mean ± std (ddof 1) over seeds of each run's test mean over cases. Δ: Dice of the method minus "
-                  f"{baseline} with the same seed; Student-t 95 % interval with n - 1 degrees of freedom; "
-                  f"ahead or behind only when the interval excludes 0. Peak MB: peak RSS of the run minus RSS once "
-                  f"the model is built."]
-    if not_applicable:
-        lines.append(f"Not applicable to {suite}: {', '.join(sorted(not_applicable))}.")
-    return "\n".join(lines) + "\n"
-
-
-def render_summary(rows: Sequence[ResultRow], baseline: str = "supervised") -> str:
-    """Compact markdown table, method x suite: the paired Dice gain over ``baseline``, its 95 % interval
-    and mark (the baseline's row gives its Dice % as mean ± std); "-" where a method has no run.
-
-    Args:
-        rows: results with one setting per suite (e.g. each suite's default budget and length).
-        baseline: the method the others are paired with.
-
-    Raises:
-        ValueError: ``rows`` is empty or a suite has results of several settings (named).
-    """
-    if not rows:
-        raise ValueError("render_summary: expected at least one result row, got none")
-    settings: dict[str, set[str]] = {}
-    for r in rows:
-        settings.setdefault(r.suite, set()).add(r.setting)
-    mixed = {suite: sorted(s) for suite, s in settings.items() if len(s) > 1}
-    if mixed:
-        raise ValueError(f"render_summary: expected one setting per suite, got {mixed}")
-    suites = sorted(settings)
-    methods = sorted({r.method for r in rows}, key=lambda m: (m != baseline, m))
-    runs = {(s, m): [r for r in rows if r.suite == s and r.method == m] for s in suites for m in methods}
-    lines = ["| method | " + " | ".join(f"{s} ({next(iter(settings[s]))})" for s in suites) + " |",
-             "|" + "---|" * (len(suites) + 1)]
-    for m in methods:
-        cells = []
-        for s in suites:
-            rs, base = runs[(s, m)], {r.seed: r.dice for r in runs[(s, baseline)]}
-            gain = _gain(rs, base) if m != baseline else None
-            cells.append(_pm([r.dice for r in rs], 2) if m == baseline and rs
-                         else f"{gain[0]} {gain[1]} {gain[2]}" if gain else "-")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", f"{baseline}: test Dice % (mean ± std over seeds); others: Dice minus {baseline} with the same "
-                  f"seed, mean (seeds) [Student-t 95 % interval] and mark."]
-    return "\n".join(lines) + "\n"
-
-
-def render_all(root: str | os.PathLike = "results", docs: str | os.PathLike = "docs/results",
-               baseline: str = "supervised",
-               not_applicable: Optional[Mapping[str, Sequence[str]]] = None) -> dict[Path, str]:
-    """Every leaderboard of a results folder: ``{docs/<suite>-<setting>.md: markdown}``.
-
-    Args:
-        root: the results folder.
-        docs: the folder the tables are written to.
-        baseline: see :func:`render_leaderboard`.
-        not_applicable: per suite, the methods that do not apply to it.
-    """
-    groups: dict[tuple[str, str], list[ResultRow]] = {}
-    for r in load(root):
-        groups.setdefault((r.suite, r.setting), []).append(r)
-    skip = not_applicable or {}
-    return {Path(docs) / f"{suite}-{setting}.md": render_leaderboard(rs, baseline, skip.get(suite, ()))
-            for (suite, setting), rs in groups.items()}
-
-
-__all__ = ["FILES", "ResultRow", "is_complete", "load", "missing", "provenance", "read_row", "record",
-           "render_all", "render_leaderboard", "render_summary", "result_dir", "setting_name"]
+__all__ = ["DEFAULT_RECIPE", "FILES", "ResultRow", "is_complete", "load", "missing", "provenance", "read_row",
+           "record", "result_dir", "setting_name"]

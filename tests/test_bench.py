@@ -1,15 +1,40 @@
-from minissl import bench, engine
+import shutil
+from pathlib import Path
+
+from minissl import bench, cli, engine, results
+
+FIXTURE = Path(__file__).parent / "data" / "results_fixture"
 
 
-def test_run_is_read_back_not_retrained(tiny_stores, tmp_path, monkeypatch):
+def test_run_is_recorded_and_read_back_not_retrained(tiny_stores, tmp_path, monkeypatch):
     over = ["--width", "4", "--depth", "2", "--batch_size", "4", "--labeled_bs", "2", "--val_every", "2"]
-    first = bench.run_one("fetal_head", "supervised", 0, None, 2, tmp_path, str(tiny_stores["fetal_head"]), over)
-    assert (tmp_path / "fetal_head" / "supervised-b2-s0" / "metrics.json").is_file()
+    store, runs, res = str(tiny_stores["fetal_head"]), tmp_path / "runs", tmp_path / "results"
+    first = bench.run_one("fetal_head", "supervised", 0, None, 2, runs, store, over, results=res)
+    assert (runs / "fetal_head" / "supervised-b2-s0" / "metrics.json").is_file()
+    assert first.path == res / "fetal_head" / "b2-i2-shared" / "supervised" / "seed0"
+    assert results.is_complete(first.path) and first.hc_error_mm is not None and 0 < first.cpu_s_per_iter
 
-    def no_training(cfg):
+    def no_training(cfg, **kw):
         raise AssertionError("a finished run must be read back")
 
     monkeypatch.setattr(engine, "train", no_training)
-    again = bench.run_one("fetal_head", "supervised", 0, None, 2, tmp_path, str(tiny_stores["fetal_head"]), over)
-    assert again == first and first.hc_error_mm is not None
-    assert 0 < first.cpu_s_per_iter and 0 < first.s_per_iter
+    (first.path / "val_curve.csv").unlink()  # an incomplete result is recorded again from the finished run
+    assert bench.run_one("fetal_head", "supervised", 0, None, 2, runs, store, over, results=res) == first
+    shutil.rmtree(runs)  # a later session: the committed results are enough
+    assert bench.run_one("fetal_head", "supervised", 0, None, 2, runs, store, over, results=res) == first
+    text = bench.bench_methods("fetal_head", ["supervised"], [0], None, 2, str(runs), store, over, str(res))
+    assert "| supervised | 1 | " in text and "**fetal_head**: 2 labeled, 2 iterations, shared recipe" in text
+
+
+def test_bench_render_writes_and_checks_the_tables(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    argv = ["bench", "render", "--results", str(FIXTURE), "--docs", str(docs)]
+    assert cli.main(argv + ["--check"]) == 1  # nothing written yet
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in docs.iterdir()) == ["cardiac-b3-i1200-shared.md", "cardiac-b3-i600-shared.md"]
+    assert cli.main(argv + ["--check"]) == 0
+    table = docs / "cardiac-b3-i600-shared.md"
+    table.write_text(table.read_text().replace("ahead", "behind"))
+    capsys.readouterr()
+    assert cli.main(argv + ["--check"]) == 1
+    assert f"differs from its rendering: {table}" in capsys.readouterr().out

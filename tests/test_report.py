@@ -1,12 +1,14 @@
 """Tables and figures of minissl.report: the table text for given rows, and for figures the axes,
 their titles and the pixel data of the image panels."""
+import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from minissl import ops, report
+from minissl import ops, report, results
 
 
 def _disk(shape, cy, cx, r):
@@ -45,29 +47,69 @@ def test_summary_row_and_columns_from_a_run():
     assert text.splitlines()[2].split() == ["a", "50.00", "1.00", "0.25"]
 
 
-def _bench(method, seed, budget, dice, hd95=1.0, s=0.1, cpu=None, hc=None):
-    return SimpleNamespace(method=method, seed=seed, budget=budget, dice=dice, hd95=hd95, hc_error_mm=hc,
-                           s_per_iter=s, cpu_s_per_iter=cpu)
+FIXTURE = Path(__file__).parent / "data" / "results_fixture"
+FOOT = ("Mean ± std (ddof 1) over seeds of each run's test mean over cases. Δ: Dice of the method minus supervised "
+        "with the same seed; Student-t 95 % interval with n - 1 degrees of freedom; ahead or behind only when the "
+        "interval excludes 0. Peak MB: peak RSS of the run minus RSS once the model is built.")
+
+# Fixture (Dice of seeds 0, 1, 2): supervised 70, 68, 72; mean_teacher 73, 73, 75 (paired +3, +5, +3);
+# cps 66, 69, 70 (-4, +1, -2); ua_mt 60, 62, 61 (-10, -6, -11); bcp seed 0 only: 80 (+10).
+# Half-width t_{0.975,2} * s / sqrt(3) with t_{0.975,2} = 4.3027: mean_teacher s = 1.1547 -> 2.868,
+# cps s = 2.5166 -> 6.252, ua_mt s = 2.6458 -> 6.572.
+EXPECTED = """**cardiac**: 3 labeled, 600 iterations, shared recipe
+
+| method | seeds | Dice % | HD95 px | Δ Dice vs supervised (paired seeds) | 95 % interval | mark \
+| CPU s/iter | peak MB |
+|---|---|---|---|---|---|---|---|---|
+| supervised | 3 | 70.00 ± 2.00 | 6.00 ± 1.00 | - | - | - | 0.100 | 110 |
+| bcp | 1 | 80.00 ± - | 3.00 ± - | +10.00 (1) | undefined (1 seed) | inconclusive | 0.400 | - |
+| cps | 3 | 68.33 ± 2.08 | 8.00 ± 0.00 | -1.67 (3) | [-7.92, +4.58] | inconclusive | 0.300 | - |
+| mean_teacher | 3 | 73.67 ± 1.15 | 4.00 ± 0.00 | +3.67 (3) | [+0.80, +6.54] | ahead | 0.200 | - |
+| ua_mt | 3 | 61.00 ± 1.00 | 9.00 ± 0.00 | -9.00 (3) | [-15.57, -2.43] | behind | 0.200 | - |
+
+""" + FOOT + "\nNot applicable to cardiac: ersr, m3hl.\n"
 
 
-def test_bench_table_mean_std_over_seeds():
-    runs = [_bench("mt", s, 4, d, h) for s, (d, h) in enumerate([(80.0, 2.0), (90.0, 4.0)])]
-    text = report.bench_table(runs)
-    assert "| mt | 4 | 2 | 85.00 ± 5.00 | - | 3.00 ± 1.00 | 0.100 |" in text
-    assert "HC err" not in text and "wall s/iter" in text  # runs without CPU time: wall time, said so
-    runs = [_bench("mt", s, 4, 80.0, 2.0, 0.5, cpu) for s, cpu in enumerate([0.1, 0.3])]
-    assert "| mt | 4 | 2 | 80.00 ± 0.00 | - | 2.00 ± 0.00 | 0.200 |" in report.bench_table(runs)
-    assert "CPU s/iter" in report.bench_table(runs)
+def test_render_leaderboard_from_the_fixture():
+    rows = [r for r in results.load(FIXTURE) if r.iters == 600]
+    assert report.render_leaderboard(rows, not_applicable=["m3hl", "ersr"]) == EXPECTED
 
 
-def test_bench_table_gain_is_paired_by_seed_and_budget():
-    runs = [_bench("supervised", s, 4, d) for s, d in enumerate([60.0, 80.0])]
-    runs += [_bench("mt", s, 4, d) for s, d in enumerate([64.0, 78.0])]
-    runs += [_bench("mt", 0, 8, 99.0)]  # no supervised run at budget 8
-    text = report.bench_table(runs)
-    assert "| mt | 4 | 2 | 71.00 ± 7.00 | +1.00 ± 3.00 (1/2) |" in text  # +4 and -2, not 71 - 70
-    assert "| mt | 8 | 1 | 99.00 ± 0.00 | - |" in text
-    assert "| supervised | 4 | 2 | 70.00 ± 10.00 | - |" in text
+def test_render_all_gives_one_table_per_setting():
+    tables = report.render_all(FIXTURE, docs="docs/results", not_applicable={"cardiac": ["m3hl", "ersr"]})
+    assert sorted(map(str, tables)) == ["docs/results/cardiac-b3-i1200-shared.md",
+                                        "docs/results/cardiac-b3-i600-shared.md"]
+    assert tables[Path("docs/results/cardiac-b3-i600-shared.md")] == EXPECTED
+    longer = tables[Path("docs/results/cardiac-b3-i1200-shared.md")]
+    assert "| supervised | 1 | 75.00 ± - | 4.00 ± - | - | - | - | 0.100 | 100 |" in longer
+
+
+def test_render_refuses_mixed_settings_and_nothing():
+    with pytest.raises(ValueError, match=r"expected rows of one suite and setting, got "
+                                         r"\[\('cardiac', 'b3-i1200-shared'\), \('cardiac', 'b3-i600-shared'\)\]"):
+        report.render_leaderboard(results.load(FIXTURE))
+    with pytest.raises(ValueError, match="expected at least one result row, got none"):
+        report.render_leaderboard([])
+
+
+def test_render_summary_is_method_by_suite():
+    rows = [r for r in results.load(FIXTURE) if r.iters == 600]
+    rows += [dataclasses.replace(r, suite="atrium", budget=4, dice=r.dice + 1) for r in rows
+             if r.method in ("supervised", "mean_teacher")]
+    assert report.render_summary(rows) == """| method | atrium (b4-i600-shared) | cardiac (b3-i600-shared) |
+|---|---|---|
+| supervised | 71.00 ± 2.00 | 70.00 ± 2.00 |
+| bcp | - | +10.00 (1) undefined (1 seed) inconclusive |
+| cps | - | -1.67 (3) [-7.92, +4.58] inconclusive |
+| mean_teacher | +3.67 (3) [+0.80, +6.54] ahead | +3.67 (3) [+0.80, +6.54] ahead |
+| ua_mt | - | -9.00 (3) [-15.57, -2.43] behind |
+
+supervised: test Dice % (mean ± std over seeds); others: Dice minus supervised with the same seed, mean (seeds) \
+[Student-t 95 % interval] and mark.
+"""
+    with pytest.raises(ValueError, match=r"expected one setting per suite, "
+                                         r"got \{'cardiac': \['b3-i1200-shared', 'b3-i600-shared'\]\}"):
+        report.render_summary(results.load(FIXTURE))
 
 
 def test_selection_table_and_figure():
