@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -29,7 +30,7 @@ from .config import load_config
 from .data.sources import open_data
 from .data.store import CaseStore
 from .report import render_all, render_leaderboard
-from .results import DEFAULT_RECIPE, ResultRow, is_complete, read_row, record, result_dir
+from .results import DEFAULT_RECIPE, ResultRow, differences, is_complete, read_row, record, result_dir
 from .run import LAST, Run
 
 
@@ -57,7 +58,12 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     cfg = resolve(cfg, store)
     folder = result_dir(results, store.spec.name, cfg.budget, cfg.max_iters, method, seed,
                         getattr(cfg, "recipe", DEFAULT_RECIPE))
-    if not is_complete(folder):
+    if is_complete(folder):
+        differ = differences(folder, asdict(cfg))
+        if differ:
+            raise ValueError(f"{folder} holds a result with another configuration (fields {differ} differ); "
+                             f"expected the same options, or another --results folder")
+    else:
         run_dir = Path(cfg.out_dir) / f"{method}-b{cfg.budget}-s{seed}"
         cfg.run_name = run_dir.name
         if not ((run_dir / "config.json").is_file() and Run(run_dir).finished):

@@ -131,8 +131,11 @@ def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def _compared(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NOT_COMPARED}
+def differences(folder: str | os.PathLike, config: Mapping[str, Any]) -> list[str]:
+    """The fields of ``config`` whose value differs from the result's ``config.json`` in ``folder``
+    (output and device fields, :data:`NOT_COMPARED`, are not compared), sorted."""
+    old = json.loads((Path(folder) / "config.json").read_text())
+    return sorted(k for k in config if k not in NOT_COMPARED and old.get(k) != config[k])
 
 
 def record(run: Run, root: str | os.PathLike = "results", name: Optional[str] = None) -> Path:
@@ -161,9 +164,7 @@ def record(run: Run, root: str | os.PathLike = "results", name: Optional[str] = 
     dest = result_dir(root, suite, saved["budget"], saved["max_iters"], name or saved["method"], saved["seed"],
                       saved.get("recipe", DEFAULT_RECIPE))
     if is_complete(dest):
-        old = _compared(json.loads((dest / "config.json").read_text()))
-        new = _compared(saved)
-        differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        differ = differences(dest, saved)
         if differ:
             raise ValueError(f"{dest} already holds a result with another configuration (fields {differ} differ "
                              f"from {run.path / 'config.json'}); expected the same configuration, or record it "
@@ -228,5 +229,5 @@ def load(root: str | os.PathLike = "results") -> list[ResultRow]:
     return sorted(rows, key=lambda r: (r.suite, r.budget, r.iters, r.recipe, r.method, r.seed))
 
 
-__all__ = ["DEFAULT_RECIPE", "FILES", "ResultRow", "is_complete", "load", "missing", "provenance", "read_row",
-           "record", "result_dir", "setting_name"]
+__all__ = ["DEFAULT_RECIPE", "FILES", "ResultRow", "differences", "is_complete", "load", "missing", "provenance",
+           "read_row", "record", "result_dir", "setting_name"]

@@ -1,6 +1,8 @@
 import shutil
 from pathlib import Path
 
+import pytest
+
 from minissl import bench, cli, engine, results
 
 FIXTURE = Path(__file__).parent / "data" / "results_fixture"
@@ -22,6 +24,9 @@ def test_run_is_recorded_and_read_back_not_retrained(tiny_stores, tmp_path, monk
     assert bench.run_one("fetal_head", "supervised", 0, None, 2, runs, store, over, results=res) == first
     shutil.rmtree(runs)  # a later session: the committed results are enough
     assert bench.run_one("fetal_head", "supervised", 0, None, 2, runs, store, over, results=res) == first
+    other = r"seed0 holds a result with another configuration \(fields \['width'\] differ\)"
+    with pytest.raises(ValueError, match=other):  # a complete result is reused only for the same options
+        bench.run_one("fetal_head", "supervised", 0, None, 2, runs, store, over + ["--width", "8"], results=res)
     text = bench.bench_methods("fetal_head", ["supervised"], [0], None, 2, str(runs), store, over, str(res))
     assert "| supervised | 1 | " in text and "**fetal_head**: 2 labeled, 2 iterations, shared recipe" in text
 
