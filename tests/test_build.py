@@ -2,6 +2,7 @@
 switches, fallback, and the wheel shipping the kernel sources."""
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,7 @@ def fresh_state(monkeypatch):
     """A build state as in a new process (restored afterwards, so the real extension stays loaded)."""
     monkeypatch.setattr(_build, "_state", {"tried": False, "path": None, "error": None, "seconds": None,
                                            "build_dir": None, "compiled": False})
+    monkeypatch.setattr(_build, "_cuda", {"path": None, "why": None, "warned": False})
     monkeypatch.delenv("MINISSL_NO_EXT", raising=False)
     monkeypatch.delenv("MINISSL_REQUIRE_EXT", raising=False)
 
@@ -225,3 +227,50 @@ def test_wheel_ships_the_kernel_sources(tmp_path):
     assert {"minissl/_csrc/ops.cpp", "minissl/_csrc/checks.h", "minissl/_csrc/cuda/bindings.cpp"} <= expected
     assert expected <= names, sorted(expected - names)
     assert "minissl/ops/_build.py" in names and "minissl/ops/benchmark.py" in names
+
+
+def test_failed_cuda_build_keeps_the_cpu_kernels_and_warns_once_why(fresh_state, monkeypatch, tmp_path):
+    """Finding 7: one extension held both, so an nvcc failure also disabled the CPU kernels."""
+    def broken():
+        raise RuntimeError("Error building extension 'minissl_ext_cuda'\nnvcc fatal : Unsupported gpu architecture")
+
+    real_dir = _build.build_directory
+    monkeypatch.setattr(_build, "build_directory", lambda key, cuda: tmp_path / key if cuda else real_dir(key, cuda))
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(_build, "with_cuda", lambda: True)
+    monkeypatch.setattr(_build, "_build_cuda", broken)
+    assert _build.load() is not None and _build.get_kernel("mix", "cpu") is not None
+    log = tmp_path / _build.cache_key(_build.sources(True), _build.build_flags()) / "build.log"
+    assert "nvcc fatal : Unsupported gpu architecture" in log.read_text()
+    why = (r"no CUDA kernels \(the CUDA kernels failed to build: Error building extension 'minissl_ext_cuda' "
+           rf"\(log: {re.escape(str(log))}\)\); ops on CUDA tensors run the pure-PyTorch reference")
+    with pytest.warns(RuntimeWarning, match=why) as rec:
+        assert _build.get_kernel("mix", "cuda") is None
+        assert _build.get_kernel("dice_ce_entropy", "cuda") is None
+    assert len(rec) == 1
+    assert "failed to build" in ops.kernel_status().cuda
+    monkeypatch.setattr(_build, "with_cuda", lambda: False)
+    _build._load_cuda()
+    assert _build.cuda_unavailable_reason() == "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+
+
+def test_cuda_loss_above_32_channels_runs_the_reference_with_one_warning(monkeypatch):
+    """The CUDA kernel refuses C > 32; the dispatch decision is the Python side's: the reference, one warning."""
+    kernel = object()
+    monkeypatch.setattr(_build, "get_kernel", lambda name, device_type="cpu": kernel)
+    monkeypatch.setattr(ops, "_warned", set())
+    cuda = torch.device("cuda")
+    assert ops._dce_kernel(cuda, 32) is kernel and ops._dce_kernel(torch.device("cpu"), 33) is kernel
+    with pytest.warns(RuntimeWarning, match=r"dice_ce_entropy: the CUDA kernel takes at most 32 channels, got "
+                                            r"C = 33; using the pure-PyTorch reference") as rec:
+        assert ops._dce_kernel(cuda, 33) is None
+        assert ops._dce_kernel(cuda, 40) is None
+    assert len(rec) == 1
+
+
+def test_value_checks_on_a_gpu_only_with_the_debug_switch(monkeypatch):
+    """Finding 5: reading labels or boxes of GPU tensors on the host is a synchronisation per call."""
+    monkeypatch.delenv("MINISSL_DEBUG_CHECKS", raising=False)
+    assert ops.reads_values(torch.device("cpu")) and not ops.reads_values(torch.device("cuda"))
+    monkeypatch.setenv("MINISSL_DEBUG_CHECKS", "1")
+    assert ops.reads_values(torch.device("cuda"))
