@@ -23,6 +23,8 @@ Environment:
     MINISSL_REQUIRE_EXT=1  a failed build raises instead of falling back (CI sets it).
     MINISSL_BUILD_VERBOSE=1  show the compiler commands.
     MINISSL_BUILD_LOCK_TIMEOUT=<seconds>  how long to wait for another process's build.
+    MINISSL_DEBUG_CHECKS=1  also check label and box values of GPU tensors on the host (a synchronisation
+                            per call; off by default: an out-of-range label makes the CUDA loss NaN).
 Otherwise a failed build falls back to the reference ops with one warning; the next process tries
 the build again.
 """
