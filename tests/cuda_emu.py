@@ -150,7 +150,7 @@ def build(cache: Optional[Path] = None) -> Path:
         units = [EMU / "runtime.cpp", EMU / "capi.cpp"]
         for cu in [*cus, EMU / "selftest.cu"]:
             unit = folder / f"{cu.stem}.emu.cpp"
-            unit.write_text(rewrite(cu.read_text(), cu))
+            unit.write_text(rewrite(cu.read_text(encoding="utf-8"), cu), encoding="utf-8")
             units.append(unit)
 
         def compile_one(unit: Path) -> Path:
@@ -183,7 +183,7 @@ def run_tsan(cache: Optional[Path] = None) -> subprocess.CompletedProcess:
     units = [EMU / "runtime.cpp", EMU / "tsan_main.cpp"]
     for cu in sorted((CSRC / "cuda").glob("*.cu")):
         unit = folder / f"{cu.stem}.emu.cpp"
-        unit.write_text(rewrite(cu.read_text(), cu))
+        unit.write_text(rewrite(cu.read_text(encoding="utf-8"), cu), encoding="utf-8")
         units.append(unit)
     exe = folder / "tsan_main"
     subprocess.run(["g++", *flags, "-o", str(exe), *map(str, units)], check=True)

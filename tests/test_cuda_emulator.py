@@ -360,7 +360,7 @@ def test_every_global_kernel_runs(emu):
     """One small case per op; the launch log must show every __global__ kernel of csrc/cuda/*.cu."""
     kernels = set()
     for cu in (cuda_emu.CSRC / "cuda").glob("*.cu"):
-        kernels |= cuda_emu.global_kernels(cu.read_text())
+        kernels |= cuda_emu.global_kernels(cu.read_text(encoding="utf-8"))
     for dtype, target in ((torch.float32, "hard"), (torch.float64, "soft")):
         logits, t, w = _dce_inputs(2, 3, (4, 4), dtype, target, True)
         stats = emu.dice_ce_entropy(logits, t, w)

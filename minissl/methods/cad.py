@@ -11,8 +11,7 @@ for a confident cell. CAD makes the displacement adaptive:
 These sit in a Mean-Teacher + Cross-Pseudo-Supervision (CPS) framework.
 
 No official code exists ("released after publication"); the abstract gives no threshold, size or
-schedule. Everything below that is not in the two bullets above is minissl's design (marked GUESS),
-following ``reference/methods.md`` §6.
+schedule. Everything below that is not in the two bullets above is minissl's design (marked GUESS).
 
 Equations (q = mean of the two EMA teachers' softmax on x_u; t = step / max_iters):
 
