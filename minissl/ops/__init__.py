@@ -85,7 +85,8 @@ class KernelStatus:
         rows = [f"  {op:19s} kernel on: {', '.join(self.kernels.get(op, ())) or '-':9s} calls: "
                 f"{', '.join(f'{k} {v}' for k, v in sorted(self.calls.get(op, {}).items())) or '-'}"
                 for op in KERNEL_OPS]
-        return "\n".join([head, *rows])
+        cuda = [f"  no CUDA kernels: {self.cuda}"] if self.path and self.cuda else []
+        return "\n".join([head, *cuda, *rows])
 
 
 def kernel_status() -> KernelStatus:
