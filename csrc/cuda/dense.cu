@@ -6,9 +6,9 @@
 // registers, each warp reduces them with shuffles, the block adds the per-warp partials from shared
 // memory (8 x (3C+3) values: at most 6.2 KiB for C = 32 in float64) and writes one partial per sum and
 // block to a workspace; a second kernel adds the partials of each sample in block order. No float atomics:
-// the sums are bit-identical from run to run (deterministic always, whatever
-// torch.use_deterministic_algorithms says). The per-thread arrays hold K class slots, the smallest of 2, 4, 8, 16, 32 that
-// fits C. Backward: one thread per voxel, no reduction.
+// the sums are bit-identical from run to run, always (torch.use_deterministic_algorithms needs nothing
+// more). The per-thread arrays hold K class slots, the smallest of 2, 4, 8, 16, 32 that fits C.
+// Backward: one thread per voxel, no reduction.
 #include <cuda_runtime.h>
 
 #include <algorithm>

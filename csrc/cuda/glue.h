@@ -66,8 +66,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                            ws.data_ptr(), Dev::stream(lg)));
   });
   if (hard) poison_if_bad(acc, bad);
-  return {acc.slice(1, 0, C).contiguous(), acc.slice(1, C, 2 * C).contiguous(), acc.slice(1, 2 * C, 3 * C).contiguous(),
-          acc.select(1, 3 * C).contiguous(), acc.select(1, 3 * C + 1).contiguous(), acc.select(1, 3 * C + 2).contiguous()};
+  const auto sums = [&](int64_t k) { return acc.slice(1, k * C, (k + 1) * C).contiguous(); };  // (B, C)
+  const auto scalar = [&](int64_t k) { return acc.select(1, 3 * C + k).contiguous(); };      // (B,)
+  return {sums(0), sums(1), sums(2), scalar(0), scalar(1), scalar(2)};
 }
 
 template <class Dev>
