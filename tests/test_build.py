@@ -229,15 +229,21 @@ def test_wheel_ships_the_kernel_sources(tmp_path):
     assert "minissl/ops/_build.py" in names and "minissl/ops/benchmark.py" in names
 
 
-def test_failed_cuda_build_keeps_the_cpu_kernels_and_warns_once_why(fresh_state, monkeypatch, tmp_path):
+def test_failed_cuda_build_keeps_the_cpu_kernels_and_warns_once_why(monkeypatch, tmp_path):
     """Finding 7: one extension held both, so an nvcc failure also disabled the CPU kernels."""
     def broken():
         raise RuntimeError("Error building extension 'minissl_ext_cuda'\nnvcc fatal : Unsupported gpu architecture")
 
-    real_dir = _build.build_directory
+    cpu_path = _build.load()  # the real CPU extension, loaded once per process (a second build would re-register)
+    if cpu_path is None:
+        pytest.skip("MINISSL_NO_EXT=1: compiled kernels disabled")
+    monkeypatch.setattr(_build, "_state", {"tried": False, "path": None, "error": None, "seconds": None,
+                                           "build_dir": None, "compiled": False})
+    monkeypatch.setattr(_build, "_cuda", {"path": None, "why": None, "warned": False})
+    monkeypatch.setattr(_build, "_build", lambda: cpu_path)
+    real_dir, real_blocker = _build.build_directory, _build.cuda_build_blocker
     monkeypatch.setattr(_build, "build_directory", lambda key, cuda: tmp_path / key if cuda else real_dir(key, cuda))
-    monkeypatch.setattr(torch.version, "cuda", "12.4")
-    monkeypatch.setattr(_build, "with_cuda", lambda: True)
+    monkeypatch.setattr(_build, "cuda_build_blocker", lambda: None)  # as with a CUDA torch and nvcc
     monkeypatch.setattr(_build, "_build_cuda", broken)
     assert _build.load() is not None and _build.get_kernel("mix", "cpu") is not None
     log = tmp_path / _build.cache_key(_build.sources(True), _build.build_flags()) / "build.log"
@@ -249,9 +255,11 @@ def test_failed_cuda_build_keeps_the_cpu_kernels_and_warns_once_why(fresh_state,
         assert _build.get_kernel("dice_ce_entropy", "cuda") is None
     assert len(rec) == 1
     assert "failed to build" in ops.kernel_status().cuda
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert real_blocker() == "this torch was built without CUDA"
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setattr(_build, "with_cuda", lambda: False)
-    _build._load_cuda()
-    assert _build.cuda_unavailable_reason() == "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+    assert real_blocker() == "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
 
 
 def test_cuda_loss_above_32_channels_runs_the_reference_with_one_warning(monkeypatch):

@@ -224,12 +224,8 @@ def load() -> Optional[str]:
 
 def _load_cuda() -> None:
     """Build and load the CUDA extension when torch has CUDA; on failure keep the reason (and the log)."""
-    _cuda["path"] = _cuda["why"] = None
-    if torch.version.cuda is None:
-        _cuda["why"] = "this torch was built without CUDA"
-        return
-    if not with_cuda():
-        _cuda["why"] = "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+    _cuda["path"], _cuda["why"] = None, cuda_build_blocker()
+    if _cuda["why"] is not None:
         return
     try:
         _cuda["path"] = _build_cuda()
@@ -241,6 +237,15 @@ def _load_cuda() -> None:
         _cuda["why"] = f"the CUDA kernels failed to build: {first} (log: {log})"
         if _flag("MINISSL_REQUIRE_EXT"):
             raise RuntimeError(f"minissl: {_cuda['why']} and MINISSL_REQUIRE_EXT=1") from err
+
+
+def cuda_build_blocker() -> Optional[str]:
+    """Why the CUDA extension cannot even be built here (None: it can)."""
+    if torch.version.cuda is None:
+        return "this torch was built without CUDA"
+    if not with_cuda():
+        return "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+    return None
 
 
 def _compile(name: str, srcs: list[Path], cuda: bool, what: str) -> tuple[str, Path, bool]:
