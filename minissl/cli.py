@@ -1,4 +1,4 @@
-"""Command line: ``minissl demo | train | eval | data make <suite> | methods | bench``.
+"""Command line: ``minissl demo | train | eval | predict | data make|prepare | methods | bench``.
 
 Examples::
 
@@ -8,7 +8,9 @@ Examples::
     minissl train --method mean_teacher --suite cardiac --iters 300
     minissl train --run_name my-run --resume true  # continue an interrupted run (same options)
     minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
+    minissl predict runs/cardiac-mean_teacher-b4-s0 scan.nii.gz slice.png -o masks/   # masks in the inputs' formats
     minissl data make atrium
+    minissl data prepare hc18 ~/raw/HC18 ~/data/hc18   # convert a downloaded dataset (acdc la pancreas hc18 psfh)
     minissl methods
     minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2
     minissl bench ops
@@ -55,28 +57,6 @@ def _overrides(tokens: Sequence[str]) -> list[str]:
             out += [key, "true"]
             i += 1
     return out
-
-
-def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """A plain-text table: ``columns`` = [(key, header), ...]; floats with 2 decimals."""
-    cells = [[h for _, h in columns]]
-    for r in rows:
-        cells.append([f"{r[k]:.2f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k, _ in columns])
-    widths = [max(len(row[j]) for row in cells) for j in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def summary_row(name: str, result) -> dict:
-    """One table row from a RunResult: mean over test cases (and classes) of each metric."""
-    t = result.test
-    row = {"method": name, "dice": 100 * t["dice"]["mean"], "hd95": t["hd95"]["mean"],
-           "s_per_iter": result.seconds_per_iter}
-    if "hc_error_mm" in t:
-        row["hc_error_mm"] = t["hc_error_mm"]["mean"]
-    return row
 
 
 def _option_lines(cls: type) -> list[str]:
@@ -134,6 +114,7 @@ def _method_in(tokens: Sequence[str], config: Optional[str]) -> Optional[str]:
 def cmd_train(tokens: Sequence[str]) -> int:
     from .config import load_config
     from .engine import train
+    from .report import format_table, summary_row, table_columns
 
     p = _Parser(prog="minissl train", add_help=False)
     p.add_argument("--config", help="a .json/.yaml file of overrides")
@@ -149,15 +130,6 @@ def cmd_train(tokens: Sequence[str]) -> int:
     print(f"best validation Dice {result.best_val_dice:.4f} at iteration {result.best_step}")
     print(format_table([summary_row(cfg.method, result)], table_columns(result)))
     return 0
-
-
-def table_columns(*results) -> list[tuple[str, str]]:
-    """Columns of the comparison table for these RunResults (HC error only when a run has it)."""
-    unit = results[0].test_rows[0].get("unit", "px") if results and results[0].test_rows else "px"
-    cols = [("method", "method"), ("dice", "Dice %"), ("hd95", f"HD95 {unit}")]
-    if any("hc_error_mm" in r.test for r in results):
-        cols.append(("hc_error_mm", "HC err mm"))
-    return cols + [("s_per_iter", "s/iter")]
 
 
 def cmd_eval(tokens: Sequence[str]) -> int:
@@ -185,10 +157,43 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     return 0
 
 
+def cmd_predict(tokens: Sequence[str]) -> int:
+    from .data.formats import SUFFIXES
+    from .data.store import INTENSITIES
+    from .engine import check_device
+    from .inference import predict_files
+    from .run import Run
+
+    p = _Parser(prog="minissl predict", description="Segment image files with a trained run; each mask is written "
+                f"to OUT under the input's name, format and geometry ({' '.join(SUFFIXES)}).")
+    p.add_argument("run_dir")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("-o", "--out", required=True, help="folder of the masks")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--intensity", choices=INTENSITIES, default=None,
+                   help="intensity normalisation (default: the one of the run's data, suite spec 'intensity')")
+    args = p.parse_args(tokens)
+    run = Run(args.run_dir)
+    method = run.load_method(device=check_device(args.device))
+    for path in predict_files(method.predict, run.suite_spec(), args.inputs, args.out, args.device, args.intensity):
+        print(path)
+    return 0
+
+
 def cmd_data(tokens: Sequence[str]) -> int:
     from .data import phantoms
 
-    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite.")
+    if tokens[:1] == ["prepare"]:  # minissl data prepare <dataset> <raw_dir> <out_dir> [converter options]
+        from .data.sources import CONVERTERS, converter
+
+        if len(tokens) < 2 or tokens[1] in ("-h", "--help"):
+            print(f"usage: minissl data prepare {{{','.join(CONVERTERS)}}} RAW_DIR OUT_DIR [options]; "
+                  f"minissl data prepare DATASET --help lists a converter's options",
+                  file=sys.stdout if len(tokens) > 1 else sys.stderr)
+            return 0 if len(tokens) > 1 else 2
+        return converter(tokens[1]).main(tokens[2:])
+    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite, or convert a dataset "
+                "(minissl data prepare DATASET RAW_DIR OUT_DIR).")
     p.add_argument("action", choices=["make"])
     p.add_argument("suite")
     p.add_argument("--root", default=None)
@@ -237,7 +242,7 @@ def cmd_bench(tokens: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "data": cmd_data,
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "data": cmd_data,
             "methods": cmd_methods, "bench": cmd_bench}
 
 
