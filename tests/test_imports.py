@@ -20,7 +20,7 @@ def _is_type_checking(node: ast.If) -> bool:
 
 def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
     """The minissl modules that ``path`` (module ``name``) imports anywhere in its body."""
-    tree = ast.parse(path.read_text(), str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node)
                for n in ast.walk(node)}

@@ -5,7 +5,10 @@
 // Connected components: union-find over voxels (Playne & Hawick 2018). Every foreground voxel
 // starts as its own root; one pass unites it with the same-valued earlier voxels of its
 // 8 (2D) / 26 (3D) neighbourhood with atomicMin, always hanging the larger root under the smaller,
-// so a root is the first voxel of its component in C order; one pass flattens the forest. Sizes are
+// so a root is the first voxel of its component in C order; one pass flattens the forest. Labels are
+// int32 voxel indices local to their sample (the forest of sample b lives at parent + b N), so a batch
+// may hold any number of voxels as long as each sample has fewer than 2^31; loops stride over the
+// batch in 64-bit indices, and per-sample kernels stride the samples over gridDim.y. Sizes are
 // counted per root (warp-aggregated atomics), and the largest component of each (sample, class) is
 // picked with one 64-bit atomicMax of (size << 32 | ~index): larger first, then earlier in raster
 // order, the reference's tie rule.
@@ -73,11 +76,11 @@ __device__ __forceinline__ int64_t class_of(const T* v, int64_t i) {
   return static_cast<int64_t>(v[i]);
 }
 
-// Labels are global voxel indices (b * N + local), parent -1 for background.
+// Labels are voxel indices local to the sample (i - b N), parent -1 for background.
 template <typename T, bool kBinary>
-__global__ void ccl_init(const T* v, int32_t* parent, int64_t total) {
+__global__ void ccl_init(const T* v, int32_t* parent, int64_t total, int64_t N) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
-    parent[i] = class_of<T, kBinary>(v, i) != 0 ? static_cast<int32_t>(i) : -1;
+    parent[i] = class_of<T, kBinary>(v, i) != 0 ? static_cast<int32_t>(i % N) : -1;
 }
 
 template <typename T, bool kBinary>
@@ -85,33 +88,38 @@ __global__ void ccl_merge(const T* v, int32_t* parent, int64_t total, int64_t D,
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     if (parent[i] < 0) continue;
     const int64_t c = class_of<T, kBinary>(v, i);
-    const int64_t x = i % W, y = (i / W) % H, z = (i / (W * H)) % D;
+    const int64_t k = i % (D * H * W);
+    int32_t* p = parent + (i - k);  // the sample's forest
+    const int64_t x = k % W, y = (k / W) % H, z = k / (W * H);
     for (int dz = (D > 1 ? -1 : 0); dz <= 0; ++dz)
       for (int dy = -1; dy <= 1; ++dy)
         for (int dx = -1; dx <= 1; ++dx) {
           if (dz == 0 && (dy > 0 || (dy == 0 && dx >= 0))) continue;  // earlier neighbours only
           const int64_t zz = z + dz, yy = y + dy, xx = x + dx;
           if (zz < 0 || yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
-          const int64_t j = i + (dz * H + dy) * W + dx;
-          if (parent[j] >= 0 && class_of<T, kBinary>(v, j) == c)
-            unite(parent, static_cast<int32_t>(i), static_cast<int32_t>(j));
+          const int64_t j = k + (dz * H + dy) * W + dx;
+          if (p[j] >= 0 && class_of<T, kBinary>(v, i - k + j) == c)
+            unite(p, static_cast<int32_t>(k), static_cast<int32_t>(j));
         }
   }
 }
 
-__global__ void ccl_flatten(int32_t* parent, int64_t total) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
-    if (parent[i] >= 0) parent[i] = find_root(parent, static_cast<int32_t>(i));
+__global__ void ccl_flatten(int32_t* parent, int64_t total, int64_t N) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = i % N;
+    if (parent[i] >= 0) parent[i] = find_root(parent + (i - k), static_cast<int32_t>(k));
+  }
 }
 
 // count[root] += 1 per voxel, one atomic per distinct root in a warp. One thread per voxel.
-__global__ void ccl_count(const int32_t* parent, int32_t* count, int64_t total) {
+__global__ void ccl_count(const int32_t* parent, int32_t* count, int64_t total, int64_t N) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   const int32_t r = i < total ? parent[i] : -1;
+  const int64_t root = r >= 0 ? i - i % N + r : -1;  // global index of the root (a warp may span samples)
   const unsigned active = __ballot_sync(0xffffffffu, r >= 0);
   if (r >= 0) {
-    const unsigned peers = __match_any_sync(active, r);
-    if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&count[r], __popc(peers));
+    const unsigned peers = __match_any_sync(active, root);
+    if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&count[root], __popc(peers));
   }
 }
 
@@ -120,10 +128,10 @@ template <typename T, bool kBinary>
 __global__ void ccl_best(const T* v, const int32_t* parent, const int32_t* count, unsigned long long* best,
                          int64_t total, int64_t N, int64_t nc) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    if (parent[i] != i) continue;
+    const int64_t b = i / N;
+    if (parent[i] != i - b * N) continue;
     const int64_t c = class_of<T, kBinary>(v, i);
     if (c < 1 || c >= nc) continue;
-    const int64_t b = i / N;
     const int64_t slot = kBinary ? b : b * nc + c;  // binary masks: one slot per sample
     const unsigned long long key = (static_cast<unsigned long long>(count[i]) << 32) |
                                    (0xffffffffull - static_cast<unsigned long long>(i - b * N));
@@ -131,8 +139,9 @@ __global__ void ccl_best(const T* v, const int32_t* parent, const int32_t* count
   }
 }
 
-__device__ __forceinline__ int64_t best_root(unsigned long long key, int64_t b, int64_t N) {
-  return key == 0 ? -1 : b * N + static_cast<int64_t>(0xffffffffull - (key & 0xffffffffull));
+// Local index of the root of the best component (-1: none).
+__device__ __forceinline__ int32_t best_root(unsigned long long key) {
+  return key == 0 ? -1 : static_cast<int32_t>(0xffffffffull - (key & 0xffffffffull));
 }
 
 template <typename T>
@@ -142,7 +151,7 @@ __global__ void lc_write(const T* v, const int32_t* parent, const unsigned long 
     const T x = v[i];
     const int64_t c = static_cast<int64_t>(x);
     const int64_t b = i / N;
-    const bool drop = c >= 1 && c < nc && parent[i] != best_root(best[b * nc + c], b, N);
+    const bool drop = c >= 1 && c < nc && parent[i] != best_root(best[b * nc + c]);
     out[i] = drop ? T(0) : x;
   }
 }
@@ -154,10 +163,10 @@ const char* label(const T* v, int32_t* parent, int32_t* count, unsigned long lon
   cudaMemsetAsync(count, 0, sizeof(int32_t) * total, s);
   cudaMemsetAsync(best, 0, sizeof(unsigned long long) * B * (kBinary ? 1 : nc), s);
   const unsigned g = blocks_for(total, 4);
-  ccl_init<T, kBinary><<<g, kThreads, 0, s>>>(v, parent, total);
+  ccl_init<T, kBinary><<<g, kThreads, 0, s>>>(v, parent, total, N);
   ccl_merge<T, kBinary><<<g, kThreads, 0, s>>>(v, parent, total, D, H, W);
-  ccl_flatten<<<g, kThreads, 0, s>>>(parent, total);
-  ccl_count<<<blocks_for(total), kThreads, 0, s>>>(parent, count, total);
+  ccl_flatten<<<g, kThreads, 0, s>>>(parent, total, N);
+  ccl_count<<<blocks_for(total), kThreads, 0, s>>>(parent, count, total, N);
   ccl_best<T, kBinary><<<g, kThreads, 0, s>>>(v, parent, count, best, total, N, nc);
   return last_error();
 }
@@ -170,31 +179,34 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
-// bbox[4 b ..] = (x0, y0, x1, y1) of the largest component of sample b (grid: (chunks, B)).
-__global__ void fit_bbox(const int32_t* parent, const unsigned long long* best, int32_t* bbox, int64_t H, int64_t W) {
-  const int64_t b = blockIdx.y, N = H * W;
-  const int64_t root = best_root(best[b], b, N);
-  if (root < 0) return;
-  int32_t x0 = INT32_MAX, y0 = INT32_MAX, x1 = -1, y1 = -1;
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
-    if (parent[b * N + k] != root) continue;
-    const int32_t x = static_cast<int32_t>(k % W), y = static_cast<int32_t>(k / W);
-    x0 = min(x0, x);
-    x1 = max(x1, x);
-    y0 = min(y0, y);
-    y1 = max(y1, y);
-  }
-  for (int o = 16; o > 0; o >>= 1) {
-    x0 = min(x0, __shfl_down_sync(0xffffffffu, x0, o));
-    y0 = min(y0, __shfl_down_sync(0xffffffffu, y0, o));
-    x1 = max(x1, __shfl_down_sync(0xffffffffu, x1, o));
-    y1 = max(y1, __shfl_down_sync(0xffffffffu, y1, o));
-  }
-  if ((threadIdx.x & 31) == 0 && x1 >= 0) {
-    atomicMin(&bbox[4 * b + 0], x0);
-    atomicMin(&bbox[4 * b + 1], y0);
-    atomicMax(&bbox[4 * b + 2], x1);
-    atomicMax(&bbox[4 * b + 3], y1);
+// bbox[4 b ..] = (x0, y0, x1, y1) of the largest component of sample b (grid: (chunks, samples)).
+__global__ void fit_bbox(const int32_t* parent, const unsigned long long* best, int32_t* bbox, int64_t B, int64_t H,
+                         int64_t W) {
+  const int64_t N = H * W;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int32_t root = best_root(best[b]);
+    if (root < 0) continue;
+    int32_t x0 = INT32_MAX, y0 = INT32_MAX, x1 = -1, y1 = -1;
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
+      if (parent[b * N + k] != root) continue;
+      const int32_t x = static_cast<int32_t>(k % W), y = static_cast<int32_t>(k / W);
+      x0 = min(x0, x);
+      x1 = max(x1, x);
+      y0 = min(y0, y);
+      y1 = max(y1, y);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      x0 = min(x0, __shfl_down_sync(0xffffffffu, x0, o));
+      y0 = min(y0, __shfl_down_sync(0xffffffffu, y0, o));
+      x1 = max(x1, __shfl_down_sync(0xffffffffu, x1, o));
+      y1 = max(y1, __shfl_down_sync(0xffffffffu, y1, o));
+    }
+    if ((threadIdx.x & 31) == 0 && x1 >= 0) {
+      atomicMin(&bbox[4 * b + 0], x0);
+      atomicMin(&bbox[4 * b + 1], y0);
+      atomicMax(&bbox[4 * b + 2], x1);
+      atomicMax(&bbox[4 * b + 3], y1);
+    }
   }
 }
 
@@ -206,32 +218,36 @@ constexpr int32_t kExterior = -2;
 
 __global__ void ext_init(const int32_t* parent, const unsigned long long* best, int32_t* par2, int64_t total,
                          int64_t N) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
-    par2[i] = parent[i] == best_root(best[i / N], i / N, N) ? -1 : static_cast<int32_t>(i);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / N;
+    par2[i] = parent[i] == best_root(best[b]) ? -1 : static_cast<int32_t>(i - b * N);
+  }
 }
 
 __global__ void ext_merge(int32_t* par2, int64_t total, int64_t H, int64_t W) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     if (par2[i] < 0) continue;
-    const int64_t x = i % W, y = (i / W) % H;
-    if (x > 0 && par2[i - 1] >= 0) unite(par2, static_cast<int32_t>(i), static_cast<int32_t>(i - 1));
-    if (y > 0 && par2[i - W] >= 0) unite(par2, static_cast<int32_t>(i), static_cast<int32_t>(i - W));
+    const int64_t k = i % (H * W), x = k % W, y = k / W;
+    int32_t* p = par2 + (i - k);
+    if (x > 0 && p[k - 1] >= 0) unite(p, static_cast<int32_t>(k), static_cast<int32_t>(k - 1));
+    if (y > 0 && p[k - W] >= 0) unite(p, static_cast<int32_t>(k), static_cast<int32_t>(k - W));
   }
 }
 
 // After ccl_flatten: every pixel not in the component points at its root, so only roots are written.
 __global__ void ext_mark(int32_t* par2, int64_t total, int64_t H, int64_t W) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t x = i % W, y = (i / W) % H;
+    const int64_t k = i % (H * W), x = k % W, y = k / W;
     if (x != 0 && x != W - 1 && y != 0 && y != H - 1) continue;
     const int32_t r = par2[i];
-    if (r >= 0) par2[r] = kExterior;
+    if (r >= 0) par2[i - k + r] = kExterior;
   }
 }
 
-// Pixel j (in the image, not in the component) is outside it: background connected to the border.
-__device__ __forceinline__ bool exterior(const int32_t* par2, int64_t j) {
-  const int32_t r = par2[j];
+// Pixel k of a sample (par2 of the sample; in the image, not in the component) is outside it:
+// background connected to the border.
+__device__ __forceinline__ bool exterior(const int32_t* par2, int64_t k) {
+  const int32_t r = par2[k];
   return r == kExterior || (r >= 0 && par2[r] == kExterior);
 }
 
@@ -241,40 +257,43 @@ __device__ __forceinline__ void frame_of(const int32_t* bb, double& cx, double& 
   scale = 0.5 * max(bb[2] - bb[0], bb[3] - bb[1]) + 0.5;
 }
 
-// Moments of the edge midpoints of the largest component (grid: (chunks, B); moments zeroed).
+// Moments of the edge midpoints of the largest component (grid: (chunks, samples); moments zeroed).
 __global__ void fit_moments(const int32_t* parent, const int32_t* par2, const unsigned long long* best,
-                            const int32_t* bbox, double* moments, int64_t H, int64_t W) {
-  const int64_t b = blockIdx.y, N = H * W;
-  const int64_t root = best_root(best[b], b, N);
-  if (root < 0) return;
-  double cx, cy, scale;
-  frame_of(bbox + 4 * b, cx, cy, scale);
-  const double inv = 1.0 / scale;
-  ellipse::Moments m;
-  ellipse::moments_zero(m);
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = b * N + k;
-    if (parent[i] != root) continue;
-    const int64_t x = k % W, y = k / W;
-    const double u = (x - cx) * inv, v = (y - cy) * inv, h = 0.5 * inv;
-    // Outer edges only: the 4-neighbour is off-image or exterior (a 4-neighbour in the mask is in the
-    // component, and a hole pixel is inside the filled component).
-    if (x == 0 || exterior(par2, i - 1)) ellipse::moments_add(m, u - h, v);
-    if (x == W - 1 || exterior(par2, i + 1)) ellipse::moments_add(m, u + h, v);
-    if (y == 0 || exterior(par2, i - W)) ellipse::moments_add(m, u, v - h);
-    if (y == H - 1 || exterior(par2, i + W)) ellipse::moments_add(m, u, v + h);
-  }
+                            const int32_t* bbox, double* moments, int64_t B, int64_t H, int64_t W) {
   __shared__ double part[kThreads / 32][15];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int j = 0; j < 15; ++j) {
-    const double s = warp_sum(m.m[j]);
-    if (lane == 0) part[warp][j] = s;
-  }
-  __syncthreads();
-  if (threadIdx.x < 15) {
-    double s = 0.0;
-    for (int w = 0; w < kThreads / 32; ++w) s += part[w][threadIdx.x];
-    if (s != 0.0) atomicAdd(&moments[15 * b + threadIdx.x], s);
+  const int64_t N = H * W;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int32_t root = best_root(best[b]);
+    if (root < 0) continue;  // the same for the whole block: no barrier is skipped by some threads only
+    const int32_t* pb = par2 + b * N;
+    double cx, cy, scale;
+    frame_of(bbox + 4 * b, cx, cy, scale);
+    const double inv = 1.0 / scale;
+    ellipse::Moments m;
+    ellipse::moments_zero(m);
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < N; k += int64_t(gridDim.x) * blockDim.x) {
+      if (parent[b * N + k] != root) continue;
+      const int64_t x = k % W, y = k / W;
+      const double u = (x - cx) * inv, v = (y - cy) * inv, h = 0.5 * inv;
+      // Outer edges only: the 4-neighbour is off-image or exterior (a 4-neighbour in the mask is in the
+      // component, and a hole pixel is inside the filled component).
+      if (x == 0 || exterior(pb, k - 1)) ellipse::moments_add(m, u - h, v);
+      if (x == W - 1 || exterior(pb, k + 1)) ellipse::moments_add(m, u + h, v);
+      if (y == 0 || exterior(pb, k - W)) ellipse::moments_add(m, u, v - h);
+      if (y == H - 1 || exterior(pb, k + W)) ellipse::moments_add(m, u, v + h);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int j = 0; j < 15; ++j) {
+      const double s = warp_sum(m.m[j]);
+      if (lane == 0) part[warp][j] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < 15) {
+      double s = 0.0;
+      for (int w = 0; w < kThreads / 32; ++w) s += part[w][threadIdx.x];
+      if (s != 0.0) atomicAdd(&moments[15 * b + threadIdx.x], s);
+    }
+    __syncthreads();  // part is reused by the next sample
   }
 }
 
@@ -398,6 +417,10 @@ const char* refine_launch(const T* probs, const double* params, const bool* vali
 
 // ---- launchers ---------------------------------------------------------------------------------------
 
+const char* per_sample_limit(int64_t N) {
+  return N >= INT32_MAX ? "minissl: CUDA connected components expect fewer than 2^31 voxels per sample" : nullptr;
+}
+
 size_t largest_component_workspace(int64_t B, int64_t N, int64_t num_classes) {
   return sizeof(int32_t) * 2 * B * N + sizeof(unsigned long long) * B * num_classes;
 }
@@ -406,6 +429,7 @@ const char* largest_component(const void* labels, void* out, int elem_size, int6
                               int64_t W, int64_t num_classes, void* workspace, void* stream) {
   const int64_t N = D * H * W, total = B * N;
   if (total == 0) return nullptr;
+  if (const char* err = per_sample_limit(N)) return err;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int32_t* parent = static_cast<int32_t*>(workspace);
   int32_t* count = parent + total;
@@ -447,19 +471,20 @@ const char* fit_ellipse(const uint8_t* masks, int64_t B, int64_t H, int64_t W, v
     cudaMemsetAsync(valid, 0, sizeof(bool) * B, s);
     return last_error();
   }
+  if (const char* err = per_sample_limit(N)) return err;
   if (const char* err = label<uint8_t, true>(masks, parent, count, best, B, 1, H, W, 2, s)) return err;
   int32_t* par2 = count;  // the sizes are no longer needed: the hole labelling reuses the buffer
   const unsigned g = blocks_for(total, 4);
   ext_init<<<g, kThreads, 0, s>>>(parent, best, par2, total, N);
   ext_merge<<<g, kThreads, 0, s>>>(par2, total, H, W);
-  ccl_flatten<<<g, kThreads, 0, s>>>(par2, total);
+  ccl_flatten<<<g, kThreads, 0, s>>>(par2, total, N);
   ext_mark<<<g, kThreads, 0, s>>>(par2, total, H, W);
   cudaMemsetAsync(moments, 0, sizeof(double) * 15 * B, s);
   bbox_init<<<blocks_for(4 * B), kThreads, 0, s>>>(bbox, B);
   const int64_t chunks = (N + 4 * kThreads - 1) / (4 * kThreads);
-  const dim3 grid(static_cast<unsigned>(chunks < 1 ? 1 : chunks), static_cast<unsigned>(B));
-  fit_bbox<<<grid, kThreads, 0, s>>>(parent, best, bbox, H, W);
-  fit_moments<<<grid, kThreads, 0, s>>>(parent, par2, best, bbox, moments, H, W);
+  const dim3 grid(static_cast<unsigned>(chunks < 1 ? 1 : chunks), static_cast<unsigned>(B < 65535 ? B : 65535));
+  fit_bbox<<<grid, kThreads, 0, s>>>(parent, best, bbox, B, H, W);
+  fit_moments<<<grid, kThreads, 0, s>>>(parent, par2, best, bbox, moments, B, H, W);
   fit_solve<<<blocks_for(B), kThreads, 0, s>>>(best, bbox, moments, params, valid, B);
   return last_error();
 }

@@ -11,7 +11,7 @@ namespace minissl {
 namespace cuda {
 
 // ---- dense.cu ------------------------------------------------------------------
-// Max channels of the fused loss on CUDA (per-thread registers).
+// Max channels of the fused loss on CUDA (per-thread registers); more gives an error string naming C.
 constexpr int kMaxClasses = 32;
 
 // Fused Dice/CE/entropy forward. logits (B, C, N); exactly one of labels (B, N) int64 / soft (B, C, N)
@@ -46,12 +46,14 @@ const char* mix(const void* a, const void* b, void* out, int64_t elem_size, int6
 // Workspaces are device buffers of the given byte sizes, allocated by the caller (no alignment beyond 8).
 
 // Largest component per class of labels viewed as (B, D, H, W) (D = 1: 2D 8-conn, else 3D 26-conn),
-// elements of elem_size 1 (uint8/bool) or 8 (int64); out has the same layout. Requires B*D*H*W < 2^31.
+// elements of elem_size 1 (uint8/bool) or 8 (int64); out has the same layout. Requires D*H*W < 2^31 per
+// sample (any batch size).
 size_t largest_component_workspace(int64_t B, int64_t N, int64_t num_classes);
 const char* largest_component(const void* labels, void* out, int elem_size, int64_t B, int64_t D, int64_t H,
                               int64_t W, int64_t num_classes, void* workspace, void* stream);
 
 // Batched ellipse fit of masks (B, H, W) (non-zero = foreground) -> params (B, 5) f64, valid (B,) bool.
+// Requires H*W < 2^31.
 size_t fit_ellipse_workspace(int64_t B, int64_t H, int64_t W);
 const char* fit_ellipse(const uint8_t* masks, int64_t B, int64_t H, int64_t W, void* workspace, double* params,
                         bool* valid, void* stream);

@@ -227,8 +227,8 @@ MINISSL_HD inline Frame make_frame(const double* params) {
   f.cy = params[1];
   f.c = cos(params[4]);
   f.s = sin(params[4]);
-  f.a = params[2];
-  f.b = params[3];
+  f.a = fmax(params[2], 1e-12);  // clamped as the reference does: all-zero params give a large finite d
+  f.b = fmax(params[3], 1e-12);
   return f;
 }
 
@@ -246,10 +246,12 @@ MINISSL_HD inline double vpow(double x, double y) { return pow(x, y); }
 
 // ERSR rule in the dtype T of the probabilities (d already rounded to T, as the reference does):
 // inside (d <= 1) max(P, clip(fill_base + (1 - d)^fill_power, 0, 1)); outside P exp(-decay (d - 1)).
+// The default power 2 is a product, as torch computes x ** 2 (pow may differ in the last bit).
 template <typename T>
 MINISSL_HD inline T refine(T p, T d, T fill_base, T fill_power, T decay) {
   if (d <= T(1)) {
-    const T fill = vmin(vmax(fill_base + vpow(T(1) - d, fill_power), T(0)), T(1));
+    const T q = T(1) - d;
+    const T fill = vmin(vmax(fill_base + (fill_power == T(2) ? q * q : vpow(q, fill_power)), T(0)), T(1));
     return vmax(p, fill);
   }
   return p * vexp(-decay * (d - T(1)));
