@@ -2,7 +2,8 @@
 
 Install with ``pip install -e .``. The C++/CUDA kernels are not built here: they are JIT-compiled
 with ninja on first use (``minissl/ops/_build.py``). Their sources live in ``csrc/`` at the top
-level; a regular (non-editable) install copies them into the package as ``minissl/_csrc``.
+level; a regular (non-editable) install copies them into the package as ``minissl/_csrc``, and the
+dataset converters of ``data_scripts/`` as ``minissl/_data_scripts`` (``minissl data prepare`` runs them).
 """
 import shutil
 from pathlib import Path
@@ -14,11 +15,14 @@ ROOT = Path(__file__).parent
 
 
 class BuildPyWithKernelSources(build_py):
-    """build_py that also ships ``csrc/`` inside the package (``minissl/_csrc``)."""
+    """build_py that also ships ``csrc/`` and ``data_scripts/`` inside the package (``minissl/_csrc``,
+    ``minissl/_data_scripts``)."""
 
     def run(self) -> None:
         super().run()
-        shutil.copytree(ROOT / "csrc", Path(self.build_lib) / "minissl" / "_csrc", dirs_exist_ok=True)
+        for folder, shipped in (("csrc", "_csrc"), ("data_scripts", "_data_scripts")):
+            shutil.copytree(ROOT / folder, Path(self.build_lib) / "minissl" / shipped, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 setup(

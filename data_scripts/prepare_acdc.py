@@ -15,7 +15,7 @@ Command::
 
 Output (``minissl.data.store`` layout; ``minissl.data.sources.open_data(OUT_DIR)`` opens it)::
 
-    OUT_DIR/suite.json                         suite "acdc": 2D, 4 classes, patch 256x256
+    OUT_DIR/suite.json                         suite "acdc": 2D, 4 classes, slices zoomed to 256x256 (SSL4MIS)
     OUT_DIR/cases/patient001_frame01.h5        image float32 (Z, Y, X) in [0, 1], label uint8, spacing
     OUT_DIR/splits/{train,val,test}.txt        frames (both frames of a patient in one split)
     OUT_DIR/splits/labeled_<n>_seed<k>.txt     n = 1, 3, 7, 14 patients, k = 0-4
@@ -202,7 +202,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budgets: Sequence[int] 
         spec = SuiteSpec(name="acdc", spatial_dims=2, num_classes=len(CLASSES), patch_size=(256, 256),
                          n_train=len(splits["train"]), n_val=len(splits["val"]), n_test=len(splits["test"]),
                          default_budget=max(1, min(7, n_train_p)), default_iters=30000, class_names=CLASSES,
-                         description="ACDC cine MRI, ED and ES frames, RV/MYO/LV (SSL4MIS patient splits)")
+                         zoom=True, description="ACDC cine MRI, ED and ES frames, RV/MYO/LV (SSL4MIS patient splits)")
         write_store(root, spec, splits, common.suite_extra(
             NAME, digest, {str(b): b for b in written}, options,
             split_rule="SSL4MIS patient lists; other patients seeded 70/10/20"), written, train_patients)

@@ -178,6 +178,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, margin: int = 15, min_s
         spec = SuiteSpec(name="la", spatial_dims=3, num_classes=len(CLASSES), patch_size=PATCH,
                          n_train=len(train), n_val=len(val), n_test=len(split["test"]),
                          default_budget=max(1, min(8, len(train))), default_iters=15000, class_names=CLASSES,
+                         intensity="zscore",
                          description="LA LGE-MRI (2018 challenge), cropped around the atrium, z-scored (UA-MT lists)")
         write_store(root, spec, splits, common.suite_extra(
             NAME, digest, {str(b): b for b in written}, options,

@@ -219,6 +219,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, spacing: Sequence[float
         spec = SuiteSpec(name="pancreas", spatial_dims=3, num_classes=len(CLASSES), patch_size=PATCH,
                          n_train=len(train), n_val=len(val), n_test=len(split["test"]),
                          default_budget=max(1, min(6, len(train))), default_iters=15000, class_names=CLASSES,
+                         intensity="zscore",
                          description="NIH Pancreas-CT, HU window [-125, 275], 1 mm, cropped around the pancreas")
         write_store(root, spec, {"train": train, "val": val, "test": split["test"]}, common.suite_extra(
             NAME, digest, {str(b): b for b in written}, options,

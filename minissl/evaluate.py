@@ -65,7 +65,7 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], cases: Sequence[Any]
     Args:
         model: callable x (B, 1, *P) -> logits (B, C, *P), on ``device``.
         cases: objects with ``id``, ``image``, ``label``, ``spacing``, ``meta`` (``minissl.data.store.Case``).
-        spec: object with ``spatial_dims``, ``num_classes``, ``patch_size`` and ``class_names``.
+        spec: object with ``spatial_dims``, ``num_classes``, ``patch_size``, ``class_names`` (and ``zoom``).
         device: where inference runs.
         batch_size: slices or windows per forward pass.
         overlap: 3D sliding-window overlap.
@@ -75,7 +75,8 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], cases: Sequence[Any]
     """
     rows = []
     for case in cases:
-        pred = predict_case(model, case.image, spec.spatial_dims, spec.patch_size, batch_size, device, overlap)
+        pred = predict_case(model, case.image, spec.spatial_dims, spec.patch_size, batch_size, device, overlap,
+                            getattr(spec, "zoom", False))
         rows += case_rows(pred, case, spec)
     return rows
 

@@ -2,14 +2,20 @@
 
 * ``spatial_dims=2``: a (Y, X) image is one slice, a (Z, Y, X) volume is Z slices, predicted in batches of
   ``batch_size``. When the slice size differs from ``patch_size`` each batch is resized to the patch with
-  bilinear interpolation (align_corners=False), and the logits are resized back to (Y, X) the same way
-  before softmax/argmax, so labels are decided at the original resolution (SSL4MIS instead zooms the
-  hard labels back with nearest neighbour). ``patch_size=None`` predicts slices at their own size.
-* ``spatial_dims=3``: a (Z, Y, X) volume smaller than the patch is zero-padded symmetrically to the patch
+  bilinear interpolation (``transforms.resize``, align_corners=False, as training zooms with
+  ``SuiteSpec.zoom``), and the logits are resized back to (Y, X) the same way before softmax/argmax, so
+  labels are decided at the original resolution (SSL4MIS instead zooms the hard labels back with nearest
+  neighbour). ``patch_size=None`` predicts slices at their own size.
+* ``spatial_dims=3`` with ``zoom=True`` (suites trained on whole volumes zoomed to the patch): the volume
+  is resized to ``patch_size`` (trilinear), predicted in one pass and the logits resized back.
+* ``spatial_dims=3`` otherwise: a (Z, Y, X) volume smaller than the patch is zero-padded symmetrically to the patch
   (extra voxel at the end), then windows of ``patch_size`` start every ``int(patch * (1 - overlap))``
   voxels per axis (the last window flush with the end); the softmax probabilities of overlapping windows
   are averaged with equal weight and the padding is cropped off. This is MONAI's
   ``sliding_window_inference`` with ``mode="constant"`` (tested against it).
+
+:func:`predict_files` segments users' image files (NIfTI, NRRD, MHA/MHD, PNG, HDF5; ``minissl predict``)
+and writes each mask in its input's format and geometry (:mod:`minissl.data.formats`).
 
 The model is any callable x (B, 1, *P) -> logits (B, C, *P) already on ``device``; an ``nn.Module`` (or the
 module of a bound method such as ``Method.predict``) is switched to eval mode for the call and restored
@@ -22,10 +28,17 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from itertools import product
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .data.formats import read_image, suffix, write_mask
+from .data.store import SuiteSpec
+from .data.transforms import normalise, resize
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -51,21 +64,16 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)                             # (B, C, *P)
 
 
-def _predict_slices(model: Model, image: torch.Tensor, patch_size: Sequence[int] | None,
-                    batch_size: int) -> torch.Tensor:
-    size = tuple(image.shape[-2:])
-    slices = image.reshape(-1, 1, *size)                            # (N, 1, Y, X)
+def _predict_resized(model: Model, image: torch.Tensor, spatial_dims: int, patch_size: Sequence[int] | None,
+                     batch_size: int) -> torch.Tensor:
+    size = tuple(image.shape[-spatial_dims:])
+    items = image.reshape(-1, 1, *size)                             # (N, 1, *S): slices, or one volume
     out = []
-    for start in range(0, slices.shape[0], batch_size):
-        x = slices[start:start + batch_size]                        # (b, 1, Y, X)
-        resize = patch_size is not None and tuple(patch_size) != size
-        if resize:
-            x = F.interpolate(x, size=tuple(patch_size), mode="bilinear", align_corners=False)
-        logits = model(x)                                           # (b, C, *patch)
-        if resize:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        out.append(_probs(logits.float()))                          # (b, C, Y, X)
-    probs = torch.cat(out)                                          # (N, C, Y, X)
+    for start in range(0, items.shape[0], batch_size):
+        x = items[start:start + batch_size]                         # (b, 1, *S)
+        logits = model(resize(x, patch_size or size))               # (b, C, *patch)
+        out.append(_probs(resize(logits.float(), size)))            # (b, C, *S)
+    probs = torch.cat(out)                                          # (N, C, *S)
     return probs.movedim(1, 0).reshape(-1, *image.shape)            # (C, *image.shape)
 
 
@@ -100,7 +108,7 @@ def _predict_windows(model: Model, image: torch.Tensor, patch_size: Sequence[int
 
 def predict_probs(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: int,
                   patch_size: Sequence[int] | None, batch_size: int = 8, device: str | torch.device = "cpu",
-                  overlap: float = 0.5) -> np.ndarray:
+                  overlap: float = 0.5, zoom: bool = False) -> np.ndarray:
     """Class probabilities of a whole case.
 
     Args:
@@ -111,6 +119,8 @@ def predict_probs(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: 
         batch_size: slices or windows per forward pass.
         device: where the image goes.
         overlap: fraction of a 3D window shared with its neighbour, in [0, 1).
+        zoom: 3D only: predict the whole volume resized to ``patch_size`` (``SuiteSpec.zoom``) instead
+            of sliding windows at native resolution (2D slices are always resized to ``patch_size``).
 
     Returns:
         float32 array (C, *image.shape) (C = 2 for one-channel sigmoid models).
@@ -127,8 +137,8 @@ def predict_probs(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: 
     if not 0 <= overlap < 1 or batch_size < 1:
         raise ValueError(f"overlap must be in [0, 1) and batch_size >= 1, got {overlap} and {batch_size}")
     with _eval_mode(model):
-        if spatial_dims == 2:
-            probs = _predict_slices(model, image, patch_size, batch_size)
+        if spatial_dims == 2 or zoom:
+            probs = _predict_resized(model, image, spatial_dims, patch_size, batch_size)
         else:
             probs = _predict_windows(model, image, patch_size, batch_size, overlap)
     return probs.cpu().numpy()
@@ -136,7 +146,7 @@ def predict_probs(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: 
 
 def predict_case(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: int,
                  patch_size: Sequence[int] | None, batch_size: int = 8, device: str | torch.device = "cpu",
-                 overlap: float = 0.5) -> np.ndarray:
+                 overlap: float = 0.5, zoom: bool = False) -> np.ndarray:
     """Label map (int64, same shape as ``image``) = argmax of :func:`predict_probs` (same arguments).
 
     Example:
@@ -145,5 +155,61 @@ def predict_case(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: i
         >>> predict_case(net, np.zeros((3, 20, 20)), 2, (16, 16)).shape
         (3, 20, 20)
     """
-    probs = predict_probs(model, image, spatial_dims, patch_size, batch_size, device, overlap)
+    probs = predict_probs(model, image, spatial_dims, patch_size, batch_size, device, overlap, zoom)
     return probs.argmax(0).astype(np.int64)
+
+
+def predict_files(model: Model, spec: SuiteSpec, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  device: str | torch.device = "cpu", intensity: str | None = None, batch_size: int = 8,
+                  overlap: float = 0.5) -> list[Path]:
+    """Segment image files with a trained model; each mask goes to ``out_dir/<input file name>``.
+
+    What a file goes through is what the run's cases went through (read from its suite spec):
+
+    * intensity: ``spec.intensity`` ("minmax", "zscore" or "none": what the store's images went
+      through, over the whole image or volume; ``intensity`` overrides it). A store that also
+      clipped (e.g. the Pancreas-CT HU window) or cropped its images expects inputs treated alike.
+    * resampling: as the run's validation and test: 2D runs resize each slice to ``spec.patch_size``
+      and the logits back; 3D runs slide ``patch_size`` windows at the file's own voxel grid (or, with
+      ``spec.zoom``, zoom the volume to the patch and back). Voxel spacing is not resampled.
+    * dimensions: a 2D run segments a (Z, Y, X) volume slice by slice along Z (the NIfTI's third
+      axis, SimpleITK's / NRRD's slowest); a 3D run refuses a 2D image.
+
+    Args:
+        model: callable x (B, 1, *P) -> logits (B, C, *P), on ``device`` (``Run.load_method().predict``).
+        spec: the run's ``SuiteSpec`` (``spatial_dims``, ``patch_size``, ``num_classes``, ``zoom``, ``intensity``).
+        inputs: image files (:data:`minissl.data.formats.SUFFIXES`).
+        out_dir: folder of the masks (created); it may not hold an input under its own name.
+        device: where inference runs.
+        intensity: override of ``spec.intensity``.
+        batch_size, overlap: as :func:`predict_probs`.
+
+    Returns:
+        The mask files written, in the order of ``inputs``.
+
+    Raises:
+        ValueError: an unsupported or unreadable file, two inputs of one name, an output that would
+            overwrite its input, or a 2D image for a 3D run (every input is checked before any is predicted).
+    """
+    out_dir, paths = Path(out_dir), [Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("expected at least one input image, got none")
+    for p in paths:
+        suffix(p)  # unsupported types fail before anything is read
+    names = [p.name for p in paths]
+    if dup := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"inputs share the file names {dup}: their masks would overwrite each other in {out_dir}")
+    for p in paths:
+        if (out_dir / p.name).resolve() == p.resolve():
+            raise ValueError(f"{p}: the mask would overwrite its input; choose another output folder than {out_dir}")
+    files = [read_image(p) for p in paths]
+    for f in files:
+        if spec.spatial_dims == 3 and f.image.ndim != 3:
+            raise ValueError(f"{f.path}: a 3D run (patch {tuple(spec.patch_size)}, (Z, Y, X)) needs a 3D volume, "
+                             f"got a 2D image of shape {f.image.shape}")
+    written = []
+    for f in files:
+        image = normalise(f.image, intensity or spec.intensity)
+        mask = predict_case(model, image, spec.spatial_dims, spec.patch_size, batch_size, device, overlap, spec.zoom)
+        written.append(write_mask(out_dir / f.path.name, mask, f))
+    return written

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny stores made from the embedded generators (fast enough for CI)."""
 from __future__ import annotations
 
+import locale
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,18 @@ from minissl.data import phantoms
 from minissl.data.store import write_case, write_store
 
 CI = os.environ.get("MINISSL_CI", "0") == "1"
+
+
+@pytest.fixture(autouse=True)
+def process_locale_unchanged():
+    """Fail a test that leaves the process locale changed: later tests in the same worker (and torch,
+    which reads its own files with the default encoding) would then decode text as ASCII."""
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    after = locale.setlocale(locale.LC_ALL)
+    if after != before:
+        locale.setlocale(locale.LC_ALL, before)
+        pytest.fail(f"the test changed the process locale from {before!r} to {after!r}")
 
 TINY = {  # suite -> (generator kwargs, patch size)
     "fetal_head": ({"size": 32}, (32, 32)),

@@ -1,5 +1,5 @@
 """minissl.ops._build: sources, cache key, build folder, the build lock, the build announcement, env
-switches, fallback, and the wheel shipping the kernel sources."""
+switches, fallback, and the wheel shipping the kernel sources and the dataset converters."""
 import os
 import platform
 import shutil
@@ -17,6 +17,7 @@ import torch
 
 from minissl import ops
 from minissl.ops import _build
+from test_data_scripts import HC18_STEMS, write_hc18  # tiny raw HC18 folder
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
@@ -206,11 +207,12 @@ def test_required_build_failure_raises(fresh_state, monkeypatch):
             _build.get_kernel("dice_ce_entropy")
 
 
-def test_wheel_ships_the_kernel_sources(tmp_path):
-    """A regular (non-editable) install gets csrc/ as minissl/_csrc, where _build finds it."""
+def test_wheel_ships_the_kernel_sources_and_the_converters(tmp_path):
+    """A regular (non-editable) install gets csrc/ as minissl/_csrc, where _build finds it, and
+    data_scripts/ as minissl/_data_scripts, from where ``minissl data prepare`` runs a converter."""
     src = tmp_path / "src"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "_csrc")
-    for name in ("minissl", "csrc"):
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "_csrc", "_data_scripts")
+    for name in ("minissl", "csrc", "data_scripts"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     for name in ("setup.py", "MANIFEST.in", "README.md"):
         if (ROOT / name).is_file():
@@ -225,3 +227,13 @@ def test_wheel_ships_the_kernel_sources(tmp_path):
     assert {"minissl/_csrc/ops.cpp", "minissl/_csrc/checks.h", "minissl/_csrc/cuda/bindings.cpp"} <= expected
     assert expected <= names, sorted(expected - names)
     assert "minissl/ops/_build.py" in names and "minissl/ops/benchmark.py" in names
+    scripts = {f"minissl/_data_scripts/{p.name}" for p in (ROOT / "data_scripts").glob("*.py")}
+    assert {"minissl/_data_scripts/_common.py", "minissl/_data_scripts/prepare_hc18.py"} <= scripts <= names
+    site = tmp_path / "site"  # the wheel unpacked, away from the source checkout
+    zipfile.ZipFile(wheel).extractall(site)
+    write_hc18(tmp_path / "raw", HC18_STEMS)
+    res = subprocess.run([sys.executable, "-m", "minissl.cli", "data", "prepare", "hc18", str(tmp_path / "raw"),
+                          str(tmp_path / "hc18")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(site), "MINISSL_NO_EXT": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "HC18: 11 annotated images" in res.stdout and (tmp_path / "hc18" / "suite.json").is_file()

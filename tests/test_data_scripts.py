@@ -7,6 +7,8 @@ result through the data's one door (``minissl.data.sources.open_data``, then ``c
 from __future__ import annotations
 
 import json
+import locale
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -184,8 +186,20 @@ def test_la_missing_label_names_file_and_leaves_nothing(tmp_path):
 
 # ----------------------------------------------------------------------------- Pancreas-CT (DICOM + NIfTI)
 def write_dicom_series(folder: Path, image: sitk.Image) -> None:
-    """One CT series, one file per slice, with the position and orientation tags GDCM sorts by."""
+    """One CT series, one file per slice, with the position and orientation tags GDCM sorts by.
+
+    GDCM's DICOM writer leaves the process locale at "C" (ASCII text decoding for everything after
+    it in the process), so the locale is restored after writing.
+    """
     folder.mkdir(parents=True)
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(folder, image)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(folder: Path, image: sitk.Image) -> None:
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetSize()[2]):
@@ -355,6 +369,21 @@ def test_hc18_rerun_is_idempotent_and_foreign_folders_are_refused(tmp_path, caps
     with pytest.raises(ValueError, match="prepare_psfh did not write"):  # another converter's store
         prepare_psfh.prepare(tmp_path / "psfh_raw", out)
     assert open_data(out).spec.name == "hc18"
+
+
+def test_hc18_through_minissl_data_prepare(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "hc18"
+    write_hc18(raw, HC18_STEMS)
+    res = subprocess.run([sys.executable, "-m", "minissl.cli", "data", "prepare", "hc18", str(raw), str(out),
+                          "--budget-percents", "50"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "MINISSL_NO_EXT": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "HC18: 11 annotated images" in res.stdout
+    check_store(out, {4: 4})
+    res = subprocess.run([sys.executable, "-m", "minissl.cli", "data", "prepare", "hc19", str(raw), str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 2 and "unknown dataset 'hc19': expected one of ['acdc', 'la'" in res.stderr
 
 
 def test_hc18_runs_as_a_script(tmp_path):

@@ -66,3 +66,91 @@ def test_bad_input():
         predict_case(net, np.zeros((16, 16)), 2, (8, 8, 8))
     with pytest.raises(ValueError, match=r"overlap must be in \[0, 1\)"):
         predict_case(net, np.zeros((8, 8, 8)), 3, (8, 8, 8), overlap=1.0)
+
+
+@pytest.fixture(scope="module")
+def cardiac_run(tiny_stores, tmp_path_factory):
+    """A tiny trained 2D run (4 classes, patch 32x32)."""
+    from minissl import engine
+    from minissl.config import load_config
+
+    cfg = load_config(method="supervised", data_root=str(tiny_stores["cardiac"]), width=4, depth=2, batch_size=2,
+                      labeled_bs=2, max_iters=2, out_dir=str(tmp_path_factory.mktemp("runs")), progress=False)
+    return engine.train(cfg).run_dir
+
+
+def test_predict_writes_masks_in_the_inputs_format_and_geometry(cardiac_run, tmp_path):
+    import nibabel as nib
+    import SimpleITK as sitk
+    from PIL import Image
+
+    from minissl import cli
+    from minissl.data.transforms import normalise
+    from minissl.run import Run
+
+    rng = np.random.default_rng(1)
+    volume = rng.random((40, 36, 3)).astype(np.float32) * 900 - 100  # (X, Y, Z), not in [0, 1]
+    affine = np.array([[0.0, -1.3, 0.2, 40.0], [0.7, 0.0, 0.0, -9.0], [0.0, 0.1, 3.0, 2.5], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / "scan.nii.gz"))
+    Image.fromarray(rng.integers(0, 256, (50, 30, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    img = sitk.GetImageFromArray(volume.T.copy())  # (Z, Y, X)
+    img.SetSpacing((0.7, 1.3, 3.0))
+    img.SetOrigin((5.0, -2.0, 1.0))
+    img.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(tmp_path / "scan.mha"))
+    inputs = [str(tmp_path / n) for n in ("scan.nii.gz", "photo.png", "scan.mha")]
+    assert cli.main(["predict", str(cardiac_run), *inputs, "-o", str(tmp_path / "masks")]) == 0
+
+    out = nib.load(str(tmp_path / "masks" / "scan.nii.gz"))
+    assert out.shape == volume.shape and np.allclose(out.affine, affine) and out.get_data_dtype() == np.uint8
+    mask = np.asarray(out.dataobj)
+    assert mask.min() >= 0 and mask.max() < 4
+    run = Run(cardiac_run)
+    spec, method = run.suite_spec(), run.load_method()
+    expected = predict_case(method.predict, normalise(volume.T, spec.intensity), 2, spec.patch_size)  # slice by slice
+    assert np.array_equal(mask.T, expected)
+    with Image.open(tmp_path / "masks" / "photo.png") as im:
+        assert im.mode == "L" and im.size == (30, 50) and np.asarray(im).max() < 4
+    a, b = img, sitk.ReadImage(str(tmp_path / "masks" / "scan.mha"))
+    assert (b.GetSize(), b.GetSpacing(), b.GetOrigin(), b.GetDirection()) == \
+        (a.GetSize(), a.GetSpacing(), a.GetOrigin(), a.GetDirection())
+    assert np.array_equal(sitk.GetArrayFromImage(b), expected)
+
+
+def test_predict_refuses_unsupported_files_and_2d_images_for_3d_runs(cardiac_run, tmp_path, capsys):
+    from PIL import Image
+
+    from minissl import cli
+    from minissl.data.phantoms import SUITES
+    from minissl.inference import predict_files
+
+    (tmp_path / "x.jpg").write_bytes(b"\xff\xd8")
+    assert cli.main(["predict", str(cardiac_run), str(tmp_path / "x.jpg"), "-o", str(tmp_path / "m")]) == 2
+    assert "x.jpg: unsupported file type; expected one of .nii, .nii.gz" in capsys.readouterr().err
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "flat.png")
+    with pytest.raises(ValueError, match=r"flat\.png: a 3D run .* needs a 3D volume, got a 2D image of shape \(16, 16"):
+        predict_files(_net(3), SUITES["atrium"], [tmp_path / "flat.png"], tmp_path / "m")
+    with pytest.raises(ValueError, match="the mask would overwrite its input"):
+        predict_files(_net(2), SUITES["cardiac"], [tmp_path / "flat.png"], tmp_path)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("intensity", ["minmax", "zscore", "none"])
+def test_predict_files_normalises_as_the_run_s_data(tmp_path, intensity):
+    import dataclasses
+
+    import nibabel as nib
+
+    from minissl.data.phantoms import SUITES
+    from minissl.inference import predict_files
+
+    def two_classes(x):  # class 1 where the normalised intensity exceeds 0.5 (zscore: 0)
+        t = 0.0 if intensity == "zscore" else 0.5
+        return torch.cat([t - x, x - t], dim=1)  # (B, 2, H, W)
+
+    volume = np.random.default_rng(2).uniform(100, 300, (12, 8, 2)).astype(np.float32)  # (X, Y, Z)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "v.nii"))
+    spec = dataclasses.replace(SUITES["fetal_head"], patch_size=(8, 12), intensity=intensity)
+    (out,) = predict_files(two_classes, spec, [tmp_path / "v.nii"], tmp_path / "m")
+    threshold = {"minmax": (volume.min() + volume.max()) / 2, "zscore": volume.mean(), "none": 0.5}[intensity]
+    assert np.array_equal(np.asarray(nib.load(str(out)).dataobj), volume > threshold)

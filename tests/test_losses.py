@@ -126,6 +126,24 @@ def test_pseudo_label_loss():
         losses.pseudo_label_loss(logits, q[:, :2])
 
 
+def region_dice_ce(logits, target, region):
+    """BCP's masked (Dice + CE) / 2 over one region, written out with plain torch ops."""
+    ce = F.cross_entropy(logits, target, reduction="none")[region].mean()
+    p, t = torch.softmax(logits, 1), F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+    r = region[:, None].to(logits.dtype)
+    inter, psum, tsum = [(v * r).sum((0, 2, 3)) for v in (p * t, p * p, t)]  # (C,) pooled over the batch
+    dice = (1 - (2 * inter + 1e-10) / (psum + tsum + 1e-10)).mean()
+    return (dice + ce) / 2
+
+
+def test_copy_paste_loss_normalises_each_region_separately():
+    logits, target, g = _data(C=4, spatial=(10, 10), B=3)
+    region = torch.rand(3, 10, 10, generator=g) < 0.3
+    gt, pl = losses.copy_paste_loss(logits, target, region.double())
+    torch.testing.assert_close(gt, region_dice_ce(logits, target, region))
+    torch.testing.assert_close(pl, region_dice_ce(logits, target, ~region))
+
+
 def test_gradients_flow_to_logits_only():
     logits, target, g = _data()
     logits.requires_grad_(True)

@@ -1,4 +1,6 @@
-"""M3HL's parts: per-sample block mask ratio, mutual mixes, high (cosine) and low (L1) feature losses."""
+"""M3HL's parts: per-sample block mask ratio, the high (cosine) and low (L1) feature losses by hand and
+inside ``training_step``. The mutual mixes are ``labeled_unlabeled_mixes`` (tests/test_methods.py)."""
+import math
 from dataclasses import replace
 
 import pytest
@@ -10,10 +12,10 @@ from minissl.data import phantoms
 from minissl.methods.m3hl import M3HL, feature_losses
 
 
-def make(spatial=(16, 16)):
+def make(spatial=(16, 16), **args):
     suite = "cardiac" if len(spatial) == 2 else "atrium"
     spec = replace(phantoms.SUITES[suite], patch_size=spatial)
-    cfg = load_config(method="m3hl", max_iters=10, width=4, depth=2, progress=False)
+    cfg = load_config(method="m3hl", max_iters=10, width=4, depth=2, progress=False, method_args=args)
     torch.manual_seed(0)
     return M3HL(cfg, spec)
 
@@ -30,19 +32,6 @@ def test_block_mask_ratio(spatial):
     assert len({tuple(b.flatten().tolist()) for b in blocks}) > 1  # drawn anew for every sample
 
 
-def test_mutual_mix_targets():
-    spatial, n = (16, 16), 2
-    const = [torch.full((n, 1, *spatial), float(v)) for v in (1, 2, 3, 4)]  # L_a, L_b, U_a, U_b
-    labels = [torch.full((n, *spatial), v, dtype=torch.int64) for v in (1, 2, 3, 0)]  # Y_a, Y_b, PL_a, PL_b
-    blocks = make().block_mask(const[0])
-    (x1, t1, g1), (x2, t2, g2) = M3HL.mutual_mix(const[0], labels[0], const[1], labels[1], const[2], labels[2],
-                                                 const[3], labels[3], blocks)
-    m = ops.region_mask(spatial, blocks=blocks)  # (n, *S) M
-    assert torch.equal(x1[:, 0], torch.where(m, 3.0, 1.0)) and torch.equal(t1, torch.where(m, 3, 1))
-    assert torch.equal(x2[:, 0], torch.where(m, 2.0, 4.0)) and torch.equal(t2, torch.where(m, 2, 0))
-    assert torch.equal(g1, (~m).float()) and torch.equal(g2, m.float())  # ground truth on the labeled blocks
-
-
 def test_feature_losses_by_hand():
     e = torch.eye(3)
     high_s = [e[0].view(1, 3, 1, 1), e[0].view(1, 3, 1, 1)]
@@ -54,32 +43,42 @@ def test_feature_losses_by_hand():
     assert low.item() == pytest.approx((0 + 3 + 1 + 2) / 4)
 
 
-def test_feature_losses_match_torch():
-    g = torch.Generator().manual_seed(0)
-    hs, ht = [torch.randn(3, 8, 2, 2, generator=g) for _ in range(2)], [torch.randn(3, 8, 2, 2, generator=g)
-                                                                       for _ in range(2)]
-    ls, lt = [torch.randn(3, 4, 8, 8, generator=g) for _ in range(2)], [torch.randn(3, 4, 8, 8, generator=g)
-                                                                       for _ in range(2)]
-    high, low = feature_losses(hs, ls, ht, lt)
-    cos = torch.nn.CosineSimilarity(dim=1)
-    ref_high = sum((1 - cos(a.reshape(3, -1), b.reshape(3, -1))).mean() for a in hs for b in ht) / 4
-    ref_low = sum((a - b).abs().mean() for a in ls for b in lt) / 4
-    torch.testing.assert_close(high, ref_high)
-    torch.testing.assert_close(low, ref_low)
+def batch(spatial, num_classes):
+    g = torch.Generator().manual_seed(1)
+    return {"x_l": torch.randn(4, 1, *spatial, generator=g), "x_u": torch.randn(4, 1, *spatial, generator=g),
+            "y_l": torch.randint(0, num_classes, (4, *spatial), generator=g)}
+
+
+def constant_features(net, bottleneck, last):
+    """Make ``net``'s bottleneck and last decoder map constant: their final BatchNorm gets weight 0 and a bias."""
+    with torch.no_grad():
+        for bn, bias in ((net.encoder[-1][5], bottleneck), (net.decoders[0].blocks[-1][5], last)):
+            bn.weight.zero_()
+            bn.bias.copy_(torch.as_tensor(bias, dtype=bn.bias.dtype).expand_as(bn.bias))
+    return net
 
 
 @pytest.mark.parametrize("spatial", [(16, 16), (8, 16, 16)])
-def test_training_step_parts(spatial):
-    method = make(spatial)
-    g = torch.Generator().manual_seed(1)
-    batch = {"x_l": torch.randn(4, 1, *spatial, generator=g), "x_u": torch.randn(4, 1, *spatial, generator=g),
-             "y_l": torch.randint(0, method.num_classes, (4, *spatial), generator=g)}
-    out = method.training_step(batch, step=0)
-    torch.testing.assert_close(out["loss"], out["sup"] + out["unsup"])
+def test_feature_consistency_of_training_step_by_hand(spatial):
+    method = make(spatial, u_weight=0.0)  # unsup = feat_weight (L_low + L_high): the feature terms alone
+    c_b = method.student.encoder[-1][5].num_features  # 16 bottleneck channels
+    c_l = method.student.decoders[0].blocks[-1][5].num_features  # 4 channels in the last decoder map
+    constant_features(method.student, torch.eye(c_b)[0], 0.5)  # h_s = e_0 at every voxel, l_s = 0.5
+    constant_features(method.teacher, 1.0, 0.0)  # h_t = 1 everywhere, l_t = 0
+    out = method.training_step(batch(spatial, method.num_classes), step=0)
+    high = 1 - 1 / math.sqrt(c_b)  # cos(e_0, 1) over N voxels = N / (sqrt(N) sqrt(c_b N)), for every pair
+    assert out["high"].item() == pytest.approx(high) and out["low"].item() == pytest.approx(0.5)
+    assert out["unsup"].item() == pytest.approx(0.5 * (high + 0.5))
+    # each student map is in 2 of the 4 (student, teacher) pairs: d L_low / d l_s,c = 1 / c_l per channel
+    bias = method.student.decoders[0].blocks[-1][5].bias
+    torch.testing.assert_close(torch.autograd.grad(out["unsup"], bias)[0], torch.full((c_l,), 0.5 / c_l))
+
+
+@pytest.mark.parametrize("spatial", [(16, 16), (8, 16, 16)])
+def test_feature_terms_train_the_whole_student(spatial):
+    method = make(spatial, u_weight=0.0)
+    out = method.training_step(batch(spatial, method.num_classes), step=0)
     assert out["high"] > 0 and out["low"] > 0
-    # the feature terms train the student: a gradient reaches the first encoder layer through them
-    feats = method.student.encode(batch["x_l"][:2])
-    high, low = feature_losses([feats[-1]], [method.student.decode(feats)[1]], [feats[-1].detach() + 1],
-                               [torch.zeros(2, 4, *spatial)])
-    grad = torch.autograd.grad(high + low, method.student.encoder[0][0].weight)[0]
-    assert grad.abs().sum() > 0
+    first_conv = method.student.encoder[0][0].weight
+    assert torch.autograd.grad(out["unsup"], first_conv)[0].abs().sum() > 0
+    assert not any(p.requires_grad for p in method.teacher.parameters())  # the teacher only follows the EMA

@@ -82,7 +82,8 @@ def test_cuda_without_cuda_is_refused_before_anything(tiny_stores, tmp_path, cap
 def test_unknown_command_names_it_and_the_closest(capsys):
     assert cli.main(["tran"]) == 2
     err = capsys.readouterr().err
-    assert "unknown command 'tran'; expected one of demo, train, eval, data, methods, bench (did you mean train?)" in err
+    assert ("unknown command 'tran'; expected one of demo, train, eval, predict, data, methods, bench "
+            "(did you mean train?)") in err
 
 
 def test_train_help_lists_every_option_with_default_and_comment(capsys):

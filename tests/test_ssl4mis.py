@@ -4,9 +4,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
+from minissl.data.datasets import make_train_loader
 from minissl.data.ssl4mis import ACDCStore, LAStore, detect
 from minissl.data.sources import open_data
+from minissl.data.transforms import zoom
+from minissl.inference import predict_case
 
 # train_slices.list order is patient-grouped but not sorted, as in SSL4MIS (starts with patient099)
 TRAIN = ["patient099", "patient038", "patient050", "patient100"]
@@ -149,3 +153,69 @@ def test_errors_name_the_missing_thing(acdc: Path, tmp_path: Path) -> None:
     (data / "test.list").unlink()
     with pytest.raises(FileNotFoundError, match="missing list file 'test.list'"):
         detect(data)
+
+
+def _blocks(shape: tuple[int, int, int]) -> np.ndarray:
+    """A (Z, Y, X) label of nested blocks of classes 1-3, placed relative to the slice size."""
+    label = np.zeros(shape, np.uint8)
+    _, h, w = shape
+    label[:, h // 5:4 * h // 5, w // 6:5 * w // 6] = 1
+    label[:, h // 3:2 * h // 3, w // 3:2 * w // 3] = 2
+    label[:, 2 * h // 5:3 * h // 5, 2 * w // 5:3 * w // 5] = 3
+    return label
+
+
+@pytest.fixture
+def acdc_sizes(tmp_path: Path) -> Path:
+    """ACDC layout whose volumes have slices of 150x180 and 300x256; the image is the label as a float."""
+    root, rows = tmp_path / "ACDC", []
+    for patient, shape in (("patient001", (2, 150, 180)), ("patient002", (2, 300, 256))):
+        label = _blocks(shape)
+        case = f"{patient}_frame01"
+        _h5(root / "data" / f"{case}.h5", image=label.astype(np.float32), label=label)
+        for z in range(shape[0]):
+            rows.append(f"{case}_slice_{z + 1}")
+            _h5(root / "data" / "slices" / f"{rows[-1]}.h5", image=label[z].astype(np.float32), label=label[z])
+    (root / "train_slices.list").write_text("\n".join(rows) + "\n")
+    for name in ("val.list", "test.list"):
+        (root / name).write_text("patient001_frame01\npatient002_frame01\n")
+    return root
+
+
+def _oracle(x: torch.Tensor) -> torch.Tensor:
+    """Logits (B, 4, H, W) that pick the class written in the image (the image is the label)."""
+    return 10.0 * torch.nn.functional.one_hot(x[:, 0].round().long().clamp(0, 3), 4).movedim(-1, 1).float()
+
+
+@pytest.mark.parametrize("patient", ["patient001", "patient002"])
+def test_acdc_trains_on_slices_zoomed_to_256_and_predicts_at_native_size(acdc_sizes, patient):
+    store = ACDCStore(acdc_sizes)
+    assert store.spec.zoom and store.spec.patch_size == (256, 256)
+    batch = make_train_loader(store, [f"{patient}_frame01"], batch_size=2, unlabeled=False, augment=False).batch(0)
+    assert batch["x_l"].shape == (2, 1, 256, 256) and batch["y_l"].shape == (2, 256, 256)
+    labels = batch["y_l"]
+    assert set(labels.unique().tolist()) == {0, 1, 2, 3}  # nearest: no class invented, none lost
+    assert (batch["x_l"][:, 0].round() == labels).float().mean() > 0.98  # image (linear) and label aligned
+    fractions = np.bincount(labels.flatten().numpy(), minlength=4) / labels.numel()
+    native = store.read(f"{patient}_frame01")
+    assert np.allclose(fractions, np.bincount(native.label.ravel(), minlength=4) / native.label.size, atol=0.01)
+    pred = predict_case(_oracle, native.image, 2, store.spec.patch_size, zoom=store.spec.zoom)
+    assert pred.shape == native.label.shape  # zoomed back to 150x180 / 300x256
+    assert (pred == native.label).mean() > 0.98
+
+
+def test_acdc_native_resolution_patches_are_an_option(acdc_sizes):
+    store = ACDCStore(acdc_sizes, zoom=False)
+    assert not store.spec.zoom
+    batch = make_train_loader(store, ["patient001_frame01"], batch_size=2, unlabeled=False, augment=False).batch(0)
+    assert batch["x_l"].shape == (2, 1, 256, 256)
+    y = batch["y_l"][0]  # the 150x180 slice sits padded in the middle of the 256x256 window
+    native = torch.from_numpy(store.read("patient001_frame01").label[0])
+    assert (y[:53] == 0).all() and (y[53:203, 38:218] == native).all()
+
+
+def test_zoom_round_trip_keeps_an_upsampled_label_exactly():
+    label = np.random.default_rng(0).integers(0, 4, (2, 150, 180)).astype(np.uint8)
+    image, up = zoom(label.astype(np.float32), label, (256, 256))
+    assert up.shape == image.shape == (2, 256, 256) and up.dtype == np.uint8
+    assert np.array_equal(zoom(image, up, (150, 180))[1], label)  # nearest up, then down: every pixel back

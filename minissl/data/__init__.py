@@ -5,7 +5,8 @@
     phantoms    SUITES, make_suite (fetal_head, cardiac, atrium), gallery
     ssl4mis     the SSL4MIS / BCP layouts of ACDC and LA, read as they are
     datasets    load_cases, make_train_loader (two streams, split by case, resumable)
-    transforms  weak (geometric, per sample), strong (intensity, batched torch)
+    transforms  weak (geometric, per sample), strong (intensity, batched torch), resize / zoom, normalise
+    formats     read_image / write_mask: users' NIfTI, NRRD, MHA, PNG and HDF5 files (minissl predict)
 """
 from .datasets import load_cases, make_train_loader
 from .phantoms import SUITES, make_suite

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .store import Case, CaseStore
-from .transforms import crop, weak
+from .transforms import crop, weak, zoom
 
 
 def load_cases(store: CaseStore, split: str) -> list[Case]:
@@ -34,15 +34,24 @@ def load_cases(store: CaseStore, split: str) -> list[Case]:
 class Pool:
     """In-memory items of some cases: 2D images / slices (``spatial_dims == 2``) or volumes (3).
 
+    With ``zoom_to`` every item is zoomed to that size once, when the pool is made (image linear,
+    label nearest, :func:`transforms.zoom`): slices of any size become training samples of one size,
+    as in the SSL4MIS ACDC recipe (``SuiteSpec.zoom``).
+
     Attributes:
-        cases: the loaded cases.
+        cases: the loaded cases (zoomed when ``zoom_to`` is given).
         items: (case index, slice index or -1 for the whole case) per item.
     """
 
-    def __init__(self, cases: Sequence[Case], spatial_dims: int):
+    def __init__(self, cases: Sequence[Case], spatial_dims: int, zoom_to: Sequence[int] | None = None):
         if spatial_dims not in (2, 3):
             raise ValueError(f"expected spatial_dims 2 or 3, got {spatial_dims}")
+        if zoom_to is not None and len(zoom_to) != spatial_dims:
+            raise ValueError(f"zoom_to: expected {spatial_dims} sizes for spatial_dims={spatial_dims}, got {zoom_to}")
         self.cases, self.spatial_dims = list(cases), spatial_dims
+        if zoom_to is not None:
+            self.cases = [dataclasses.replace(c, image=image, label=label) for c in self.cases
+                          for image, label in [zoom(c.image, c.label, zoom_to)]]
         self.items: list[tuple[int, int]] = []
         for i, c in enumerate(self.cases):
             if c.image.ndim == spatial_dims:
@@ -162,6 +171,9 @@ def make_train_loader(store: CaseStore, labeled: Sequence[str], *, seed: int = 0
             unlabeled crops, whose labels are unknown).
         patch_size: override ``spec.patch_size``.
 
+    Training samples follow ``spec.zoom``: False, random ``patch_size`` windows of the images at their
+    own resolution; True, the images (slices) zoomed to ``patch_size`` first (SSL4MIS ACDC).
+
     Returns:
         TrainLoader; ``next()`` gives ``{'x_l': (Bl, 1, *P), 'y_l': (Bl, *P) int64, 'x_u': (Bu, 1, *P)}``.
     """
@@ -178,12 +190,14 @@ def make_train_loader(store: CaseStore, labeled: Sequence[str], *, seed: int = 0
     if not 0 < labeled_bs <= batch_size:
         raise ValueError(f"expected 0 < labeled_bs <= batch_size={batch_size}, got labeled_bs={labeled_bs}")
     lab_set = set(labeled)
-    pool_l = Pool([store.read(c) for c in labeled], spec.spatial_dims)
+    patch_size = tuple(patch_size or spec.patch_size)
+    zoom_to = patch_size if spec.zoom else None
+    pool_l = Pool([store.read(c) for c in labeled], spec.spatial_dims, zoom_to)
     pool_u = None
     if unlabeled:
         # the labels of unlabeled cases are dropped on reading: nothing downstream can see them
         pool_u = Pool([dataclasses.replace(store.read(c), label=None) for c in train if c not in lab_set],
-                      spec.spatial_dims)
-    return TrainLoader(pool_l, pool_u, patch_size or spec.patch_size, seed=seed, labeled_bs=labeled_bs,
+                      spec.spatial_dims, zoom_to)
+    return TrainLoader(pool_l, pool_u, patch_size, seed=seed, labeled_bs=labeled_bs,
                        unlabeled_bs=batch_size - labeled_bs, start=start, augment=augment,
                        foreground_prob=foreground_prob)

@@ -15,9 +15,13 @@ in the data folder.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence
 
 from ..atomic import write_text_atomic
@@ -25,6 +29,7 @@ from . import phantoms, samples, ssl4mis
 from .store import SPLITS, CaseStore, H5Store, duplicates
 
 CHECK_VERSION = 1  # bump when check_store checks more: older remembered checks no longer count
+CONVERTERS = ("acdc", "la", "pancreas", "hc18", "psfh")  # data_scripts/prepare_<name>.py
 
 
 def open_data(source: str | os.PathLike, budget_rule: str = "first") -> CaseStore:
@@ -155,3 +160,36 @@ def _check_key(store: CaseStore, splits: dict[str, list[str]], labeled: Sequence
     state = [CHECK_VERSION, type(store).__name__, str(root), store.spec.to_dict(), splits, sorted(labeled), files]
     digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
     return phantoms.cache_dir() / ".checks" / f"{digest}.ok"
+
+
+def _data_scripts() -> Path:
+    """The dataset converters: ``data_scripts/`` at the repository root (editable install, source
+    checkout), else the copy a regular install ships inside the package (``minissl/_data_scripts``)."""
+    package = Path(__file__).resolve().parent.parent
+    for folder in (package.parent / "data_scripts", package / "_data_scripts"):
+        if (folder / "_common.py").is_file():
+            return folder
+    return package / "_data_scripts"
+
+
+def converter(dataset: str) -> ModuleType:
+    """The converter module ``prepare_<dataset>`` (``prepare(raw_dir, out_dir, **options)``, ``main(argv)``).
+
+    Loaded by path from :func:`_data_scripts` as the package ``minissl_data_scripts`` (the scripts
+    import their shared ``_common`` relative to it), whichever way minissl was installed.
+
+    Raises:
+        ValueError: ``dataset`` is not one of ``CONVERTERS``, or the converter file is missing.
+    """
+    if dataset not in CONVERTERS:
+        raise ValueError(f"unknown dataset {dataset!r}: expected one of {list(CONVERTERS)}")
+    folder, package = _data_scripts(), "minissl_data_scripts"
+    if not (folder / f"prepare_{dataset}.py").is_file():
+        raise ValueError(f"converter {folder / f'prepare_{dataset}.py'} not found (an incomplete install?)")
+    if package not in sys.modules:
+        spec = importlib.util.spec_from_file_location(package, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{package}.prepare_{dataset}")

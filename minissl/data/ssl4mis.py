@@ -22,6 +22,13 @@ ACDC (SSL4MIS ``acdc_data_processing.py``; ``root`` may also be its parent or it
   ``store.choose_labeled``. Either way no slice of a labeled patient is in the unlabeled pool.
 * The h5 files hold no spacing: spacing is 1 per axis and ``meta["spacing_unit"] == "pixel"`` (as
   in the literature's ACDC HD95/ASD).
+* Resolution, as the SSL4MIS recipe (``spec.zoom``, default): training slices of any size are zoomed
+  to 256x256 (image linear, label nearest), and validation / test volumes are predicted slice by
+  slice at 256x256 and zoomed back to their native size, where the metrics are computed. Native-
+  resolution training is the explicit option ``ACDCStore(root, zoom=False)`` (random 256x256
+  windows, smaller slices padded), e.g. ``engine.train(cfg, store=ACDCStore(root, zoom=False))``;
+  prediction still resizes each slice to 256x256 (see ``minissl.inference``).
+* Images are min-max normalised per volume by SSL4MIS (``spec.intensity == "minmax"``).
 
 LA (UA-MT / MC-Net / BCP ``la_heart_processing.py``; ``root`` may also hold ``2018LA_Seg_Training Set/``)::
 
@@ -30,6 +37,7 @@ LA (UA-MT / MC-Net / BCP ``la_heart_processing.py``; ``root`` may also hold ``20
 
 * Arrays are transposed from (X, Y, Z) to our (Z, Y, X). Spacing is unknown (pixels; the data are
   usually quoted as 0.625 mm isotropic). Budgets count cases (one per patient); same two rules.
+  Images are z-scored (``spec.intensity == "zscore"``); training crops 112x112x80 windows.
 * The original protocol has no validation list and picks checkpoints on the TEST set. We never use
   test for validation: unless a ``val.list`` exists, val = max(1, round(10%)) of ``train.list``
   drawn with ``np.random.default_rng(val_seed=0)`` from the cases after the first 16, so the
@@ -135,9 +143,16 @@ class SSL4MISStore(CaseStore):
 
 
 class ACDCStore(SSL4MISStore):
-    """SSL4MIS ACDC: 2D training on slices of (Z, Y, X) volumes, 4 classes, budgets in patients."""
+    """SSL4MIS ACDC: 2D training on slices of (Z, Y, X) volumes, 4 classes, budgets in patients.
 
-    def __init__(self, root: str | Path, budget_rule: str = "first") -> None:
+    Args:
+        root: the layout folder (holding ``data/slices``).
+        budget_rule: "first" (SSL4MIS) or "random".
+        zoom: True (default, SSL4MIS): training slices zoomed to 256x256; False: native-resolution
+            256x256 windows (see the module docstring).
+    """
+
+    def __init__(self, root: str | Path, budget_rule: str = "first", zoom: bool = True) -> None:
         self.root, self.budget_rule = Path(root), budget_rule
         dirs = [self.root, self.root / "data"]
         slices = _read_list(dirs, "train_slices.list", required=False)
@@ -156,7 +171,7 @@ class ACDCStore(SSL4MISStore):
             name="acdc", spatial_dims=2, num_classes=4, patch_size=(256, 256),
             n_train=len(train), n_val=len(self.splits["val"]), n_test=len(self.splits["test"]),
             default_budget=max(2, round(0.1 * n_patients)), default_iters=30000,  # SSL4MIS protocol
-            class_names=("BG", "RV", "MYO", "LV"),
+            class_names=("BG", "RV", "MYO", "LV"), zoom=zoom,
             description=f"ACDC in SSL4MIS layout at {self.root}; budgets count patients; pixels")
 
     def patient(self, case_id: str) -> str:
@@ -212,7 +227,7 @@ class LAStore(SSL4MISStore):
             name="la", spatial_dims=3, num_classes=2, patch_size=(80, 112, 112),  # (Z, Y, X)
             n_train=len(self.splits["train"]), n_val=len(val), n_test=len(test),
             default_budget=max(2, round(0.1 * n_all)), default_iters=15000,  # BCP protocol
-            class_names=("BG", "LA"),
+            class_names=("BG", "LA"), intensity="zscore",
             description=f"LA in UA-MT/BCP layout at {self.root}; val split off train; pixels")
 
     def read(self, case_id: str) -> Case:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -34,6 +34,7 @@ from ..atomic import write_text_atomic
 
 SPLITS = ("train", "val", "test")
 STANDARD_SEEDS = (0, 1, 2, 3, 4)  # seeds of the labeled lists a store writer saves
+INTENSITIES = ("minmax", "zscore", "none")  # SuiteSpec.intensity: what the stored images went through
 
 
 @dataclass
@@ -69,6 +70,14 @@ class SuiteSpec:
         default_iters: training iterations of the default recipe on 2 CPU cores.
         class_names: one name per class.
         description: one line for humans.
+        zoom: how training samples are made and cases predicted. False (default): training crops
+            ``patch_size`` windows at native resolution (padding smaller images). True (the SSL4MIS
+            ACDC recipe): each 2D image / slice (3D: volume) is zoomed to ``patch_size`` for training
+            (image linear, label nearest), and cases are predicted at ``patch_size`` and zoomed back.
+        intensity: what the stored images went through, so that new images can be treated alike
+            (``minissl predict``): "minmax" (each image scaled to [0, 1] by its min and max, or a
+            fixed division such as /255 that does the same), "zscore" ((x - mean) / std per image or
+            volume) or "none" (used as they are).
     """
 
     name: str
@@ -82,6 +91,8 @@ class SuiteSpec:
     default_iters: int
     class_names: tuple[str, ...]
     description: str = ""
+    zoom: bool = False
+    intensity: str = "minmax"
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -104,6 +115,10 @@ class SuiteSpec:
                 fail(name, "an integer >= 1")
         if len(self.class_names) != self.num_classes:
             fail("class_names", f"{self.num_classes} names (num_classes={self.num_classes})")
+        if not isinstance(self.zoom, bool):
+            fail("zoom", "true or false")
+        if self.intensity not in INTENSITIES:
+            fail("intensity", f"one of {INTENSITIES}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -119,7 +134,7 @@ class SuiteSpec:
                 if not isinstance(kw[k], (list, tuple)):
                     raise ValueError(f"suite spec field {k!r}: expected a list, got {kw[k]!r}")
                 kw[k] = tuple(kw[k])
-        missing = names - set(kw) - {"description"}
+        missing = {f.name for f in fields(cls) if f.default is MISSING} - set(kw)
         if missing:
             raise ValueError(f"suite spec is missing keys {sorted(missing)}; got keys {sorted(d)}")
         return cls(**kw)

@@ -4,6 +4,11 @@
   random crop to the patch (padding when the image is smaller; optionally centred on a foreground
   voxel), a small in-plane rotation, a random rot90 in the (Y, X) plane and random flips. This is
   SSL4MIS's ``RandomGenerator`` / ``RandomRotFlip`` + ``RandomCrop``.
+* :func:`resize` / :func:`zoom` — resampling to a fixed size (the SSL4MIS ACDC recipe trains on slices
+  zoomed to the patch and predicts at the patch size, then zooms back): linear for images,
+  nearest for labels, on pixel centres (``align_corners=False``), the one convention of training
+  and :mod:`minissl.inference`.
+* :func:`normalise` — whole-image intensity rules (``SuiteSpec.intensity``) for images from outside a store.
 * :func:`strong` — batched, intensity only, in torch on any device (for the unlabeled / student
   view of FixMatch-style methods): contrast, brightness, gamma, Gaussian blur, Gaussian noise.
 
@@ -61,6 +66,73 @@ def crop(x: np.ndarray, start: np.ndarray, patch: Sequence[int], cval: float) ->
         x = np.pad(x, [(0, 0)] * lead + list(zip(pad_lo, pad_hi)), constant_values=cval)
         start = start + pad_lo
     return x[(Ellipsis,) + tuple(slice(s, s + p) for s, p in zip(start, patch))]
+
+
+def resize(x: Tensor, size: Sequence[int], order: int = 1) -> Tensor:
+    """Resample the spatial axes of a batch to ``size``.
+
+    Args:
+        x: (B, C, *S) tensor, S = 2 or 3 spatial axes (float for ``order=1``).
+        size: output spatial size (len = len(S)).
+        order: 1 linear (bilinear / trilinear), 0 nearest; both with pixel centres mapped onto pixel
+            centres (``align_corners=False``; nearest is torch's "nearest-exact").
+
+    Returns:
+        (B, C, *size), same dtype and device as ``x`` (``x`` itself when the size already matches).
+    """
+    size = tuple(int(v) for v in size)
+    if order not in (0, 1) or len(size) != x.ndim - 2 or len(size) not in (2, 3):
+        raise ValueError(f"resize: expected order 0 or 1 and a (B, C, *S) input with len(S) = len(size) in (2, 3), "
+                         f"got order {order}, input shape {tuple(x.shape)}, size {size}")
+    if tuple(x.shape[2:]) == size:
+        return x
+    if order == 0:
+        return F.interpolate(x.float(), size=size, mode="nearest-exact").to(x.dtype)
+    return F.interpolate(x, size=size, mode="bilinear" if len(size) == 2 else "trilinear", align_corners=False)
+
+
+def zoom(image: np.ndarray, label: np.ndarray | None, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Zoom the last ``len(size)`` axes of an image (linear) and its label (nearest) to ``size``.
+
+    Args:
+        image: (*L, *S) float array; leading axes L (e.g. the slices of a volume) are kept.
+        label: (*L, *S) integer array or None.
+        size: output spatial size S' (2 or 3 entries).
+
+    Returns:
+        (image (*L, *S') float32, label (*L, *S') of the label's dtype, or None).
+    """
+    sd = len(size)
+    lead, S = image.shape[:-sd], image.shape[-sd:]
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).reshape(-1, 1, *S)  # (N, 1, *S)
+    out = resize(x, size, 1).reshape(*lead, *size).numpy()  # (*L, *S')
+    if label is None:
+        return out, None
+    y = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)).reshape(-1, 1, *S)  # (N, 1, *S)
+    return out, resize(y, size, 0).reshape(*lead, *size).numpy().astype(label.dtype)
+
+
+def normalise(image: np.ndarray, rule: str) -> np.ndarray:
+    """Intensity normalisation of a whole image or volume by a ``SuiteSpec.intensity`` rule.
+
+    Args:
+        image: (Y, X) or (Z, Y, X) float array.
+        rule: "minmax" ((x - min) / (max - min), so [0, 1]), "zscore" ((x - mean) / std) or "none".
+            A constant image becomes zeros under "minmax" and "zscore".
+
+    Returns:
+        float32 array of the same shape.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    if rule == "minmax":
+        span = float(x.max() - x.min()) if x.size else 0.0
+        return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+    if rule == "zscore":
+        std = float(x.std()) if x.size else 0.0
+        return (x - x.mean()) / std if std > 0 else np.zeros_like(x)
+    if rule == "none":
+        return x
+    raise ValueError(f"intensity rule: expected 'minmax', 'zscore' or 'none', got {rule!r}")
 
 
 def weak(image: Array, label: Array | None, patch_size: Sequence[int],

@@ -10,19 +10,20 @@ unusual update (several optimisers, inner passes, alternating models) overrides 
 engine stays the same. ``predict(x)`` returns the logits used for evaluation.
 
 Shared helpers: ``sigmoid_rampup`` (the SSL4MIS ramp ``exp(-5 (1 - t)^2)`` over a fraction of the
-run), ``ema_update`` (the Mean-Teacher EMA), ``supervised_loss`` (SSL4MIS's ``0.5 (CE + Dice)``).
+run), ``ema_update`` (the Mean-Teacher EMA), ``supervised_loss`` (SSL4MIS's ``0.5 (CE + Dice)``),
+``labeled_unlabeled_mixes`` (the two labeled/unlabeled copy-paste mixes of BCP and M3HL).
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .. import losses
+from .. import losses, ops
 from ..config import Config, resolve_args
 from ..nets import UNet
 
@@ -80,6 +81,39 @@ def make_teacher(student: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def labeled_unlabeled_mixes(x_l: Tensor, y_l: Tensor, x_u: Tensor, pseudo: Tensor, *, paste_labeled: bool,
+                            boxes: Optional[Tensor] = None, blocks: Optional[Tensor] = None) -> list[list[Tensor]]:
+    """The two copy-paste mixes of labeled and unlabeled halves (BCP's bidirectional, M3HL's mutual mix).
+
+    Each batch splits into a half ``a`` (first n rows) and ``b`` (next n rows). With R the region
+    (boxes or blocks, one per pair of rows):
+
+        paste_labeled=True  (BCP):   X_1 = L_a in R, U_a outside;   X_2 = U_b in R, L_b outside
+        paste_labeled=False (M3HL):  X_1 = U_a in R, L_a outside;   X_2 = L_b in R, U_b outside
+
+    Targets travel with the images (Y for labeled content, the pseudo-labels PL for unlabeled
+    content), and so does a map that is 1 where the target is ground truth.
+
+    Args:
+        x_l, x_u: (2n, 1, *S) labeled and unlabeled images. y_l, pseudo: (2n, *S) int64 labels and
+            pseudo-labels of those images.
+        paste_labeled: whether the labeled image of the first mix fills the region.
+        boxes: (n, 2*sd) int64 boxes, or blocks: (n, *G) bool block masks (exactly one).
+
+    Returns:
+        ``[x (n, 1, *S), target (n, *S) int64, gt_region (n, *S) float]`` for X_1, then for X_2.
+    """
+    if not (x_l.shape[0] == y_l.shape[0] == x_u.shape[0] == pseudo.shape[0]) or x_l.shape[0] % 2 or not x_l.shape[0]:
+        raise ValueError(f"labeled_unlabeled_mixes: expected x_l, y_l, x_u, pseudo with the same positive even "
+                         f"number of rows, got {x_l.shape[0]}, {y_l.shape[0]}, {x_u.shape[0]}, {pseudo.shape[0]}")
+    (l_a, l_b), (y_a, y_b), (u_a, u_b), (pl_a, pl_b) = (t.chunk(2) for t in (x_l, y_l, x_u, pseudo))
+    one, zero = torch.ones_like(y_a, dtype=x_l.dtype), torch.zeros_like(y_a, dtype=x_l.dtype)  # (n, *S)
+    pairs = [([u_a, pl_a, zero], [l_a, y_a, one]), ([l_b, y_b, one], [u_b, pl_b, zero])]  # (outside, inside)
+    if not paste_labeled:
+        pairs = [(inside, outside) for outside, inside in pairs]
+    return [ops.mix(outside, inside, boxes=boxes, blocks=blocks) for outside, inside in pairs]
 
 
 @dataclass

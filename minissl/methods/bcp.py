@@ -12,7 +12,7 @@ Equations (one box per batch, M = 1 outside the box, 0 inside; sizes 2/3 of ever
     X_out = L_b * M + U_b * (1 - M)          Y_out = Y_b * M + PL_b * (1 - M)
     PL    = largest_component(argmax f_t(U))  (per class, per image)
     L     = sum_{X in {X_in, X_out}} [ 1.0 * l(f_s(X), Y; GT region) + 0.5 * l(f_s(X), Y; PL region) ]
-    l(., .; R) = (Dice_R + CE_R) / 2,   each normalised over its own region R (BCP's ``mix_loss``)
+    l(., .; R) = (Dice_R + CE_R) / 2,   each normalised over its own region R (``losses.copy_paste_loss``)
 
 Dice_R is BCP's masked Dice: squared denominators, sums pooled over the batch, smooth 1e-10, mean
 over all classes including the background; CE_R is the mean cross-entropy over the voxels of R.
@@ -26,7 +26,7 @@ Algorithm:
     stage 2 (the remaining 75 %; BCP: 30k), per iteration:
         1. teacher pseudo-labels PL_a, PL_b of the unlabeled halves (argmax + largest component);
         2. one box, the two bidirectional mixes X_in, X_out with their targets and GT-region maps
-           (one ``ops.mix`` call each: images, targets and region maps travel together);
+           (``labeled_unlabeled_mixes``: one ``ops.mix`` call each, images, targets and region maps together);
         3. student logits of X_in and X_out (two forward passes, as in the code: BatchNorm sees each
            mixed batch alone); loss above; SGD step; EMA update of the teacher (decay 0.99).
 
@@ -34,7 +34,8 @@ Reported parts: ``sup`` = the GT-region loss, ``unsup`` = the PL-region loss bef
 ``u_weight`` (0 during stage 1), ``loss = sup + u_weight * unsup``. The student is evaluated.
 
 Paper: Y. Bai, D. Chen, Q. Li, W. Shen, Y. Wang, "Bidirectional Copy-Paste for Semi-Supervised
-Medical Image Segmentation", CVPR 2023. Code: DeepMed-Lab-ECNU/BCP (``ACDC_BCP_train.py``).
+Medical Image Segmentation", CVPR 2023, arXiv:2305.00673.
+Code: https://github.com/DeepMed-Lab-ECNU/BCP (``code/ACDC_BCP_train.py``).
 
 Where the official code differs, and what minissl does:
     * stage 2 restarts the poly learning rate at base_lr; minissl keeps one poly schedule over the
@@ -55,30 +56,7 @@ import torch
 from torch import Tensor
 
 from .. import losses, ops
-from .base import Method, ema_update, make_teacher, register
-
-
-def mix_loss(logits: Tensor, target: Tensor, gt_region: Tensor) -> tuple[Tensor, Tensor]:
-    """BCP's ``mix_loss`` for one mixed batch, split into its GT and PL regions (weights applied by the caller).
-
-    Args:
-        logits: (B, C, *S) student logits of one mixed batch.
-        target: (B, *S) int64 mixed target (ground truth in the GT region, pseudo-labels elsewhere).
-        gt_region: (B, *S) {0, 1} float map of the ground-truth region.
-
-    Returns:
-        (gt, pl): ``(Dice_R + CE_R) / 2`` over R = the GT region and over its complement, each
-        normalised over its own voxels (masked Dice with squared denominators, pooled over the batch).
-    """
-    kw = dict(lambda_dice=0.5, lambda_ce=0.5, squared=True, batch=True, smooth=1e-10)
-    gt = losses.dice_ce_loss(logits, target, gt_region, **kw)
-    pl = losses.dice_ce_loss(logits, target, 1.0 - gt_region, **kw)
-    return gt, pl
-
-
-def halves(x: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """The two sub-batches ``x[:n]`` and ``x[n:2n]`` (a, b) of the copy-paste pairs."""
-    return x[:n], x[n:2 * n]
+from .base import Method, ema_update, labeled_unlabeled_mixes, make_teacher, register
 
 
 @dataclass
@@ -108,27 +86,14 @@ class BCP(Method):
         """Teacher argmax cleaned to the largest component of each class, (B, *S) int64."""
         return ops.largest_component(self.teacher(x_u).argmax(1), self.num_classes)
 
-    @staticmethod
-    def bidirectional_mix(l_a: Tensor, y_a: Tensor, l_b: Tensor, y_b: Tensor, u_a: Tensor, pl_a: Tensor,
-                          u_b: Tensor, pl_b: Tensor, boxes: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """X_in (U_a outside the box, L_a inside) and X_out (L_b outside, U_b inside).
-
-        Images (n, 1, *S), labels (n, *S) int64, boxes (n, 2*sd). Returns ``[x, target, gt_region]``
-        for X_in and for X_out; gt_region (n, *S) float is 1 where the target is ground truth.
-        """
-        one, zero = torch.ones_like(y_a, dtype=l_a.dtype), torch.zeros_like(y_a, dtype=l_a.dtype)  # (n, *S)
-        mix_in = ops.mix([u_a, pl_a, zero], [l_a, y_a, one], boxes=boxes)
-        mix_out = ops.mix([l_b, y_b, one], [u_b, pl_b, zero], boxes=boxes)
-        return mix_in, mix_out
-
     def pretrain_step(self, x_l: Tensor, y_l: Tensor) -> dict[str, Tensor]:
         """Stage 1: L_a outside the box, L_b inside, both regions ground truth with weight 1."""
         n = x_l.shape[0] // 2
-        (l_a, l_b), (y_a, y_b) = halves(x_l, n), halves(y_l, n)
+        (l_a, l_b), (y_a, y_b) = x_l[:2 * n].chunk(2), y_l[:2 * n].chunk(2)
         boxes = self.box(l_a)
         x, y = ops.mix([l_a, y_a], [l_b, y_b], boxes=boxes)  # (n, 1, *S), (n, *S)
         outside = 1.0 - ops.region_mask(x.shape[2:], boxes=boxes).to(x.dtype)  # (n, *S)
-        region_a, region_b = mix_loss(self.student(x), y, outside)
+        region_a, region_b = losses.copy_paste_loss(self.student(x), y, outside)
         sup = region_a + region_b
         zero = sup.new_zeros(())
         return {"loss": sup, "sup": sup, "unsup": zero, "w": zero}
@@ -143,12 +108,12 @@ class BCP(Method):
         if n < 1:
             raise ValueError(f"bcp: expected at least 2 labeled and 2 unlabeled images, got {x_l.shape[0]} "
                              f"and {x_u.shape[0]}")
-        (l_a, l_b), (y_a, y_b), (u_a, u_b) = halves(x_l, n), halves(y_l, n), halves(x_u, n)
-        pl_a, pl_b = self.pseudo_labels(u_a), self.pseudo_labels(u_b)  # (n, *S) each, one teacher pass per half
-        mix_in, mix_out = self.bidirectional_mix(l_a, y_a, l_b, y_b, u_a, pl_a, u_b, pl_b, self.box(l_a))
+        x_l, y_l, x_u = x_l[:2 * n], y_l[:2 * n], x_u[:2 * n]
+        pseudo = torch.cat([self.pseudo_labels(u) for u in x_u.chunk(2)])  # (2n, *S), one teacher pass per half
+        mixes = labeled_unlabeled_mixes(x_l, y_l, x_u, pseudo, paste_labeled=True, boxes=self.box(x_l[:n]))
         sup, unsup = x_l.new_zeros(()), x_l.new_zeros(())
-        for x, y, gt_region in (mix_in, mix_out):
-            gt, pl = mix_loss(self.student(x), y, gt_region)
+        for x, y, gt_region in mixes:  # X_in, X_out
+            gt, pl = losses.copy_paste_loss(self.student(x), y, gt_region)
             sup, unsup = sup + gt, unsup + pl
         w = self.args.u_weight
         return {"loss": sup + w * unsup, "sup": sup, "unsup": unsup, "w": torch.tensor(w)}

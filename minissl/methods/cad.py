@@ -11,8 +11,7 @@ for a confident cell. CAD makes the displacement adaptive:
 These sit in a Mean-Teacher + Cross-Pseudo-Supervision (CPS) framework.
 
 No official code exists ("released after publication"); the abstract gives no threshold, size or
-schedule. Everything below that is not in the two bullets above is minissl's design (marked GUESS),
-following ``reference/methods.md`` §6.
+schedule. Everything below that is not in the two bullets above is minissl's design (marked GUESS).
 
 Equations (q = mean of the two EMA teachers' softmax on x_u; t = step / max_iters):
 
@@ -51,8 +50,9 @@ GUESSES (none is from the paper):
 Reported parts: ``sup`` (both students), ``unsup`` (MT + CPS terms before ``w``), ``w``, ``tau``, ``a_max``.
 
 Paper: W. Xiao, Z. Xu, G. Liang, Y. Deng, Y. Xiao, CAD (Confidence-Aware adaptive Displacement),
-arXiv 2502.00536, 2025 (abstract only; no code). Base method: ABD, "Adaptive Bidirectional
-Displacement for Semi-Supervised Medical Image Segmentation", CVPR 2024 (code: chy-upc/ABD).
+arXiv:2502.00536, 2025 (abstract only; no code released). Base method: H. Chi, J. Pang, B. Zhang, W. Liu,
+ABD, "Adaptive Bidirectional Displacement for Semi-Supervised Medical Image Segmentation", CVPR 2024,
+arXiv:2405.00378 (code: https://github.com/chy-upc/ABD).
 """
 from __future__ import annotations
 

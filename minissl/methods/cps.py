@@ -25,8 +25,8 @@ Evaluation uses the student ``f_1`` (SSL4MIS tests model 1); ``predict_average=T
 of both softmaxes (returned as log-probabilities, whose argmax is the ensemble's).
 
 Paper: X. Chen, Y. Yuan, G. Zeng, J. Wang, "Semi-Supervised Semantic Segmentation with Cross Pseudo
-Supervision", CVPR 2021 (code: charlesCXK/TorchSemiSeg). Medical recipe: HiLab-git/SSL4MIS
-``train_cross_pseudo_supervision_2D/3D.py``.
+Supervision", CVPR 2021, arXiv:2106.01226 (code: https://github.com/charlesCXK/TorchSemiSeg).
+Medical recipe: https://github.com/HiLab-git/SSL4MIS ``code/train_cross_pseudo_supervision_2D/3D.py``.
 
 Where the codes differ, and what minissl follows:
     * The paper applies CPS to labeled and unlabeled images (``L_cps = L_cps^l + L_cps^u``; its code

@@ -27,8 +27,10 @@ Algorithm (per iteration):
 The student is evaluated (as in the code). The published recipe ramps k(t) and w(t) over the whole
 10k-iteration run with weight 1.0: ``keep_rampup = 1.0`` here, ``--cons_weight 1.0 --rampup 1.0`` for w.
 
-Paper: L. Zhou, Z. Chen, ..., Q. Jin, "ERSR: ...", IEEE JBHI 2025, arXiv 2508.19815.
-Code: BioMedIA-repo/ERSR (``train.py``, ``utils/util.py``, ``utils/seletor.py``).
+Paper: L. Zhou, Z. Chen, Y. Shen, J. Xu, P. Xuan, Y. Zhu, Y. Fang, C. Cong, L. Wei, R. Su, J. Zhou, Q. Jin,
+"ERSR: An Ellipse-constrained pseudo-label refinement and symmetric regularization framework for
+semi-supervised fetal head segmentation in ultrasound images", IEEE JBHI 2025, arXiv:2508.19815.
+Code: https://github.com/BioMedIA-repo/ERSR (``train.py``, ``utils/util.py``, ``utils/seletor.py``).
 
 Where minissl differs from the code, and why:
     * two-class softmax, p = softmax[:, 1] (the code: one sigmoid channel), so that ``predict`` gives the
@@ -39,7 +41,7 @@ Where minissl differs from the code, and why:
       batch of an epoch ranks only against itself) becomes a running window of the last
       ``score_window`` scores (64 ~ one HC18 10 % epoch of 8 unlabeled images x 10 iterations);
     * D is the exact Euclidean distance to the nearest mask pixel (kornia's ``distance_transform``
-      semantics, 0 on the mask), computed in torch for the whole batch (``distance_to_mask``; kornia
+      semantics, 0 on the mask), computed in torch for the whole batch (``geometry.distance_to_mask``; kornia
       approximates it by soft-min convolutions). Its Laplacian pads by replication: the code's zero
       padding makes the image border, where the distance is large, dominate S_reg. An empty mask
       scores +inf (ranked last); in the code it gets D = 0 and ranks as the most regular;
@@ -70,56 +72,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops
+from .. import geometry, ops
 from ..data import transforms
 from .base import Method, ema_update, make_teacher, register, sigmoid_rampup
 
-SOBEL = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]) / 8  # d/dx; its transpose is d/dy
-LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
-
-
-def edge_smoothness(probs: Tensor) -> Tensor:
-    """S_edge: mean Sobel gradient magnitude (kernels / 8, zero padding) of each map, (B, H, W) -> (B,)."""
-    k = torch.stack([SOBEL, SOBEL.T])[:, None].to(probs)  # (2, 1, 3, 3)
-    g = F.conv2d(probs[:, None], k, padding=1)  # (B, 2, H, W)
-    return torch.sqrt(g.pow(2).sum(1) + 1e-6).mean((1, 2))
-
-
-def distance_to_mask(mask: Tensor) -> Tensor:
-    """Euclidean distance from each pixel to the nearest True pixel, exact, vectorised over the batch.
-
-    Column pass: vertical distance g to the nearest mask pixel of the column (cummax / cummin of row
-    indices); row pass: D(y, x)^2 = min_x' (x - x')^2 + g(y, x')^2. O(B H W^2) memory.
-
-    Args:
-        mask: (B, H, W) bool.
-
-    Returns:
-        (B, H, W) float32: 0 on the mask, ``scipy.ndimage.distance_transform_edt(~mask)`` elsewhere; inf
-        everywhere for an empty mask.
-    """
-    B, H, W = mask.shape
-    rows = torch.arange(H, dtype=torch.float32, device=mask.device)[None, :, None].expand(B, H, W)  # (B, H, W)
-    inf = torch.full_like(rows, math.inf)
-    above = torch.where(mask, rows, -inf).cummax(1).values  # last mask row at or above
-    below = torch.where(mask, rows, inf).flip(1).cummin(1).values.flip(1)  # first mask row at or below
-    g2 = torch.minimum(rows - above, below - rows).pow(2)  # (B, H, W)
-    cols = torch.arange(W, dtype=torch.float32, device=mask.device)
-    dx2 = (cols[:, None] - cols[None, :]).pow(2)  # (W, W)
-    return (g2[:, :, None, :] + dx2).amin(-1).sqrt()  # (B, H, W)
-
 
 def contour_regularity(probs: Tensor) -> Tensor:
-    """S_reg: mean |Laplacian| of ``distance_to_mask(P > 0.5)`` (replicate padding), (B, H, W) -> (B,); inf if empty."""
+    """S_reg: mean |Laplacian| of the distance to ``P > 0.5`` (replicate padding), (B, H, W) -> (B,); inf if empty."""
     mask = probs > 0.5  # (B, H, W)
-    dist = distance_to_mask(mask).to(probs)[:, None]  # (B, 1, H, W)
-    lap = F.conv2d(F.pad(dist, (1, 1, 1, 1), mode="replicate"), LAPLACE.to(probs)[None, None])  # (B, 1, H, W)
-    return torch.where(mask.flatten(1).any(1), lap.abs().mean((1, 2, 3)), math.inf)
+    lap = geometry.mean_abs_laplacian(geometry.distance_to_mask(mask).to(probs))  # (B,)
+    return torch.where(mask.flatten(1).any(1), lap, math.inf)
 
 
 def regularity_score(probs: Tensor, alpha: float = 0.5) -> Tensor:
     """Dual score ``alpha S_edge + (1 - alpha) S_reg`` of foreground maps (B, H, W) -> (B,); lower = more regular."""
-    return alpha * edge_smoothness(probs) + (1 - alpha) * contour_regularity(probs)
+    return alpha * geometry.mean_gradient_magnitude(probs) + (1 - alpha) * contour_regularity(probs)
 
 
 def select_regular(scores: Tensor, history: Tensor, keep_ratio: float, min_keep: float = 0.8) -> Tensor:
@@ -142,31 +109,6 @@ def select_regular(scores: Tensor, history: Tensor, keep_ratio: float, min_keep:
     return torch.zeros_like(keep).index_fill_(0, order[:n], True)
 
 
-def axis_coords(params: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Pixel-centre coordinates in each ellipse's frame: x' along the major axis, y' along the minor, (B, H, W) each."""
-    cx, cy, _, _, t = (v[:, None, None] for v in params.to(torch.float64).unbind(1))  # (B, 1, 1)
-    y = torch.arange(shape[0], dtype=torch.float64, device=params.device)[:, None]  # (H, 1)
-    x = torch.arange(shape[1], dtype=torch.float64, device=params.device)[None, :]  # (1, W)
-    return (x - cx) * torch.cos(t) + (y - cy) * torch.sin(t), -(x - cx) * torch.sin(t) + (y - cy) * torch.cos(t)
-
-
-def halves(params: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Left (y' < 0) and right (y' >= 0) half-planes of the major axis, (B, 1, H, W) bool each."""
-    left = axis_coords(params, shape)[1][:, None] < 0
-    return left, ~left
-
-
-def reflect(x: Tensor, params: Tensor) -> Tensor:
-    """Mirror images across each ellipse's major axis (nearest sampling, zeros outside), (B, C, H, W) -> same."""
-    H, W = x.shape[-2:]
-    xr, yr = axis_coords(params, (H, W))  # (B, H, W): the mirror of (x', y') is (x', -y')
-    cx, cy, _, _, t = (v[:, None, None] for v in params.to(torch.float64).unbind(1))
-    sx = cx + xr * torch.cos(t) + yr * torch.sin(t)  # (B, H, W) source column
-    sy = cy + xr * torch.sin(t) - yr * torch.cos(t)  # (B, H, W) source row
-    grid = torch.stack([2 * sx / max(W - 1, 1) - 1, 2 * sy / max(H - 1, 1) - 1], -1).to(x)  # (B, H, W, 2)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=True)
-
-
 def mirror_images(x: Tensor, pseudo: Tensor, params: Tensor,
                   perturb: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """The symmetric images [x_left; x_right]: background + each half of the head + its mirror.
@@ -179,11 +121,11 @@ def mirror_images(x: Tensor, pseudo: Tensor, params: Tensor,
         (2B, 1, H, W): ``x (1 - Y) + ~(x Y H) + ~M(x Y H)`` for H = H_L (first B), then H = H_R.
     """
     fg = pseudo.to(x.dtype)[:, None]  # (B, 1, H, W)
-    left, right = halves(params, x.shape[-2:])
+    left, right = geometry.axis_half_planes(params, x.shape[-2:])
     masks = torch.cat([fg * left, fg * right])  # (2B, 1, H, W) the two halves of the pseudo-mask
     pieces = torch.cat([x, x]) * masks
     params2 = torch.cat([params, params])
-    mirrored = reflect(torch.cat([pieces, masks], 1), params2)  # (2B, 2, H, W) mirrored piece and mask
+    mirrored = geometry.reflect_across_axis(torch.cat([pieces, masks], 1), params2)  # (2B, 2, H, W) piece, mask
     if perturb is not None:
         pieces = perturb(pieces) * masks
         mirrored = torch.cat([perturb(mirrored[:, :1]) * mirrored[:, 1:], mirrored[:, 1:]], 1)
@@ -192,9 +134,9 @@ def mirror_images(x: Tensor, pseudo: Tensor, params: Tensor,
 
 def mirror_targets(p: Tensor, params: Tensor) -> Tensor:
     """L_aug targets ``[p H_L + M(p H_L); p H_R + M(p H_R)]`` from predictions p (B, 1, H, W) -> (2B, 1, H, W)."""
-    left, right = halves(params, p.shape[-2:])
+    left, right = geometry.axis_half_planes(params, p.shape[-2:])
     pieces = torch.cat([p * left, p * right])  # (2B, 1, H, W)
-    return pieces + reflect(pieces, torch.cat([params, params]))
+    return pieces + geometry.reflect_across_axis(pieces, torch.cat([params, params]))
 
 
 @dataclass
@@ -253,7 +195,10 @@ class ERSR(Method):
 
     @torch.no_grad()
     def pseudo_labels(self, probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Ellipse fit (outer contour of the largest component of P > tau) and refinement: pseudo (K, H, W) uint8, params (K, 5), valid (K,)."""
+        """Ellipse fit (outer contour of the largest component of P > tau) and refinement.
+
+        Returns pseudo-labels (K, H, W) uint8, ellipse params (K, 5) and fit validity (K,) bool.
+        """
         a = self.args
         params, valid = ops.fit_ellipse(probs > a.threshold)
         _, pseudo = ops.ellipse_refine(probs, params, valid, threshold=a.threshold, fill_base=a.fill_base,
@@ -283,8 +228,8 @@ class ERSR(Method):
             target = mirror_targets(p_u[valid], params_v)  # (2V, 1, H, W)
             l_aug = F.mse_loss(p_aug, target.detach() if self.args.detach_mirror_target else target)
             params2 = torch.cat([params_v, params_v])
-            left, right = halves(params2, p_aug.shape[-2:])
-            l_mirror = F.mse_loss(p_aug * left, reflect(p_aug * right, params2))
+            left, right = geometry.axis_half_planes(params2, p_aug.shape[-2:])
+            l_mirror = F.mse_loss(p_aug * left, geometry.reflect_across_axis(p_aug * right, params2))
         unsup = l_pl + l_aug + l_mirror
         w = self.cons_weight(step)
         return {"loss": sup + w * unsup, "sup": sup, "unsup": unsup, "w": torch.tensor(w),

@@ -18,12 +18,12 @@ Equations (M (n, *S) in {0, 1} per sample, 50 % of the blocks set; PL = teacher 
     L      = L_seg + (L_low + L_high) / 2
 
 with h the bottleneck (``encode(x)[-1]``) and l the last decoder feature map (``decode(...)[1]``);
-``l(., .; R) = (Dice_R + CE_R) / 2`` over a region R, as in BCP (``minissl.methods.bcp.mix_loss``).
+``l(., .; R) = (Dice_R + CE_R) / 2`` over a region R, as in BCP (``losses.copy_paste_loss``).
 
 Algorithm (per iteration; no pre-training stage in the released scripts):
     1. teacher on U_a and U_b (no gradient): pseudo-labels, bottleneck and last decoder features;
-    2. per-sample block mask (``ops.regions.block_grid``), the two mutual mixes with their targets
-       and GT-region maps (one ``ops.mix`` call each);
+    2. per-sample block mask (``ops.block_grid``), the two mutual mixes with their targets and
+       GT-region maps (``labeled_unlabeled_mixes``, BCP's two ``ops.mix`` calls with the region swapped);
     3. student on X_1 and X_2: logits, bottleneck, last feature; L_seg, L_high, L_low; SGD step;
     4. EMA update of the teacher (decay 0.99).
 Note that the pairs (X_1, U_b) and (X_2, U_a) compare features of unrelated images (row k of one
@@ -34,8 +34,8 @@ everything the unlabeled images contribute (M3HL puts no ramp weight on it); ``l
 ``high`` and ``low`` separately.
 
 Paper: Y. Liu, Z. Zhang, J. Yue, W. Guo, D. Li, "M3HL: Mutual Mask Mix with High-Low Level Feature
-Consistency for Semi-Supervised Medical Image Segmentation", MICCAI 2025 (arXiv 2508.03752).
-Code: PHPJava666/M3HL (``code/ACDC_M3HL_train.py``; the LA script is incomplete).
+Consistency for Semi-Supervised Medical Image Segmentation", MICCAI 2025, arXiv:2508.03752.
+Code: https://github.com/PHPJava666/M3HL (``code/ACDC_M3HL_train.py``; the LA script is incomplete).
 
 Where the official code differs, and what minissl does:
     * a ``consistency_weight`` sigmoid ramp is computed (and logged) but never used: the feature
@@ -58,9 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops
-from .base import Method, ema_update, make_teacher, register
-from .bcp import halves, mix_loss
+from .. import losses, ops
+from .base import Method, ema_update, labeled_unlabeled_mixes, make_teacher, register
 
 
 def feature_losses(high_s: list[Tensor], low_s: list[Tensor], high_t: list[Tensor],
@@ -104,19 +103,6 @@ class M3HL(Method):
         grid = (self.args.grid,) * (x.ndim - 2)
         return ops.block_grid(x.shape[2:], x.shape[0], self.rng, grid, ratio=self.args.mask_ratio)
 
-    @staticmethod
-    def mutual_mix(l_a: Tensor, y_a: Tensor, l_b: Tensor, y_b: Tensor, u_a: Tensor, pl_a: Tensor,
-                   u_b: Tensor, pl_b: Tensor, blocks: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """X_1 = U_a on M, L_a elsewhere; X_2 = L_b on M, U_b elsewhere.
-
-        Images (n, 1, *S), labels (n, *S) int64, blocks (n, *G). Returns ``[x, target, gt_region]`` for
-        X_1 and X_2; gt_region (n, *S) float is 1 where the target is ground truth.
-        """
-        one, zero = torch.ones_like(y_a, dtype=l_a.dtype), torch.zeros_like(y_a, dtype=l_a.dtype)  # (n, *S)
-        mix_1 = ops.mix([l_a, y_a, one], [u_a, pl_a, zero], blocks=blocks)
-        mix_2 = ops.mix([u_b, pl_b, zero], [l_b, y_b, one], blocks=blocks)
-        return mix_1, mix_2
-
     @torch.no_grad()
     def teacher_view(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher pseudo-labels (n, *S), bottleneck (n, C_b, *S_b) and last feature (n, width, *S) of ``u``."""
@@ -130,13 +116,15 @@ class M3HL(Method):
         if n < 1:
             raise ValueError(f"m3hl: expected at least 2 labeled and 2 unlabeled images, got {x_l.shape[0]} "
                              f"and {x_u.shape[0]}")
-        (l_a, l_b), (y_a, y_b), (u_a, u_b) = halves(x_l, n), halves(y_l, n), halves(x_u, n)
-        (pl_a, high_ta, low_ta), (pl_b, high_tb, low_tb) = self.teacher_view(u_a), self.teacher_view(u_b)
+        x_l, y_l, x_u = x_l[:2 * n], y_l[:2 * n], x_u[:2 * n]
+        (pl_a, high_ta, low_ta), (pl_b, high_tb, low_tb) = (self.teacher_view(u) for u in x_u.chunk(2))
+        mixes = labeled_unlabeled_mixes(x_l, y_l, x_u, torch.cat([pl_a, pl_b]), paste_labeled=False,
+                                        blocks=self.block_mask(x_l[:n]))
         sup, seg_pl, high_s, low_s = x_l.new_zeros(()), x_l.new_zeros(()), [], []
-        for x, y, gt_region in self.mutual_mix(l_a, y_a, l_b, y_b, u_a, pl_a, u_b, pl_b, self.block_mask(l_a)):
+        for x, y, gt_region in mixes:  # X_1, X_2
             feats = self.student.encode(x)
             logits, last = self.student.decode(feats)  # (n, C, *S), (n, width, *S)
-            gt, pl = mix_loss(logits, y, gt_region)
+            gt, pl = losses.copy_paste_loss(logits, y, gt_region)
             sup, seg_pl = sup + gt, seg_pl + pl
             high_s.append(feats[-1])
             low_s.append(last)

@@ -24,8 +24,10 @@ Schedule: SSL4MIS ramps the weight 0 -> 0.1 over the whole 30k-iteration run (``
 minissl default is ``rampup = 0.4`` so short CPU runs reach the full weight (``configs/`` holds the
 published recipe).
 
-Paper: A. Tarvainen, H. Valpola, "Mean teachers are better role models", NeurIPS 2017.
-Code followed for the segmentation recipe: HiLab-git/SSL4MIS ``train_mean_teacher_2D.py``.
+Paper: A. Tarvainen, H. Valpola, "Mean teachers are better role models: Weight-averaged consistency
+targets improve semi-supervised deep learning results", NeurIPS 2017, arXiv:1703.01780
+(code: https://github.com/CuriousAI/mean-teacher). Code followed for the segmentation recipe:
+https://github.com/HiLab-git/SSL4MIS ``code/train_mean_teacher_2D.py``.
 """
 from __future__ import annotations
 

@@ -30,9 +30,9 @@ uses the shared ``cfg.cons_weight`` / ``cfg.rampup`` (official: 0.1 ramped over 
 i.e. the whole 30k run; minissl default 40 %).
 
 Paper: L. Yu, S. Wang, X. Li, C.-W. Fu, P.-A. Heng, "Uncertainty-aware Self-ensembling Model for
-Semi-supervised 3D Left Atrium Segmentation", MICCAI 2019.
-Official code: yulequan/UA-MT (3D LA, binary) and HiLab-git/SSL4MIS
-``train_uncertainty_aware_mean_teacher_2D/3D.py``.
+Semi-supervised 3D Left Atrium Segmentation", MICCAI 2019, arXiv:1907.07034.
+Official code: https://github.com/yulequan/UA-MT (3D LA, binary) and https://github.com/HiLab-git/SSL4MIS
+``code/train_uncertainty_aware_mean_teacher_2D/3D.py``.
 
 Where the code differs from the paper, and what minissl follows:
     * The paper writes the masked loss as ``sum m (p_s - p_t)^2 / sum m``; the code divides by

@@ -31,7 +31,8 @@ Algorithm (per iteration):
 No teacher: the same network makes the targets; no ramp-up (weights are constant from step 0).
 
 Paper: L. Yang, L. Qi, L. Feng, W. Zhang, Y. Shi, "Revisiting Weak-to-Strong Consistency in
-Semi-Supervised Semantic Segmentation", CVPR 2023. Code: LiheYoung/UniMatch ``more-scenarios/medical``.
+Semi-Supervised Semantic Segmentation", CVPR 2023, arXiv:2208.09910.
+Code: https://github.com/LiheYoung/UniMatch ``more-scenarios/medical``.
 
 Where the official medical code differs from the paper, and what minissl follows:
     * The paper uses CE on the unlabeled views; the medical code uses the masked Dice above only, and
