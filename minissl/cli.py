@@ -60,28 +60,6 @@ def _overrides(tokens: Sequence[str]) -> list[str]:
     return out
 
 
-def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """A plain-text table: ``columns`` = [(key, header), ...]; floats with 2 decimals."""
-    cells = [[h for _, h in columns]]
-    for r in rows:
-        cells.append([f"{r[k]:.2f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k, _ in columns])
-    widths = [max(len(row[j]) for row in cells) for j in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def summary_row(name: str, result) -> dict:
-    """One table row from a RunResult: mean over test cases (and classes) of each metric."""
-    t = result.test
-    row = {"method": name, "dice": 100 * t["dice"]["mean"], "hd95": t["hd95"]["mean"],
-           "s_per_iter": result.seconds_per_iter}
-    if "hc_error_mm" in t:
-        row["hc_error_mm"] = t["hc_error_mm"]["mean"]
-    return row
-
-
 def _option_lines(cls: type) -> list[str]:
     """``--name TYPE  default  comment`` for every field of the dataclass ``cls``."""
     from dataclasses import MISSING, fields
@@ -137,6 +115,7 @@ def _method_in(tokens: Sequence[str], config: Optional[str]) -> Optional[str]:
 def cmd_train(tokens: Sequence[str]) -> int:
     from .config import load_config
     from .engine import train
+    from .report import format_table, summary_row, table_columns
 
     p = _Parser(prog="minissl train", add_help=False)
     p.add_argument("--config", help="a .json/.yaml file of overrides")
@@ -152,15 +131,6 @@ def cmd_train(tokens: Sequence[str]) -> int:
     print(f"best validation Dice {result.best_val_dice:.4f} at iteration {result.best_step}")
     print(format_table([summary_row(cfg.method, result)], table_columns(result)))
     return 0
-
-
-def table_columns(*results) -> list[tuple[str, str]]:
-    """Columns of the comparison table for these RunResults (HC error only when a run has it)."""
-    unit = results[0].test_rows[0].get("unit", "px") if results and results[0].test_rows else "px"
-    cols = [("method", "method"), ("dice", "Dice %"), ("hd95", f"HD95 {unit}")]
-    if any("hc_error_mm" in r.test for r in results):
-        cols.append(("hc_error_mm", "HC err mm"))
-    return cols + [("s_per_iter", "s/iter")]
 
 
 def cmd_eval(tokens: Sequence[str]) -> int:

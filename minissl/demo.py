@@ -7,46 +7,39 @@ truth and both predictions, and the learning curves.
 """
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import format_table, summary_row, table_columns
 from .config import load_config
+from .report import format_table, report_figure, summary_row, table_columns
+from .run import Run
 
 # The semi-supervised method shown by default: BCP beat the baseline on fetal_head in every seed we
 # ran, Mean Teacher did not (README, Results).
 DEMO_METHOD = "bcp"
 
 
-def read_curves(run_dir: Path) -> dict:
-    """``{"step", "loss", "val_step", "val_dice"}`` lists from a run's log.csv (for report_figure)."""
-    rows = list(csv.DictReader(open(Path(run_dir) / "log.csv")))
-    loss = [(int(r["step"]), float(r["loss"])) for r in rows if r.get("loss")]
-    val = [(int(r["step"]), float(r["val_dice"])) for r in rows if r.get("val_dice")]
-    return {"step": [s for s, _ in loss], "loss": [v for _, v in loss],
-            "val_step": [s for s, _ in val], "val_dice": [v for _, v in val]}
-
-
-def report(results: Sequence, path: str | Path, n_cases: int = 4) -> Path:
+def report(runs: Sequence[Run], path: str | Path, n_cases: int = 4) -> Path:
     """PNG report of finished runs on the same data: the first test cases with ground truth and each
     run's prediction (its best checkpoint), plus loss and validation-Dice curves."""
-    from . import evaluate as evaluation
     from .data.sources import open_data
     from .inference import predict_case
-    from .run import Run
 
-    store = open_data(results[0].config.data_root or results[0].config.suite)
+    cfg = runs[0].config
+    store = open_data(cfg.data_root or cfg.suite)
     spec = store.spec
     cases = [store.read(i) for i in store.split("test")[:n_cases]]
     preds = {}
-    for res in results:
-        method = Run(res.run_dir).load_method()
-        preds[res.config.method] = [predict_case(method.predict, c.image, spec.spatial_dims, spec.patch_size,
+    for run in runs:
+        method = run.load_method()
+        preds[run.method_name] = [predict_case(method.predict, c.image, spec.spatial_dims, spec.patch_size,
                                                  zoom=spec.zoom) for c in cases]
-    curves = {res.config.method: read_curves(res.run_dir) for res in results}
-    return evaluation.report_figure(path, cases, preds, curves=curves, class_names=spec.class_names)
+    fig = report_figure(cases, preds, runs={run.method_name: run for run in runs}, class_names=spec.class_names)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path
 
 
 def run_demo(suite: str = "fetal_head", method: Optional[str] = None, iters: Optional[int] = None,
@@ -60,18 +53,17 @@ def run_demo(suite: str = "fetal_head", method: Optional[str] = None, iters: Opt
 
     method = method or DEMO_METHOD
     t_start = time.perf_counter()
-    rows, results = [], []
+    runs = []
     for name in ("supervised", method):
         kw = {"max_iters": iters} if iters else {}
         cfg = load_config(method=name, suite=suite, seed=seed, out_dir=out, progress=progress, **kw)
         print(f"[demo] training {name} on {suite} ...", flush=True)
-        res = train(cfg, overwrite=True)
-        results.append(res)
-        rows.append(summary_row(name, res))
-    cfg = results[0].config
+        runs.append(Run(train(cfg, overwrite=True).run_dir))
+    rows = [summary_row(run.method_name, run) for run in runs]
+    cfg = runs[0].config
     print(f"\nminissl demo: {suite}, {cfg.budget} labeled cases, {cfg.max_iters} iterations, seed {seed} "
-          f"(test means over {results[0].test['dice']['n']} cases)")
-    print(format_table(rows, table_columns(*results)))
-    path = report(results, Path(out) / "report.png")
+          f"(test means over {runs[0].metrics['test']['dice']['n']} cases)")
+    print(format_table(rows, table_columns(*runs)))
+    path = report(runs, Path(out) / "report.png")
     print(f"report: {path}   ({time.perf_counter() - t_start:.0f} s in all)")
     return rows

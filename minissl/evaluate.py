@@ -1,4 +1,4 @@
-"""Per-case evaluation tables (CSV/JSON), their summary, and the report figure.
+"""Per-case evaluation tables (CSV/JSON) and their summary (the report figure is :mod:`minissl.report`).
 
 ``evaluate`` predicts every case with :func:`minissl.inference.predict_case` and scores it with
 :func:`minissl.metrics.case_metrics` on the whole image or volume (3D surface distances for 2D-trained
@@ -121,78 +121,3 @@ def write_rows(rows: Sequence[Mapping[str, Any]], csv_path: str | Path, json_pat
         payload = {"rows": list(rows), "summary": summarise(rows) if rows else None,
                    "per_class": summarise(rows, by_class=True) if rows else None}
         write_text_atomic(json_path, json.dumps(payload, indent=1))
-
-
-def _show_slice(label: np.ndarray) -> int | None:
-    """Index of the (Z, Y, X) slice with the most foreground (None for a 2D image)."""
-    return None if label.ndim == 2 else int((label.reshape(label.shape[0], -1) > 0).sum(1).argmax())
-
-
-CURVES = (("loss", "step", "loss"), ("val_dice", "val_step", "validation Dice"))
-
-
-def report_figure(path: str | Path, cases: Sequence[Any],
-                  preds: Sequence[np.ndarray] | Mapping[str, Sequence[np.ndarray]],
-                  curves: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
-                  class_names: Sequence[str] | None = None, max_cases: int = 4) -> Path:
-    """PNG report: one column per case (at most ``max_cases``); rows image, ground truth, then one
-    prediction row per method (label overlays); below, loss and validation Dice vs iteration.
-
-    Args:
-        path: output PNG.
-        cases: objects with ``id``, ``image`` and ``label``, (Y, X) or (Z, Y, X); volumes show the slice with
-            the most ground-truth foreground.
-        preds: per case predicted label maps, or ``{method: [per case]}`` for several methods.
-        curves: ``{method: {"step": [...], "loss": [...], "val_step": [...], "val_dice": [...]}}`` (the
-            engine's log columns; missing keys are skipped); None for no curve panels.
-        class_names: legend names, class 0 (background) first.
-        max_cases: columns shown.
-    """
-    from matplotlib import colormaps
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure      # Agg canvas, no pyplot state: safe in notebooks and threads
-    from matplotlib.patches import Patch
-
-    methods = dict(preds) if isinstance(preds, Mapping) else {"prediction": preds}
-    n = min(len(cases), max_cases)
-    if n == 0 or any(len(p) < n for p in methods.values()):
-        raise ValueError(f"report_figure needs >= 1 case and a prediction per case, got {len(cases)} cases, "
-                         f"{[len(p) for p in methods.values()]} predictions")
-    labels = [np.asarray(c.label) for c in cases[:n]]
-    names = list(class_names) if class_names else [str(k) for k in range(int(max(l.max() for l in labels)) + 1)]
-    colours = ListedColormap(colormaps["tab10"].colors[: max(len(names) - 1, 1)])
-    panels = [p for p in CURVES if any(p[0] in c for c in (curves or {}).values())]
-    rows = 2 + len(methods)
-    fig = Figure(figsize=(2.4 * max(n, 2), 2.2 * rows + (2.6 if panels else 0)))
-    grid = fig.add_gridspec(rows + (1 if panels else 0), 1, height_ratios=[1] * rows + ([1.1] if panels else []))
-    top = grid[:rows].subgridspec(rows, n)
-    for j, case in enumerate(cases[:n]):
-        z = _show_slice(labels[j])
-        pick = (lambda a: np.asarray(a)) if z is None else (lambda a: np.asarray(a)[z])
-        for i, (title, lab) in enumerate([("image", None), ("ground truth", labels[j])]
-                                         + [(m, p[j]) for m, p in methods.items()]):
-            ax = fig.add_subplot(top[i, j])
-            ax.imshow(pick(case.image), cmap="gray")
-            if lab is not None:
-                ax.imshow(np.ma.masked_equal(pick(lab), 0), cmap=colours, vmin=1, vmax=max(len(names) - 1, 1),
-                          alpha=0.5, interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(title)
-            if i == 0:
-                ax.set_title(str(case.id) + ("" if z is None else f" z={z}"))
-    fig.legend(handles=[Patch(color=colours(k - 1), label=names[k]) for k in range(1, len(names))],
-               loc="upper right", fontsize=8)
-    if panels:
-        bottom = grid[rows].subgridspec(1, len(panels))
-        for k, (key, x_key, title) in enumerate(panels):
-            ax = fig.add_subplot(bottom[0, k])
-            for method, c in curves.items():
-                if key in c:
-                    ax.plot(c.get(x_key, range(len(c[key]))), c[key], label=method)
-            ax.set_xlabel("iteration"), ax.set_title(title), ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0, 0.93, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return path

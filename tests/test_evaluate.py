@@ -1,4 +1,4 @@
-"""evaluate / summarise / write_rows / report_figure on tiny fake cases."""
+"""evaluate / summarise / write_rows on tiny fake cases."""
 import csv
 import json
 import math
@@ -71,24 +71,6 @@ def test_fetal_head_hc_error_and_files(tmp_path):
     payload = json.loads((tmp_path / "m.json").read_text())
     assert payload["rows"] == rows and payload["summary"]["hc_error_mm"]["mean"] > 0
     assert payload["per_class"]["head"]["dice"]["mean"] == 0.5
-
-
-def test_report_figure(tmp_path):
-    from matplotlib.image import imread
-
-    rng = np.random.default_rng(0)
-    labels = [_disk((32, 40), 16, 20, 8), np.stack([_disk((24, 24), 12, 12, r) * 2 for r in (0, 3, 6, 8, 4, 0)])]
-    cases = [_case("c0", rng.random((32, 40)), labels[0]), _case("c1", rng.random((6, 24, 24)), labels[1])]
-    preds = {"supervised": [np.roll(l, 2, -1) for l in labels], "mean_teacher": labels}
-    it = np.arange(0, 100, 10)
-    curves = {"supervised": {"step": it, "loss": np.exp(-it / 50), "val_step": it[::3], "val_dice": it[::3] / 99},
-              "mean_teacher": {"step": it, "loss": np.exp(-it / 40)}}
-    out = ev.report_figure(tmp_path / "r.png", cases, preds, curves, class_names=["bg", "A", "B"])
-    png = imread(out)
-    assert png.ndim == 3 and png.shape[0] > 300
-    ev.report_figure(tmp_path / "one.png", cases[:1], [labels[0]])   # one method, no curves
-    with pytest.raises(ValueError, match="a prediction per case"):
-        ev.report_figure(tmp_path / "x.png", cases, [labels[0]])
 
 
 def test_bad_input():

@@ -1,4 +1,5 @@
-"""Every tutorial notebook runs on CPU with its CI settings, and is committed with its outputs stripped.
+"""Every tutorial notebook runs on CPU with its CI settings, is committed with its outputs stripped, is
+numbered without gaps, and reads runs and draws pictures through the library (no hand parsing).
 
 Each ``tutorials/*.ipynb`` is executed top to bottom by nbclient with ``MINISSL_CI=1`` (the notebook's
 config cell shrinks its numbers), in a temporary working directory, so nothing is left in the repo.
@@ -22,6 +23,15 @@ TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 CELL_TIMEOUT = 300  # seconds per cell (a whole CI notebook should take well under a minute)
 KERNEL = "python3"
+FIRST_METHOD = 4  # 00-03: quickstart, data, kernels, protocol; then one notebook per method
+METHOD_CODE_LINES = 40  # a method notebook is a lesson, a config cell and calls into minissl
+BY_HAND = ("sys.path", "torch.load", "log.csv", "metrics.json", "test_cases.json", "csv.DictReader", "json.load")
+
+
+def _code(path: Path) -> list[str]:
+    """Non-blank code lines of a notebook."""
+    nb = nbformat.read(path, as_version=4)
+    return [line for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines() if line.strip()]
 
 
 def strip(nb: nbformat.NotebookNode) -> bool:
@@ -47,6 +57,21 @@ def _ensure_kernel() -> str:
 def test_notebook_is_stripped(path: Path):
     nb = nbformat.read(path, as_version=4)
     assert not strip(nb), f"{path.name} has outputs or execution counts: run `python tests/test_notebooks.py --strip`"
+
+
+def test_notebooks_are_numbered_without_gaps():
+    numbers = [int(p.name.split("_")[0]) for p in NOTEBOOKS]
+    assert numbers == list(range(len(NOTEBOOKS))), f"tutorials/: expected 00..{len(NOTEBOOKS) - 1}, got {numbers}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_uses_the_library(path: Path):
+    code = _code(path)
+    found = [word for word in BY_HAND if any(word in line for line in code)]
+    assert not found, f"{path.name}: reads files or edits the path by hand ({found}); use minissl.run.Run"
+    if int(path.name[:2]) >= FIRST_METHOD:
+        assert len(code) <= METHOD_CODE_LINES, f"{path.name}: {len(code)} code lines, expected <= {METHOD_CODE_LINES}"
+        assert not any("pyplot" in line for line in code), f"{path.name}: draws by hand; use minissl.report"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

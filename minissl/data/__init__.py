@@ -2,7 +2,7 @@
 
     sources     open_data (suite name | store folder | SSL4MIS layout -> CaseStore), check_store
     store       Case, SuiteSpec, CaseStore, read_case / write_case, splits and labeled budgets
-    phantoms    SUITES, make_suite (fetal_head, cardiac, atrium), gallery
+    phantoms    SUITES, make_suite (fetal_head, cardiac, atrium)
     ssl4mis     the SSL4MIS / BCP layouts of ACDC and LA, read as they are
     datasets    load_cases, make_train_loader (two streams, split by case, resumable)
     transforms  weak (geometric, per sample), strong (intensity, batched torch), resize / zoom, normalise

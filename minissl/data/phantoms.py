@@ -656,37 +656,3 @@ def _replace_dir(new: Path, root: Path) -> None:
     except OSError:  # another process finished first: keep its copy
         shutil.rmtree(new, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def gallery(path: str | os.PathLike, n: int = 4, seed: int = 0) -> Path:
-    """PNG of the first ``n`` cases of every suite: image and label overlay (cardiac: a mid slice;
-    atrium: the axial slice through the label's centre).
-
-    Args:
-        path: output PNG.
-        n: cases per suite.
-        seed: generation seed.
-    """
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
-
-    cmap = ListedColormap([(0, 0, 0, 0), (1, 0.2, 0.2, 0.45), (0.2, 1, 0.2, 0.45), (0.2, 0.5, 1, 0.45)])
-    fig = Figure(figsize=(2 * n * 1.6, len(SUITES) * 1.75))
-    axes = fig.subplots(len(SUITES), 2 * n)
-    for r, name in enumerate(SUITES):
-        for i in range(n):
-            case = generate_case(name, i, seed)
-            img, lab = case.image, case.label
-            if img.ndim == 3:
-                k = len(img) // 2 if name == "cardiac" else int(np.argwhere(lab)[:, 0].mean())
-                img, lab = img[k], lab[k]
-            for j, show_label in enumerate((False, True)):
-                ax = axes[r, 2 * i + j]
-                ax.imshow(img, cmap="gray", interpolation="nearest")
-                if show_label:
-                    ax.imshow(np.ma.masked_equal(lab, 0), cmap=cmap, vmin=0, vmax=3, interpolation="nearest")
-                ax.set_xticks([]), ax.set_yticks([])
-            axes[r, 2 * i].set_title(f"{name} {i}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return Path(path)
