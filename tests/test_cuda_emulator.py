@@ -195,11 +195,69 @@ def test_dice_ce_entropy_forward_and_backward(emu, dtype, B, C, S, target, weigh
     assert all(x.grid[0] * x.grid[1] <= 16 for x in emu.launches())
 
 
-def test_dice_ce_entropy_label_out_of_range(emu):
-    logits, t, _ = _dce_inputs(1, 3, (4, 4), torch.float32, "hard", False)
+def test_loss_bad_label_is_a_device_flag_not_a_host_read(emu, monkeypatch):
+    """Finding 5 (and the label range of finding 2): the glue read the flag with .item() (a synchronisation per
+    call); now an out-of-range label turns the statistics and the gradient NaN on the device, and the host
+    check (a ValueError naming the range) runs only with MINISSL_DEBUG_CHECKS=1."""
+    logits, t, _ = _dce_inputs(2, 3, (4, 4), torch.float32, "hard", False)
     t[0, 1, 2] = 3
-    with pytest.raises(ValueError, match=r"labels in \[0, 3\)"):
+    grads = [torch.ones(2, 3)] * 2 + [torch.ones(2)] * 2
+    monkeypatch.delenv("MINISSL_DEBUG_CHECKS", raising=False)
+    stats = emu.dice_ce_entropy(logits, t)
+    assert all(bool(s.isnan().all()) for s in stats)
+    assert bool(emu.dice_ce_entropy_backward(grads, logits, t).isnan().all())
+    monkeypatch.setenv("MINISSL_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 3\) for 3 channel logits, got values in \[0, 3\]"):
         emu.dice_ce_entropy(logits, t)
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 3\)"):
+        emu.dice_ce_entropy_backward(grads, logits, t)
+    t[0, 1, 2] = 2
+    stats = emu.dice_ce_entropy(logits, t)
+    assert not any(bool(s.isnan().any()) for s in stats)
+
+
+def test_mix_does_not_read_the_boxes_on_the_host(emu, monkeypatch):
+    """Finding 5: the glue copied the boxes back to the host to check them (the public function checks them
+    where they were made); out-of-range boxes only compare coordinates in the kernel, never index memory."""
+    a, b = torch.zeros(2, 6, 5), torch.ones(2, 6, 5)  # (B, H, W)
+    boxes = torch.tensor([[1, 2, 9, 4], [0, 0, 2, 2]])  # hi 9 > H = 6: pastes rows 1..5
+    monkeypatch.delenv("MINISSL_DEBUG_CHECKS", raising=False)
+    (out,) = emu.mix([a], [b], boxes=boxes)
+    (ref,) = R.mix([a], [b], boxes=torch.tensor([[1, 2, 6, 4], [0, 0, 2, 2]]))
+    assert torch.equal(out, ref)
+    monkeypatch.setenv("MINISSL_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match=r"expected 0 <= lo <= hi <= 6 on spatial dim 0, got box \(1, 9\) for sample 0"):
+        emu.mix([a], [b], boxes=boxes)
+
+
+def test_loss_backward_checks_its_gradients_through_the_glue(emu):
+    """Finding 2: shape and dtype of the output gradients, checked in csrc/checks.h for both backends."""
+    logits, t, _ = _dce_inputs(2, 3, (4, 4), torch.float32, "hard", False)
+    g2, g1 = torch.ones(2, 3), torch.ones(2)
+    with pytest.raises(ValueError, match=r"expected a \(2, 3\) gradient, got \[3, 2\]"):
+        emu.ops.dice_ce_entropy_backward(g2.t(), g2, g1, g1, logits, t, None, False)
+    with pytest.raises(ValueError, match=r"expected a \(2,\) gradient, got \[1\]"):
+        emu.ops.dice_ce_entropy_backward(g2, g2, g1[:1], g1, logits, t, None, False)
+    with pytest.raises(ValueError, match="expected every gradient of dtype Float .the logits' dtype., got Double"):
+        emu.ops.dice_ce_entropy_backward(g2, g2.double(), g1, g1, logits, t, None, False)
+
+
+def test_loss_and_ellipse_sums_are_bit_identical_in_the_shuffled_mode(emu):
+    """Finding 6: float atomics in the loss sums and the ellipse moments made the last bits depend on the
+    block order; per-block partials added in block order give the same bits for every order."""
+    logits, t, w = _dce_inputs(2, 3, (40, 40), torch.float32, "hard", True)  # 7 blocks per sample
+    masks = _ellipse_masks(2, 64, 64, seed=0)  # 4 blocks per sample
+    runs = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for seed in range(6):
+            emu.configure("shuffled", seed=seed)
+            runs.append((*emu.dice_ce_entropy(logits, t, w), *emu.fit_ellipse(masks)))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert {x.grid for x in emu.launches() if x.name in ("dce_fwd_kernel", "fit_moments")} == {(7, 2, 1), (4, 2, 1)}
+    for run in runs[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(runs[0], run))
 
 
 @pytest.mark.parametrize("elem", [torch.uint8, torch.int16, torch.float32, torch.float64])
@@ -349,7 +407,8 @@ def test_loss_batch_above_65535_dry(emu):
     got = emu.dice_ce_entropy(logits, t, w)
     grads = [torch.ones(B, 2, dtype=torch.float64)] * 2 + [torch.ones(B, dtype=torch.float64)] * 2
     gl = emu.dice_ce_entropy_backward(grads, logits, t, w)
-    assert [x.status for x in emu.launches()] == ["dry", "dry"]
+    assert [(x.name, x.status) for x in emu.launches()] == [
+        ("dce_fwd_kernel", "dry"), ("dce_reduce_kernel", "dry"), ("dce_bwd_kernel", "dry")]
     for b in (0, emu.launches()[0].grid[1] - 1):  # samples of the first and the last row of blocks
         x = logits[b:b + 1].clone().requires_grad_(True)
         ref = R.dice_ce_entropy(x, t[b:b + 1], w[b:b + 1])
@@ -393,9 +452,12 @@ def test_distance_clamps_the_semi_axes_as_the_reference(emu):
     """Finding 8: b = 0 gave 0 / 0 at the centre row (NaN: outside) where the reference clamps to 1e-12."""
     params = torch.tensor([[4.0, 3.0, 2.0, 0.0, 0.0]], dtype=torch.float64)
     valid = torch.tensor([True])
-    assert torch.equal(emu.ellipse_mask(params, valid, (6, 8)), R.ellipse_mask(params, valid, (6, 8)))
     probs = torch.rand(1, 6, 8, dtype=torch.float64)
-    torch.testing.assert_close(emu.ellipse_refine(probs, params, valid)[0], R.ellipse_refine(probs, params, valid)[0])
+    refined, _, mask = emu.ellipse_unchecked(probs, params, valid)  # the glue refuses b = 0: the launchers direct
+    assert torch.equal(mask, R.ellipse_mask(params, valid, (6, 8)))
+    torch.testing.assert_close(refined, R.ellipse_refine(probs, params, valid)[0])
+    with pytest.raises(ValueError, match="expected params finite with semi-axes a, b > 0 in valid rows, got row 0"):
+        emu.ellipse_mask(params, valid, (6, 8))
 
 
 def test_refine_squares_as_the_reference(emu):
@@ -417,5 +479,5 @@ def test_loss_kernels_sized_by_the_channel_count(emu, C, slots):
     logits, t, _ = _dce_inputs(1, C, (3, 3), torch.float32, "hard", False)
     stats = emu.dice_ce_entropy(logits, t)
     emu.dice_ce_entropy_backward([torch.ones_like(stats[0])] * 2 + [torch.ones_like(stats[3])] * 2, logits, t)
-    expect = [f"dce_fwd_kernel<float, {slots}>", f"dce_bwd_kernel<float, {slots}>"]
+    expect = [f"dce_fwd_kernel<float, {slots}>", "dce_reduce_kernel<float>", f"dce_bwd_kernel<float, {slots}>"]
     assert [x.instance for x in emu.launches()] == expect

@@ -221,3 +221,18 @@ def test_cuda_matches_reference(kernels, dtype):
     for kw in (dict(boxes=_random_boxes(3, (4, 6, 8), g).cuda()), dict(blocks=(torch.rand(3, 2, 3, 4) > 0.5).cuda())):
         for ours, ref in zip(kernels.mix(a, b, **kw), reference.mix(a, b, **kw)):
             assert torch.equal(ours, ref)
+
+
+def test_opcheck_on_non_contiguous_inputs(kernels):
+    """Finding 3: the fake kernels kept the input strides where the real ops return contiguous outputs."""
+    g = torch.Generator().manual_seed(3)
+    logits, target, weight = _inputs(2, 3, (4, 5), torch.float32, False, True, g)
+    cl = logits.contiguous(memory_format=torch.channels_last)  # (2, 3, 4, 5) channels_last
+    gBC, gB = torch.randn(2, 3, generator=g), torch.randn(2, generator=g)
+    quick = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.minissl.dice_ce_entropy_backward.default,
+                          (gBC, gBC, gB, gB, cl, target, weight, False), test_utils=quick)
+    a = [torch.randn(2, 8, 6, generator=g).transpose(1, 2)]  # (2, 6, 8) non-contiguous
+    b = [torch.randn(2, 6, 8, generator=g)]
+    torch.library.opcheck(torch.ops.minissl.mix.default, (a, b, torch.tensor([[1, 2, 4, 7], [0, 0, 6, 8]]), None),
+                          test_utils=quick)

@@ -429,3 +429,13 @@ def test_cuda_matches_cpu(kernels):
         assert (s_gpu.cpu() != s_cpu).sum() <= 2
     assert (kernels.ellipse_mask(params.to(dev), valid.to(dev), 128, 128).cpu()
             != kernels.ellipse_mask(params, valid, 128, 128)).sum() <= 2
+
+
+def test_opcheck_on_non_contiguous_inputs(kernels):
+    """Finding 3: the fake kernels kept the input strides where the real ops return contiguous outputs."""
+    g = torch.Generator().manual_seed(8)
+    labels = blobby_labels((2, 14, 12), 3, 0.6, g).transpose(1, 2)  # (2, 12, 14) non-contiguous
+    torch.library.opcheck(OPS.largest_component.default, (labels, 3))
+    probs = torch.rand(2, 24, 20, generator=g).transpose(1, 2)  # (2, 20, 24) non-contiguous
+    params = torch.tensor([[10.0, 8.0, 6.0, 4.0, 0.3], [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.library.opcheck(OPS.ellipse_refine.default, (probs, params, torch.tensor([True, False]), 0.6, 0.6, 2.0, 0.5))

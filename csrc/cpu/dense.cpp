@@ -518,7 +518,7 @@ void mix_one_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, cons
 
 std::vector<at::Tensor> mix_cpu(at::TensorList a, at::TensorList b, const std::optional<at::Tensor>& boxes,
                                 const std::optional<at::Tensor>& blocks) {
-  const MixGeometry g = check_mix(a, b, boxes, blocks);
+  const MixGeometry g = check_mix(a, b, boxes, blocks, /*read_boxes=*/true);
   check_device_type(a[0], c10::DeviceType::CPU, "a[0]");
   at::Tensor bx, bl;
   if (boxes.has_value() && boxes->defined()) {

@@ -4,9 +4,11 @@
 // Forward: a grid-stride loop gives each thread a set of voxels of one sample (samples stride over
 // blockIdx.y, so any batch fits the grid); the thread accumulates the 3C+3 sums of kernels/loss.h in
 // registers, each warp reduces them with shuffles, the block adds the per-warp partials from shared
-// memory (8 x (3C+3) values: at most 6.2 KiB for C = 32 in float64) and one atomicAdd per sum and block
-// goes to the output. The per-thread arrays hold K class slots, the smallest of 2, 4, 8, 16, 32 that
-// fits C. Backward: one thread per voxel, no reduction.
+// memory (8 x (3C+3) values: at most 6.2 KiB for C = 32 in float64) and writes one partial per sum and
+// block to a workspace; a second kernel adds the partials of each sample in block order. No float atomics:
+// the sums are bit-identical from run to run, always (torch.use_deterministic_algorithms needs nothing
+// more). The per-thread arrays hold K class slots, the smallest of 2, 4, 8, 16, 32 that fits C.
+// Backward: one thread per voxel, no reduction.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -52,7 +54,7 @@ __device__ __forceinline__ void load_voxel(const T* logits, const int64_t* label
 // K: class slots per thread (C <= K). Shared memory: (kWarps, 3C+3) partial sums.
 template <class T, int K>
 __global__ void dce_fwd_kernel(const T* logits, const int64_t* labels, const T* soft, const T* weight, int C,
-                               int64_t B, int64_t N, bool squared, T* acc_out, int* bad) {
+                               int64_t B, int64_t N, bool squared, T* partials, int* bad) {
   extern __shared__ unsigned char smem_raw[];
   T* part = reinterpret_cast<T*>(smem_raw);
   const int nk = 3 * C + 3;
@@ -74,16 +76,29 @@ __global__ void dce_fwd_kernel(const T* logits, const int64_t* labels, const T* 
     for (int k = threadIdx.x; k < nk; k += blockDim.x) {
       T s = T(0);
       for (int w = 0; w < kWarps; ++w) s += part[w * nk + k];
-      atomicAdd(acc_out + b * nk + k, s);
+      partials[(b * gridDim.x + blockIdx.x) * nk + k] = s;
     }
     __syncthreads();  // part is reused by the next sample
+  }
+}
+
+// acc[b, k] = sum over j of partials[b, j, k] in the order j = 0, 1, ... (partials: (B, blocks, nk)).
+// Samples on blockIdx.y as in dce_fwd_kernel; one thread per sum.
+template <class T>
+__global__ void dce_reduce_kernel(const T* partials, int64_t blocks, int nk, int64_t B, T* acc) {
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    for (int k = threadIdx.x; k < nk; k += blockDim.x) {
+      T s = T(0);
+      for (int64_t j = 0; j < blocks; ++j) s += partials[(b * blocks + j) * nk + k];
+      acc[b * nk + k] = s;
+    }
   }
 }
 
 template <class T, int K>
 __global__ void dce_bwd_kernel(const T* gI, const T* gP, const T* gCE, const T* gH, const T* logits,
                                const int64_t* labels, const T* soft, const T* weight, int C, int64_t B, int64_t N,
-                               bool squared, T* grad) {
+                               bool squared, T* grad, int* bad) {
   T z[K], t[K], p[K], gz[K], vI[K], vP[K];
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     for (int c = 0; c < C; ++c) {
@@ -92,7 +107,7 @@ __global__ void dce_bwd_kernel(const T* gI, const T* gP, const T* gCE, const T* 
     }
     for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
       T w;
-      load_voxel(logits, labels, soft, weight, b, n, C, N, z, t, w, static_cast<int*>(nullptr));
+      load_voxel(logits, labels, soft, weight, b, n, C, N, z, t, w, bad);
       dce_backward_voxel(z, t, w, C, squared, vI, vP, gCE[b], gH[b], gz, p);
       for (int c = 0; c < C; ++c) grad[(b * C + c) * N + n] = gz[c];
     }
@@ -125,21 +140,32 @@ unsigned grid_x(int64_t N, int64_t B) {
 
 template <class T>
 const char* fwd(const T* logits, const int64_t* labels, const T* soft, const T* weight, int64_t B, int64_t C,
-                int64_t N, bool squared, T* acc, int* bad, void* stream) {
+                int64_t N, bool squared, T* acc, int* bad, void* workspace, void* stream) {
   if (C > kMaxClasses) return too_many_classes(C);
-  if (B == 0 || N == 0) return nullptr;
+  if (B == 0) return nullptr;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int nk = static_cast<int>(3 * C + 3);
+  if (N == 0) {
+    cudaMemsetAsync(acc, 0, sizeof(T) * B * nk, s);
+    return last_error();
+  }
   const dim3 grid(grid_x(N, B), static_cast<unsigned>(std::min(B, kMaxGridY)));
-  const size_t smem = size_t(kWarps) * (3 * C + 3) * sizeof(T);
-  return with_slots(C, [&](auto slots) {
-    dce_fwd_kernel<T, decltype(slots)::value><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-        logits, labels, soft, weight, static_cast<int>(C), B, N, squared, acc, bad);
+  const size_t smem = size_t(kWarps) * nk * sizeof(T);
+  T* partials = static_cast<T*>(workspace);
+  const char* err = with_slots(C, [&](auto slots) {
+    dce_fwd_kernel<T, decltype(slots)::value><<<grid, kThreads, smem, s>>>(logits, labels, soft, weight,
+                                                                          static_cast<int>(C), B, N, squared,
+                                                                          partials, bad);
     return last_error();
   });
+  if (err != nullptr) return err;
+  dce_reduce_kernel<T><<<dim3(1, grid.y), 128, 0, s>>>(partials, grid.x, nk, B, acc);
+  return last_error();
 }
 
 template <class T>
 const char* bwd(const T* gI, const T* gP, const T* gCE, const T* gH, const T* logits, const int64_t* labels,
-                const T* soft, const T* weight, int64_t B, int64_t C, int64_t N, bool squared, T* grad,
+                const T* soft, const T* weight, int64_t B, int64_t C, int64_t N, bool squared, T* grad, int* bad,
                 void* stream) {
   if (C > kMaxClasses) return too_many_classes(C);
   if (B == 0 || N == 0) return nullptr;
@@ -147,7 +173,7 @@ const char* bwd(const T* gI, const T* gP, const T* gCE, const T* gH, const T* lo
                   static_cast<unsigned>(std::min(B, kMaxGridY)));
   return with_slots(C, [&](auto slots) {
     dce_bwd_kernel<T, decltype(slots)::value><<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        gI, gP, gCE, gH, logits, labels, soft, weight, static_cast<int>(C), B, N, squared, grad);
+        gI, gP, gCE, gH, logits, labels, soft, weight, static_cast<int>(C), B, N, squared, grad, bad);
     return last_error();
   });
 }
@@ -212,24 +238,30 @@ const char* mix_elem(const void* a, const void* b, void* out, int64_t L, const i
 }  // namespace
 
 const char* dice_ce_entropy_fwd(const float* logits, const int64_t* labels, const float* soft, const float* weight,
-                                int64_t B, int64_t C, int64_t N, bool squared, float* acc, int* bad, void* stream) {
-  return fwd(logits, labels, soft, weight, B, C, N, squared, acc, bad, stream);
+                                int64_t B, int64_t C, int64_t N, bool squared, float* acc, int* bad,
+                                void* workspace, void* stream) {
+  return fwd(logits, labels, soft, weight, B, C, N, squared, acc, bad, workspace, stream);
 }
 const char* dice_ce_entropy_fwd(const double* logits, const int64_t* labels, const double* soft,
                                 const double* weight, int64_t B, int64_t C, int64_t N, bool squared, double* acc,
-                                int* bad, void* stream) {
-  return fwd(logits, labels, soft, weight, B, C, N, squared, acc, bad, stream);
+                                int* bad, void* workspace, void* stream) {
+  return fwd(logits, labels, soft, weight, B, C, N, squared, acc, bad, workspace, stream);
+}
+
+size_t dice_ce_entropy_workspace(int64_t B, int64_t C, int64_t N, size_t elem_size) {
+  return B == 0 || N == 0 ? 0 : elem_size * B * grid_x(N, B) * (3 * C + 3);
 }
 const char* dice_ce_entropy_bwd(const float* gI, const float* gP, const float* gCE, const float* gH,
                                 const float* logits, const int64_t* labels, const float* soft, const float* weight,
-                                int64_t B, int64_t C, int64_t N, bool squared, float* grad, void* stream) {
-  return bwd(gI, gP, gCE, gH, logits, labels, soft, weight, B, C, N, squared, grad, stream);
+                                int64_t B, int64_t C, int64_t N, bool squared, float* grad, int* bad,
+                                void* stream) {
+  return bwd(gI, gP, gCE, gH, logits, labels, soft, weight, B, C, N, squared, grad, bad, stream);
 }
 const char* dice_ce_entropy_bwd(const double* gI, const double* gP, const double* gCE, const double* gH,
                                 const double* logits, const int64_t* labels, const double* soft,
                                 const double* weight, int64_t B, int64_t C, int64_t N, bool squared, double* grad,
-                                void* stream) {
-  return bwd(gI, gP, gCE, gH, logits, labels, soft, weight, B, C, N, squared, grad, stream);
+                                int* bad, void* stream) {
+  return bwd(gI, gP, gCE, gH, logits, labels, soft, weight, B, C, N, squared, grad, bad, stream);
 }
 
 const char* mix(const void* a, const void* b, void* out, int64_t elem_size, int64_t B, int64_t L,

@@ -17,10 +17,12 @@
 // outside the largest component, whose groups touching the image border are the exterior (the rest
 // are holes); the bounding box of the component (its centre and scale normalise the coordinates);
 // then each thread adds the midpoints of its component pixels' edges to the exterior to 15 moment
-// sums in registers, reduced per block and added atomically per sample; one thread per sample solves
+// sums in registers, reduced per block into a partial per (sample, block), and one thread per sample adds
+// its partials in block order (no float atomics: bit-identical from run to run) and solves
 // the 3x3 problem.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/launchers.h"
@@ -257,9 +259,10 @@ __device__ __forceinline__ void frame_of(const int32_t* bb, double& cx, double& 
   scale = 0.5 * max(bb[2] - bb[0], bb[3] - bb[1]) + 0.5;
 }
 
-// Moments of the edge midpoints of the largest component (grid: (chunks, samples); moments zeroed).
+// Moments of the edge midpoints of the largest component, one partial per block: grid (chunks, samples),
+// partials (B, chunks, 15), written for every sample with a component.
 __global__ void fit_moments(const int32_t* parent, const int32_t* par2, const unsigned long long* best,
-                            const int32_t* bbox, double* moments, int64_t B, int64_t H, int64_t W) {
+                            const int32_t* bbox, double* partials, int64_t B, int64_t H, int64_t W) {
   __shared__ double part[kThreads / 32][15];
   const int64_t N = H * W;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
@@ -291,21 +294,23 @@ __global__ void fit_moments(const int32_t* parent, const int32_t* par2, const un
     if (threadIdx.x < 15) {
       double s = 0.0;
       for (int w = 0; w < kThreads / 32; ++w) s += part[w][threadIdx.x];
-      if (s != 0.0) atomicAdd(&moments[15 * b + threadIdx.x], s);
+      partials[(b * gridDim.x + blockIdx.x) * 15 + threadIdx.x] = s;
     }
     __syncthreads();  // part is reused by the next sample
   }
 }
 
-__global__ void fit_solve(const unsigned long long* best, const int32_t* bbox, const double* moments,
-                          double* params, bool* valid, int64_t B) {
+__global__ void fit_solve(const unsigned long long* best, const int32_t* bbox, const double* partials,
+                          int64_t chunks, double* params, bool* valid, int64_t B) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (b >= B) return;
   double* p = params + 5 * b;
   bool ok = false;
   if (best[b] != 0) {
     ellipse::Moments m;
-    for (int j = 0; j < 15; ++j) m.m[j] = moments[15 * b + j];
+    ellipse::moments_zero(m);
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int j = 0; j < 15; ++j) m.m[j] += partials[(b * chunks + c) * 15 + j];
     double cx, cy, scale;
     frame_of(bbox + 4 * b, cx, cy, scale);
     ok = ellipse::fit_from_moments(m, cx, cy, scale, p) && p[3] >= 1.0;
@@ -413,6 +418,9 @@ const char* refine_launch(const T* probs, const double* params, const bool* vali
   return last_error();
 }
 
+// Blocks per sample of fit_bbox / fit_moments (4 pixels per thread), at least 1.
+int64_t moment_chunks(int64_t N) { return std::max<int64_t>(1, (N + 4 * kThreads - 1) / (4 * kThreads)); }
+
 }  // namespace
 
 // ---- launchers ---------------------------------------------------------------------------------------
@@ -451,9 +459,9 @@ const char* largest_component(const void* labels, void* out, int elem_size, int6
 }
 
 size_t fit_ellipse_workspace(int64_t B, int64_t H, int64_t W) {
-  // parent, count (B*N int32), best (B u64), moments (15 B f64), bbox (4 B int32)
-  return sizeof(int32_t) * 2 * B * H * W + sizeof(unsigned long long) * B + sizeof(double) * 15 * B +
-         sizeof(int32_t) * 4 * B;
+  // parent, count (B*N int32), best (B u64), moment partials (B x chunks x 15 f64), bbox (4 B int32)
+  return sizeof(int32_t) * 2 * B * H * W + sizeof(unsigned long long) * B +
+         sizeof(double) * 15 * B * moment_chunks(H * W) + sizeof(int32_t) * 4 * B;
 }
 
 const char* fit_ellipse(const uint8_t* masks, int64_t B, int64_t H, int64_t W, void* workspace, double* params,
@@ -464,8 +472,9 @@ const char* fit_ellipse(const uint8_t* masks, int64_t B, int64_t H, int64_t W, v
   int32_t* parent = static_cast<int32_t*>(workspace);
   int32_t* count = parent + total;
   unsigned long long* best = reinterpret_cast<unsigned long long*>(count + total);
-  double* moments = reinterpret_cast<double*>(best + B);
-  int32_t* bbox = reinterpret_cast<int32_t*>(moments + 15 * B);
+  const int64_t chunks = moment_chunks(N);
+  double* partials = reinterpret_cast<double*>(best + B);
+  int32_t* bbox = reinterpret_cast<int32_t*>(partials + 15 * B * chunks);
   if (total == 0) {
     cudaMemsetAsync(params, 0, sizeof(double) * 5 * B, s);
     cudaMemsetAsync(valid, 0, sizeof(bool) * B, s);
@@ -479,13 +488,11 @@ const char* fit_ellipse(const uint8_t* masks, int64_t B, int64_t H, int64_t W, v
   ext_merge<<<g, kThreads, 0, s>>>(par2, total, H, W);
   ccl_flatten<<<g, kThreads, 0, s>>>(par2, total, N);
   ext_mark<<<g, kThreads, 0, s>>>(par2, total, H, W);
-  cudaMemsetAsync(moments, 0, sizeof(double) * 15 * B, s);
   bbox_init<<<blocks_for(4 * B), kThreads, 0, s>>>(bbox, B);
-  const int64_t chunks = (N + 4 * kThreads - 1) / (4 * kThreads);
-  const dim3 grid(static_cast<unsigned>(chunks < 1 ? 1 : chunks), static_cast<unsigned>(B < 65535 ? B : 65535));
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(B < 65535 ? B : 65535));
   fit_bbox<<<grid, kThreads, 0, s>>>(parent, best, bbox, B, H, W);
-  fit_moments<<<grid, kThreads, 0, s>>>(parent, par2, best, bbox, moments, B, H, W);
-  fit_solve<<<blocks_for(B), kThreads, 0, s>>>(best, bbox, moments, params, valid, B);
+  fit_moments<<<grid, kThreads, 0, s>>>(parent, par2, best, bbox, partials, B, H, W);
+  fit_solve<<<blocks_for(B), kThreads, 0, s>>>(best, bbox, partials, chunks, params, valid, B);
   return last_error();
 }
 

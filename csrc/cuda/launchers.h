@@ -15,25 +15,29 @@ namespace cuda {
 constexpr int kMaxClasses = 32;
 
 // Fused Dice/CE/entropy forward. logits (B, C, N); exactly one of labels (B, N) int64 / soft (B, C, N)
-// is non-null; weight (B, N) or null. acc (B, 3C'+3) must be zeroed, C' = C; layout as in
-// kernels/loss.h (intersect, pred_sum, target_sum, ce, entropy, weight_sum). *bad_label (device int)
-// is set to 1 when a label is out of range (may be null).
+// is non-null; weight (B, N) or null. acc (B, 3C'+3), C' = C, is overwritten; layout as in
+// kernels/loss.h (intersect, pred_sum, target_sum, ce, entropy, weight_sum). *bad_label (device int,
+// zeroed by the caller) is set to 1 when a label is out of range (may be null). workspace: device buffer
+// of dice_ce_entropy_workspace(B, C, N, sizeof(T)) bytes for the per-block partial sums (fixed-order
+// reduction, no float atomics: deterministic).
+size_t dice_ce_entropy_workspace(int64_t B, int64_t C, int64_t N, size_t elem_size);
 const char* dice_ce_entropy_fwd(const float* logits, const int64_t* labels, const float* soft,
                                 const float* weight, int64_t B, int64_t C, int64_t N, bool squared,
-                                float* acc, int* bad_label, void* stream);
+                                float* acc, int* bad_label, void* workspace, void* stream);
 const char* dice_ce_entropy_fwd(const double* logits, const int64_t* labels, const double* soft,
                                 const double* weight, int64_t B, int64_t C, int64_t N, bool squared,
-                                double* acc, int* bad_label, void* stream);
+                                double* acc, int* bad_label, void* workspace, void* stream);
 
-// Fused backward. grads (B, C) for gI and gP, (B,) for gCE and gH. grad_logits (B, C, N).
+// Fused backward. grads (B, C) for gI and gP, (B,) for gCE and gH. grad_logits (B, C, N). *bad_label as
+// in the forward.
 const char* dice_ce_entropy_bwd(const float* gI, const float* gP, const float* gCE, const float* gH,
                                 const float* logits, const int64_t* labels, const float* soft,
                                 const float* weight, int64_t B, int64_t C, int64_t N, bool squared,
-                                float* grad_logits, void* stream);
+                                float* grad_logits, int* bad_label, void* stream);
 const char* dice_ce_entropy_bwd(const double* gI, const double* gP, const double* gCE, const double* gH,
                                 const double* logits, const int64_t* labels, const double* soft,
                                 const double* weight, int64_t B, int64_t C, int64_t N, bool squared,
-                                double* grad_logits, void* stream);
+                                double* grad_logits, int* bad_label, void* stream);
 
 // Region paste of one tensor viewed as (B, L, S_0..S_{sd-1}) with elements of elem_size bytes
 // (1, 2, 4 or 8). Exactly one of boxes (B, 2 sd) int64 / blocks (B, G_0..G_{sd-1}) bool (device)

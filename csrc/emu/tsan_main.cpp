@@ -38,9 +38,10 @@ int main() {
   bool valid[2];
   check("fit_ellipse", cu::fit_ellipse(masks.data(), B, H, W, ws2.data(), params, valid, nullptr));
   std::vector<float> logits(B * C * N), acc(B * (3 * C + 3));
+  std::vector<unsigned char> ws3(cu::dice_ce_entropy_workspace(B, C, N, sizeof(float)));
   for (auto& v : logits) v = float(rng() % 1000) / 100.0f;
   check("dice_ce_entropy_fwd", cu::dice_ce_entropy_fwd(logits.data(), labels.data(), nullptr, nullptr, B, C, N, false,
-                                                       acc.data(), nullptr, nullptr));
+                                                       acc.data(), nullptr, ws3.data(), nullptr));
   std::printf("tsan_main: %d launcher error(s); fit_ellipse valid %d %d, a = %.3f\n", failures, valid[0], valid[1],
               params[2]);
   return failures == 0 && valid[0] && valid[1] ? 0 : 1;

@@ -615,12 +615,13 @@ def make_suite(name: str, root: str | os.PathLike | None = None, seed: int = 0, 
     return root
 
 
-def _written_by_minissl(root: Path) -> dict | None:
-    """The ``suite.json`` of a folder this module wrote, None for a missing or empty folder.
+def _written_by_minissl(root: Path, prefix: str = GENERATOR_PREFIX) -> dict | None:
+    """The ``suite.json`` of a folder this module (or the module of ``prefix``) wrote, None for a
+    missing or empty folder.
 
     Raises:
         ValueError: ``root`` is a file, or a non-empty folder that this module did not write (no
-            ``suite.json`` whose ``generator`` names this module, or other entries than
+            ``suite.json`` whose ``generator`` starts with ``prefix``, or other entries than
             ``suite.json``, ``cases/`` and ``splits/``): it is never replaced.
     """
     if not root.exists():
@@ -636,8 +637,8 @@ def _written_by_minissl(root: Path) -> dict | None:
         info = json.loads((root / "suite.json").read_text())
     except (OSError, ValueError):
         raise ValueError(refuse.format(why="no readable suite.json")) from None
-    if not (isinstance(info, dict) and str(info.get("generator", "")).startswith(GENERATOR_PREFIX)):
-        raise ValueError(refuse.format(why=f"suite.json has no 'generator' starting with {GENERATOR_PREFIX!r}"))
+    if not (isinstance(info, dict) and str(info.get("generator", "")).startswith(prefix)):
+        raise ValueError(refuse.format(why=f"suite.json has no 'generator' starting with {prefix!r}"))
     others = sorted(entries - {"suite.json", "cases", "splits"})
     if others:
         raise ValueError(refuse.format(why=f"it also holds {others[:5]}"))

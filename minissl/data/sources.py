@@ -1,6 +1,7 @@
 """The one door into the data: a suite name, a store folder or an SSL4MIS layout becomes a CaseStore.
 
     store = open_data("cardiac")            # an embedded suite (generated once, then cached)
+    store = open_data("nuclei")             # a real sample suite (after `minissl data fetch nuclei`)
     store = open_data("/data/my_store")     # a minissl store: suite.json + cases/ + splits/
     store = open_data("/data/ACDC")         # an SSL4MIS layout, read as it is (never written to)
     labeled = store.labeled(4, seed=0)      # the saved list of a standard budget, else drawn
@@ -24,7 +25,7 @@ from types import ModuleType
 from typing import Sequence
 
 from ..atomic import write_text_atomic
-from . import phantoms, ssl4mis
+from . import phantoms, samples, ssl4mis
 from .store import SPLITS, CaseStore, H5Store, duplicates
 
 CHECK_VERSION = 1  # bump when check_store checks more: older remembered checks no longer count
@@ -36,17 +37,19 @@ def open_data(source: str | os.PathLike, budget_rule: str = "first") -> CaseStor
 
     Args:
         source: a store folder (holding ``suite.json``), an SSL4MIS layout folder (ACDC or LA; also
-            its parent or its ``data/`` folder), or the name of an embedded suite (``phantoms.SUITES``,
-            generated into ``phantoms.cache_dir()`` on first use). An existing folder wins over a
-            suite of the same name.
+            its parent or its ``data/`` folder), the name of an embedded suite (``phantoms.SUITES``,
+            generated into ``phantoms.cache_dir()`` on first use) or of a real sample suite
+            (``samples.SUITES``, converted by ``minissl data fetch <name>``). An existing folder wins
+            over a suite of the same name.
         budget_rule: labeled-budget rule of an SSL4MIS layout: "first" (SSL4MIS) or "random".
 
     Returns:
         The CaseStore (``spec``, ``split``, ``read``, ``labeled``, ``patients``).
 
     Raises:
-        ValueError: nothing recognisable at ``source`` (the message lists the suites), or a store
-            whose ``suite.json`` is unreadable or incomplete (the message names the file and field).
+        ValueError: nothing recognisable at ``source`` (the message lists the suites), a sample
+            suite not fetched yet (the message gives the command), or a store whose ``suite.json`` is
+            unreadable or incomplete (the message names the file and field).
     """
     path = Path(source)
     if (path / "suite.json").is_file():
@@ -59,7 +62,9 @@ def open_data(source: str | os.PathLike, budget_rule: str = "first") -> CaseStor
         return found
     if str(source) in phantoms.SUITES:
         return H5Store(phantoms.make_suite(str(source)))
-    raise ValueError(f"unknown suite {str(source)!r}: expected one of {sorted(phantoms.SUITES)}, "
+    if str(source) in samples.SUITES:
+        return H5Store(samples.fetched(str(source)))
+    raise ValueError(f"unknown suite {str(source)!r}: expected one of {sorted(phantoms.SUITES | samples.SUITES)}, "
                      f"or a store or SSL4MIS folder (no such folder: {path.resolve()})")
 
 

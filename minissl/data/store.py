@@ -25,7 +25,7 @@ import os
 from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -325,13 +325,20 @@ class CaseStore:
         """Patient id of each case (default: ``meta['patient_id']``, else the case id)."""
         return [str(self.read(c).meta.get("patient_id", c)) for c in case_ids]
 
+    def has_label(self, case_ids: Iterable[str]) -> list[bool]:
+        """Whether each case carries a label (default: every case does)."""
+        return [True for _ in case_ids]
+
     def labeled(self, budget: int, seed: int = 0) -> list[str]:
         """Labeled training case ids for a budget counted in patients (``choose_labeled``; never written).
 
+        Only training cases that carry a label can be drawn; unlabeled-only cases stay unlabeled.
+
         Raises:
-            ValueError: budget < 1 or larger than the number of training patients.
+            ValueError: budget < 1 or larger than the number of training patients with labels.
         """
         train = self.split("train")
+        train = [c for c, ok in zip(train, self.has_label(train)) if ok]
         return choose_labeled(train, self.patients(train), budget, seed)
 
     def problems(self) -> list[str]:
@@ -404,23 +411,29 @@ class H5Store(CaseStore):
             found += labeled_list_problems(read_list(path), train, str(path))
         return found
 
-    def patients(self, case_ids: Iterable[str]) -> list[str]:
+    def _headers(self, case_ids: Iterable[str], get: Callable[[h5py.File, str], Any]) -> list[Any]:
         out = []
-        for c in case_ids:  # attributes only: no pixel data is read
+        for c in case_ids:  # attributes and dataset names only: no pixel data is read
             p = self.case_path(c)
             if not p.is_file():
                 raise FileNotFoundError(f"case file not found: {p}")
             try:
                 with h5py.File(p, "r") as f:
-                    out.append(str(_attr(f.attrs.get("patient_id", c))))
+                    out.append(get(f, c))
             except OSError as e:
                 raise ValueError(f"could not read HDF5 case file {p}: {e}") from e
         return out
 
+    def patients(self, case_ids: Iterable[str]) -> list[str]:
+        return self._headers(case_ids, lambda f, c: str(_attr(f.attrs.get("patient_id", c))))
+
+    def has_label(self, case_ids: Iterable[str]) -> list[bool]:
+        return self._headers(case_ids, lambda f, c: "label" in f)
+
 
 def write_store(root: str | os.PathLike, spec: SuiteSpec, splits: dict[str, Sequence[str]],
                 extra: dict[str, Any] | None = None, budgets: Sequence[int] = (),
-                patients: Sequence[str] | None = None) -> Path:
+                patients: Sequence[str] | None = None, unlabeled: Sequence[str] = ()) -> Path:
     """Write ``suite.json``, the split lists and the standard labeled lists of a store.
 
     Args:
@@ -430,14 +443,18 @@ def write_store(root: str | os.PathLike, spec: SuiteSpec, splits: dict[str, Sequ
         extra: more keys for suite.json (spacing, generator version, seed, ...).
         budgets: standard budgets (patients) whose labeled lists are saved for ``STANDARD_SEEDS``.
         patients: patient id of each training case (default: one patient per case).
+        unlabeled: training cases that carry no label (never drawn into a labeled list).
     """
     root = Path(root)
     for name, ids in splits.items():
         write_text_atomic(root / "splits" / f"{name}.txt", "".join(c + "\n" for c in ids))
     train = list(splits.get("train", ()))
+    patients = list(patients) if patients is not None else train
+    skip = set(unlabeled)
+    drawable = [(c, p) for c, p in zip(train, patients) if c not in skip]
     for budget in budgets:
         for seed in STANDARD_SEEDS:
-            ids = choose_labeled(train, list(patients) if patients is not None else train, budget, seed)
+            ids = choose_labeled([c for c, _ in drawable], [p for _, p in drawable], budget, seed)
             write_text_atomic(budget_file(root, budget, seed), "".join(c + "\n" for c in ids))
     info = spec.to_dict() | dict(extra or {})
     write_text_atomic(root / "suite.json", json.dumps(info, indent=2) + "\n")

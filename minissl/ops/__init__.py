@@ -11,6 +11,7 @@ Example:
     >>> stats.intersect.shape, stats.ce.shape
     (torch.Size([2, 3]), torch.Size([2]))
 """
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -30,6 +31,18 @@ MAX_CLASSES = 65536  # largest_component: the most classes one call cleans (a st
 KERNEL_OPS = ("dice_ce_entropy", "mix", "largest_component", "fit_ellipse", "fit_ellipse_points", "ellipse_mask",
               "ellipse_refine")  # the ops with compiled kernels; head_circumference is a closed form
 _calls: dict[str, Counter] = {op: Counter() for op in KERNEL_OPS}  # op -> {"cpu"/"cuda"/"reference": calls}
+CUDA_MAX_CLASSES = 32  # channels of the CUDA loss kernel (per-thread registers; csrc/cuda/launchers.h kMaxClasses)
+_warned: set[str] = set()  # the one-time warnings already given in this process
+
+
+def reads_values(device: torch.device) -> bool:
+    """Whether the checks that read tensor values (label range, box bounds) run for tensors on ``device``.
+
+    Always on the CPU. On a GPU such a read is a device-to-host copy and a synchronisation per call, so it
+    runs only with MINISSL_DEBUG_CHECKS=1; otherwise the kernels flag bad values on the device (an
+    out-of-range label makes the loss statistics NaN, see csrc/cuda/glue.h).
+    """
+    return device.type == "cpu" or _build._flag("MINISSL_DEBUG_CHECKS")
 
 
 def _kernel(op: str, device: torch.device) -> Optional[Callable]:
@@ -50,6 +63,8 @@ class KernelStatus:
         seconds: build (when compiled) or load time of the extension, or None.
         compiled: True when this process compiled the kernels (False: loaded from the cache).
         error: why the extension is not loaded (the build error), or None.
+        cuda: why CUDA tensors have no compiled kernels (no CUDA in torch, no nvcc, the CUDA build's error
+            with its log path), or None when the CUDA extension is loaded.
         kernels: op -> devices with a compiled kernel, e.g. {"mix": ("cpu",)}.
         calls: op -> {"cpu" | "cuda" | "reference": number of calls} in this process.
     """
@@ -60,6 +75,7 @@ class KernelStatus:
     seconds: Optional[float]
     compiled: bool
     error: Optional[str]
+    cuda: Optional[str] = None
     kernels: dict[str, tuple[str, ...]] = field(default_factory=dict)
     calls: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -69,7 +85,8 @@ class KernelStatus:
         rows = [f"  {op:19s} kernel on: {', '.join(self.kernels.get(op, ())) or '-':9s} calls: "
                 f"{', '.join(f'{k} {v}' for k, v in sorted(self.calls.get(op, {}).items())) or '-'}"
                 for op in KERNEL_OPS]
-        return "\n".join([head, *rows])
+        cuda = [f"  no CUDA kernels: {self.cuda}"] if self.path and self.cuda else []
+        return "\n".join([head, *cuda, *rows])
 
 
 def kernel_status() -> KernelStatus:
@@ -87,7 +104,8 @@ def kernel_status() -> KernelStatus:
     return KernelStatus(enabled=not _build._flag("MINISSL_NO_EXT"), path=path,
                         build_dir=str(info["build_dir"]) if info["build_dir"] else None, seconds=info["seconds"],
                         compiled=bool(info["compiled"]), error=str(info["error"]) if info["error"] else None,
-                        kernels=kernels, calls={op: dict(c) for op, c in _calls.items()})
+                        cuda=_build.cuda_unavailable_reason(), kernels=kernels,
+                        calls={op: dict(c) for op, c in _calls.items()})
 
 
 def _fail(op: str, what: str, expected: str, got) -> None:
@@ -139,7 +157,7 @@ def dice_ce_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional
         _fail(op, "target", "of dtype torch.int64 (labels) or floating (soft targets)", target.dtype)
     elif tuple(target.shape) != (B, *S):
         _fail(op, "label target", f"of shape {(B, *S)}", tuple(target.shape))
-    elif target.numel():
+    elif target.numel() and reads_values(target.device):
         lo, hi = (int(v) for v in torch.aminmax(target))
         if lo < 0 or hi >= max(C, 2):
             _fail(op, "labels", f"in [0, {max(C, 2)})", f"values in [{lo}, {hi}]")
@@ -148,12 +166,28 @@ def dice_ce_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional
         if tuple(weight.shape) != (B, *S):
             _fail(op, "weight", f"of shape {(B, *S)}", tuple(weight.shape))
         _check_device(op, "weight", weight, logits, "logits")
-    kernel = _kernel(op, logits.device)
+    kernel = _dce_kernel(logits.device, C)
     if kernel is None:
         return reference.dice_ce_entropy(logits, target, weight, squared=squared)
     target = target.detach().to(logits.dtype) if target.is_floating_point() else target
     weight = weight.detach().to(logits.dtype) if weight is not None else None
     return DiceCEStats(*kernel(logits, target, weight, squared))
+
+
+def _dce_kernel(device: torch.device, channels: int) -> Optional[Callable]:
+    """The compiled dice_ce_entropy for ``device`` and ``channels`` (None: run the reference).
+
+    The CUDA kernel holds at most CUDA_MAX_CLASSES channels; more run the reference with one warning.
+    """
+    op = "dice_ce_entropy"
+    if device.type == "cuda" and channels > CUDA_MAX_CLASSES:
+        if "classes" not in _warned:
+            _warned.add("classes")
+            warnings.warn(f"{op}: the CUDA kernel takes at most {CUDA_MAX_CLASSES} channels, got C = {channels}; "
+                          "using the pure-PyTorch reference", RuntimeWarning, stacklevel=3)
+        _calls[op]["reference"] += 1
+        return None
+    return _kernel(op, device)
 
 
 def largest_component(labels: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """JIT build of the C++/CUDA kernels in ``csrc/`` (ninja, on first use).
 
-The shared object holds one ``TORCH_LIBRARY(minissl, m)`` schema block (``csrc/ops.cpp``) and the
-``TORCH_LIBRARY_IMPL`` kernels of each backend: ``csrc/cpu/*.cpp`` always, ``csrc/cuda/*`` only when
-torch was built with CUDA and ``nvcc`` is found. It is built once per (torch version, sources, flags,
+Two extensions, built and loaded separately so that a failing ``nvcc`` never costs the CPU kernels:
+``minissl_ext`` holds the ``TORCH_LIBRARY(minissl, m)`` schema block (``csrc/ops.cpp``) and the CPU
+kernels (``csrc/cpu/*.cpp``); ``minissl_ext_cuda`` (``csrc/cuda/*``, loaded after it) only the CUDA
+kernels, built when torch has CUDA and ``nvcc`` is found. A CUDA tensor whose op has no CUDA kernel
+runs the reference, with one warning per process saying why (torch without CUDA, no nvcc, or the CUDA
+build's error and the path of its log). Each is built once per (torch version, sources, flags,
 CPU model) into its own folder, so editing a kernel, upgrading torch or moving the cache to another
 CPU type (the flags use ``-march=native``) rebuilds it instead of loading a stale ``.so``:
 
@@ -20,6 +23,8 @@ Environment:
     MINISSL_REQUIRE_EXT=1  a failed build raises instead of falling back (CI sets it).
     MINISSL_BUILD_VERBOSE=1  show the compiler commands.
     MINISSL_BUILD_LOCK_TIMEOUT=<seconds>  how long to wait for another process's build.
+    MINISSL_DEBUG_CHECKS=1  also check label and box values of GPU tensors on the host (a synchronisation
+                            per call; off by default: an out-of-range label makes the CUDA loss NaN).
 Otherwise a failed build falls back to the reference ops with one warning; the next process tries
 the build again.
 """
@@ -51,11 +56,12 @@ def _csrc() -> Path:
 
 CSRC = _csrc()
 CPU_SOURCES = ("ops.cpp", "cpu/dense.cpp", "cpu/geometry.cpp")  # at most ~3 heavy translation units
-CUDA_SOURCES = ("cuda/dense.cu", "cuda/geometry.cu", "cuda/bindings.cpp")
+CUDA_SOURCES = ("cuda/dense.cu", "cuda/geometry.cu", "cuda/bindings.cpp")  # the separate CUDA extension
 LOCK_TIMEOUT_SECONDS = 900.0  # default wait for another process's build (MINISSL_BUILD_LOCK_TIMEOUT)
 
 _state: dict = {"tried": False, "path": None, "error": None, "seconds": None, "build_dir": None,
                 "compiled": False}
+_cuda: dict = {"path": None, "why": None, "warned": False}  # the CUDA extension; why: reason it is not loaded
 
 
 def _flag(name: str) -> bool:
@@ -71,13 +77,13 @@ def with_cuda() -> bool:
     return cpp_extension.CUDA_HOME is not None
 
 
-def sources(cuda: Optional[bool] = None) -> list[Path]:
-    """The kernel sources of this build (CPU_SOURCES, + CUDA_SOURCES with CUDA); every one must exist.
+def sources(cuda: bool = False) -> list[Path]:
+    """The sources of the CPU extension (CPU_SOURCES) or of the CUDA one (CUDA_SOURCES); every one must exist.
 
     Raises:
         FileNotFoundError: a source is missing (a broken checkout or install), naming it.
     """
-    names = CPU_SOURCES + (CUDA_SOURCES if (with_cuda() if cuda is None else cuda) else ())
+    names = CUDA_SOURCES if cuda else CPU_SOURCES
     missing = [n for n in names if not (CSRC / n).is_file()]
     if missing:
         raise FileNotFoundError(f"minissl: kernel source(s) {', '.join(missing)} missing in {CSRC}; the checkout "
@@ -190,11 +196,12 @@ def build_lock(folder: Path, timeout: Optional[float] = None) -> Iterator[Path]:
 
 
 def load() -> Optional[str]:
-    """Build (if needed) and load the extension once per process. Returns the .so path or None."""
+    """Build (if needed) and load the extensions once per process. Returns the CPU .so path or None."""
     if _state["tried"]:
         return _state["path"]
     _state["tried"] = True
     if _flag("MINISSL_NO_EXT"):
+        _cuda["why"] = "MINISSL_NO_EXT=1"
         return None
     start = time.perf_counter()
     try:
@@ -203,36 +210,60 @@ def load() -> Optional[str]:
         from . import _kernels  # noqa: F401  (registers fake kernels and autograd once the ops exist)
     except Exception as err:  # noqa: BLE001 - any build failure falls back (or raises, if required)
         _state["path"], _state["error"] = None, err
+        _cuda["why"] = "the CPU extension, which holds the op schemas, failed to build"
         if _flag("MINISSL_REQUIRE_EXT"):
             raise RuntimeError(f"minissl: building the C++ kernels failed and MINISSL_REQUIRE_EXT=1: {err}") from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(f"minissl: could not build the C++ kernels ({first}); using the pure-PyTorch reference "
                       "ops. Set MINISSL_REQUIRE_EXT=1 to make this an error or MINISSL_NO_EXT=1 to skip the build.",
                       RuntimeWarning, stacklevel=3)
+        return None
+    _load_cuda()
     return _state["path"]
 
 
-def _build() -> str:
+def _load_cuda() -> None:
+    """Build and load the CUDA extension when torch has CUDA; on failure keep the reason (and the log)."""
+    _cuda["path"], _cuda["why"] = None, cuda_build_blocker()
+    if _cuda["why"] is not None:
+        return
+    try:
+        _cuda["path"] = _build_cuda()
+    except Exception as err:  # noqa: BLE001 - the CPU kernels stay; CUDA tensors run the reference
+        log = build_directory(cache_key(sources(True), build_flags()), cuda=True) / "build.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"{type(err).__name__}: {err}\n")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _cuda["why"] = f"the CUDA kernels failed to build: {first} (log: {log})"
+        if _flag("MINISSL_REQUIRE_EXT"):
+            raise RuntimeError(f"minissl: {_cuda['why']} and MINISSL_REQUIRE_EXT=1") from err
+
+
+def cuda_build_blocker() -> Optional[str]:
+    """Why the CUDA extension cannot even be built here (None: it can)."""
+    if torch.version.cuda is None:
+        return "this torch was built without CUDA"
+    if not with_cuda():
+        return "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+    return None
+
+
+def _compile(name: str, srcs: list[Path], cuda: bool, what: str) -> tuple[str, Path, bool]:
+    """Build (or load from the cache) one extension; returns its path, its folder and whether it compiled."""
     from torch.utils import cpp_extension
 
-    cuda = with_cuda()
-    srcs = sources(cuda)
     flags = build_flags()
     folder = build_directory(cache_key(srcs, flags), cuda)
     folder.mkdir(parents=True, exist_ok=True)
-    _state["build_dir"] = folder
-    if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no visible GPU: torch cannot pick the archs itself
-    name = "minissl_ext_cuda" if cuda else "minissl_ext"
     with build_lock(folder):
         compiling = not any(folder.glob(f"{name}*.so"))  # the folder is per source hash: a .so is a cache hit
         if compiling:
-            print("minissl: compiling the C++ kernels (first use, about 1-2 minutes)...", file=sys.stderr, flush=True)
+            print(f"minissl: compiling the {what} (first use, about 1-2 minutes)...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         path = cpp_extension.load(
             name=name,
             sources=[str(s) for s in srcs],
-            extra_cflags=flags["cflags"] + (["-DMINISSL_WITH_CUDA"] if cuda else []),
+            extra_cflags=flags["cflags"],
             extra_cuda_cflags=flags["cuda_cflags"],
             extra_ldflags=flags["ldflags"],
             extra_include_paths=[str(CSRC)],
@@ -242,10 +273,31 @@ def _build() -> str:
             verbose=_flag("MINISSL_BUILD_VERBOSE"),
         )
         if compiling:
-            _state["compiled"] = True
-            print(f"minissl: compiled the C++ kernels in {time.perf_counter() - start:.0f} s ({folder})",
+            print(f"minissl: compiled the {what} in {time.perf_counter() - start:.0f} s ({folder})",
                   file=sys.stderr, flush=True)
-    return str(path)
+    return str(path), folder, compiling
+
+
+def _build() -> str:
+    """The CPU extension (schemas and CPU kernels)."""
+    srcs = sources(False)
+    _state["build_dir"] = build_directory(cache_key(srcs, build_flags()), cuda=False)
+    path, _, compiled = _compile("minissl_ext", srcs, False, "C++ kernels")
+    _state["compiled"] = _state["compiled"] or compiled
+    return path
+
+
+def _build_cuda() -> str:
+    """The CUDA extension (CUDA kernels only; the schemas come from the CPU extension, loaded first)."""
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no visible GPU: torch cannot pick the archs itself
+    return _compile("minissl_ext_cuda", sources(True), True, "CUDA kernels")[0]
+
+
+def cuda_unavailable_reason() -> Optional[str]:
+    """Why CUDA tensors have no compiled kernels in this process (None when the CUDA extension is loaded)."""
+    load()
+    return None if _cuda["path"] else _cuda["why"] or "the CUDA extension was not loaded"
 
 
 def build_info() -> dict:
@@ -262,9 +314,14 @@ def has_kernel(name: str, device_type: str) -> bool:
 def get_kernel(name: str, device_type: str = "cpu") -> Optional[Callable]:
     """``torch.ops.minissl.<name>`` when it has a compiled kernel for ``device_type``, else None.
 
-    Builds the extension on the first call (``load``); None when MINISSL_NO_EXT=1, when the build
-    failed (one warning), or when the op has no kernel for that device (e.g. CUDA with a CPU build).
+    Builds the extensions on the first call (``load``); None when MINISSL_NO_EXT=1, when the build
+    failed (one warning), or when the op has no kernel for that device. The first CUDA request without a
+    CUDA kernel warns once, saying why (``cuda_unavailable_reason``).
     """
-    if load() is None or not has_kernel(name, device_type):
-        return None
-    return getattr(torch.ops.minissl, name)
+    if load() is not None and has_kernel(name, device_type):
+        return getattr(torch.ops.minissl, name)
+    if device_type == "cuda" and not _cuda["warned"] and not _flag("MINISSL_NO_EXT"):
+        _cuda["warned"] = True
+        warnings.warn(f"minissl: no CUDA kernels ({cuda_unavailable_reason()}); ops on CUDA tensors run the "
+                      "pure-PyTorch reference", RuntimeWarning, stacklevel=3)
+    return None

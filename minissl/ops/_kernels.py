@@ -11,6 +11,13 @@ from . import reference
 
 
 # ---- fake (meta) kernels: shapes only, for torch.compile and opcheck ---------------------------------
+# Every real kernel (CPU and CUDA) returns contiguous outputs whatever the input strides, so the fakes
+# do too (``contiguous`` below), never ``torch.empty_like``'s stride-preserving default.
+
+def contiguous(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new contiguous tensor of x's shape and device (and x's dtype unless given)."""
+    return x.new_empty(x.shape, dtype=dtype or x.dtype)
+
 
 @torch.library.register_fake("minissl::dice_ce_entropy")
 def _(logits, target, weight, squared):
@@ -22,17 +29,17 @@ def _(logits, target, weight, squared):
 
 @torch.library.register_fake("minissl::dice_ce_entropy_backward")
 def _(grad_intersect, grad_pred_sum, grad_ce, grad_entropy, logits, target, weight, squared):
-    return torch.empty_like(logits)
+    return contiguous(logits)
 
 
 @torch.library.register_fake("minissl::mix")
 def _(a, b, boxes, blocks):
-    return [torch.empty_like(x) for x in a]
+    return [contiguous(x) for x in a]
 
 
 @torch.library.register_fake("minissl::largest_component")
 def _(labels, num_classes):
-    return torch.empty_like(labels)
+    return contiguous(labels)
 
 
 @torch.library.register_fake("minissl::fit_ellipse")
@@ -48,7 +55,7 @@ def _(points):
 
 @torch.library.register_fake("minissl::ellipse_refine")
 def _(probs, params, valid, threshold, fill_base, fill_power, decay):
-    return torch.empty_like(probs), torch.empty_like(probs, dtype=torch.uint8)
+    return contiguous(probs), contiguous(probs, torch.uint8)
 
 
 @torch.library.register_fake("minissl::ellipse_mask")
