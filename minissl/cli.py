@@ -242,7 +242,10 @@ def cmd_bench(tokens: Sequence[str]) -> int:
     p = _Parser(prog="minissl bench",
                 description="Benchmarks: methods (leaderboard), render (its tables) or ops (kernels).")
     p.add_argument("what", choices=["methods", "render", "ops"])
-    args, rest = p.parse_known_args(tokens)
+    if tokens and tokens[0] in ("methods", "render", "ops"):  # `bench methods --help` is that command's help
+        args, rest = p.parse_args(tokens[:1]), list(tokens[1:])
+    else:
+        args, rest = p.parse_known_args(tokens)
     if args.what in ("methods", "render"):
         from .bench import main as bench_main, render_main
 

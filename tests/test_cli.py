@@ -45,3 +45,11 @@ def test_data_make(tmp_path, capsys):
     assert cli.main(["data", "make", "fetal_head", "--root", str(tmp_path / "fh")]) == 0
     assert (tmp_path / "fh" / "suite.json").is_file()
     assert capsys.readouterr().out.strip() == str(tmp_path / "fh")
+
+
+def test_bench_subcommand_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "methods", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: minissl bench methods" in out and "--seeds" in out and "--results" in out
