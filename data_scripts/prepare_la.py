@@ -47,7 +47,7 @@ from typing import Sequence
 import nrrd
 import numpy as np
 
-from minissl.data.store import Case, SuiteSpec, write_case, write_store
+from minissl.data.store import Case, write_case
 
 if __package__:
     from . import _common as common
@@ -173,16 +173,13 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, margin: int = 15, min_s
         if n_fallback:
             print(f"LA: cases on neither UA-MT list: {n_fallback} (split 80/20 by the seeded rule)")
         train, val = common.hold_out(split["train"])
-        splits = {"train": train, "val": val, "test": split["test"]}
-        written = common.fitting_budgets(budgets, train)
-        spec = SuiteSpec(name="la", spatial_dims=3, num_classes=len(CLASSES), patch_size=PATCH,
-                         n_train=len(train), n_val=len(val), n_test=len(split["test"]),
-                         default_budget=max(1, min(8, len(train))), default_iters=15000, class_names=CLASSES,
-                         intensity="zscore",
-                         description="LA LGE-MRI (2018 challenge), cropped around the atrium, z-scored (UA-MT lists)")
-        write_store(root, spec, splits, common.suite_extra(
-            NAME, digest, {str(b): b for b in written}, options,
-            split_rule="UA-MT 80/20 lists, val = seeded 10% of train; other cases seeded 80/20"), written)
+        written = common.write_suite(
+            root, {"train": train, "val": val, "test": split["test"]}, common.count_budgets(budgets),
+            converter=NAME, digest=digest, options=options, classes=CLASSES,
+            split_rule="UA-MT 80/20 lists, val = seeded 10% of train; other cases seeded 80/20",
+            name="la", spatial_dims=3, patch_size=PATCH, default_budget=max(1, min(8, len(train))),
+            default_iters=15000, intensity="zscore",
+            description="LA LGE-MRI (2018 challenge), cropped around the atrium, z-scored (UA-MT lists)")
         print(f"LA: train/val/test {len(train)}/{len(val)}/{len(split['test'])} (expected 72/8/20); "
               f"labeled lists for budgets {written} x seeds 0-4")
 
@@ -191,12 +188,11 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, margin: int = 15, min_s
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python data_scripts/prepare_la.py RAW_DIR OUT_DIR [options]``."""
-    p = common.parser(__doc__, NAME)
+    p = common.parser(__doc__, NAME, budgets=BUDGETS, of="cases")
     p.add_argument("--margin", type=int, default=15, help="voxels kept around the atrium in X and Y")
     p.add_argument("--min-size", type=int, default=112, help="smallest crop in X and Y (voxels)")
     p.add_argument("--default-spacing", type=float, default=0.625, help="mm per voxel if the header has none")
-    p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="labeled budgets (cases)")
-    return common.run_main(prepare, p.parse_args(argv))
+    return common.run_main(prepare, p, argv)
 
 
 if __name__ == "__main__":
