@@ -26,7 +26,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, Sized, TypeVar
 
 import numpy as np
 
@@ -151,17 +151,21 @@ def hold_out(groups: Sequence[str], fraction: float = VAL_FRACTION,
     return sorted(set(uniq) - set(val)), val
 
 
-def assign_splits(groups: Iterable[str], published: dict[str, Iterable[str]],
-                  fallback: dict[str, float]) -> tuple[dict[str, list[str]], int]:
+def assign_splits(groups: Iterable[str], published: dict[str, Iterable[str]], fallback: dict[str, float],
+                  unlisted: str) -> dict[str, list[str]]:
     """Published split of each group where a list names it, a seeded split for the others.
+
+    When no published list gives a validation split, it is held out of training (``hold_out``).
 
     Args:
         groups: the group ids found in the raw folder.
         published: {split: group ids} from the community's lists.
         fallback: fractions for ``seeded_split`` of the groups no list names.
+        unlisted: start of the line printed when some groups are on no list, e.g.
+            "LA: cases on neither UA-MT list" (it goes on with their count and the fallback shares).
 
     Returns:
-        ({'train', 'val', 'test': sorted group ids}, number of groups split by the fallback rule).
+        {'train', 'val', 'test': sorted group ids}.
     """
     groups = sorted(set(groups))
     where = {g: name for name, ids in published.items() for g in ids}
@@ -172,7 +176,18 @@ def assign_splits(groups: Iterable[str], published: dict[str, Iterable[str]],
             out[where[g]].append(g)
     for name, ids in seeded_split(rest, fallback).items():
         out[name] += ids
-    return {k: sorted(v) for k, v in out.items()}, len(rest)
+    if rest:
+        shares = "/".join(f"{fallback[k] * 100:g}" for k in ("train", "val", "test") if k in fallback)
+        print(f"{unlisted}: {len(rest)} (split {shares} by the seeded rule)")
+    out = {k: sorted(v) for k, v in out.items()}
+    if "val" not in published:
+        out["train"], out["val"] = hold_out(out["train"])
+    return out
+
+
+def split_sizes(splits: Mapping[str, Sized]) -> str:
+    """'56/6/20': the sizes of the train, val and test splits, for the summary line a converter prints."""
+    return "/".join(str(len(splits[k])) for k in ("train", "val", "test"))
 
 
 def percent_budget(n_patients: int, percent: float) -> int:

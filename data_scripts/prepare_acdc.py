@@ -190,10 +190,8 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budgets: Sequence[int] 
                     "height_cm": info["Height"], "weight_kg": info["Weight"], "n_frames": info["NbFrame"],
                     "slice_positions_mm": positions, "source": str(image_path.relative_to(raw_dir))}
             write_case(root / "cases" / f"{cid}.h5", Case(cid, image, label, spacing, meta), len(CLASSES))
-        by_patient, n_fallback = common.assign_splits(patients, published_splits(),
-                                                      {"test": 0.2, "val": 0.1, "train": 0.7})
-        if n_fallback:
-            print(f"ACDC: patients on no SSL4MIS list: {n_fallback} (split 70/10/20 by the seeded rule)")
+        by_patient = common.assign_splits(patients, published_splits(), {"test": 0.2, "val": 0.1, "train": 0.7},
+                                          "ACDC: patients on no SSL4MIS list")
         splits = {name: [f[0] for f in frames if f[1] in set(ids)] for name, ids in by_patient.items()}
         written = common.write_suite(
             root, splits, common.count_budgets(budgets), converter=NAME, digest=digest, options=options,
@@ -201,8 +199,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budgets: Sequence[int] 
             patient_of={f[0]: f[1] for f in frames}, name="acdc", spatial_dims=2, patch_size=(256, 256),
             default_budget=max(1, min(7, len(by_patient["train"]))), default_iters=30000, zoom=True,
             description="ACDC cine MRI, ED and ES frames, RV/MYO/LV (SSL4MIS patient splits)")
-        print(f"ACDC: {len(frames)} frames; train/val/test patients "
-              f"{len(by_patient['train'])}/{len(by_patient['val'])}/{len(by_patient['test'])} "
+        print(f"ACDC: {len(frames)} frames; train/val/test patients {common.split_sizes(by_patient)} "
               f"(expected 70/10/20); labeled lists for budgets {written} x seeds 0-4")
 
     return common.publish(out_dir, NAME, digest, build, force)

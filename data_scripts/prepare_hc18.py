@@ -192,8 +192,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budget_percents: Sequen
             name="hc18", spatial_dims=2, patch_size=(224, 224), default_budget=min(wanted.values()) if wanted else 1,
             default_iters=10000, description="HC18 fetal head ultrasound, filled head ellipse, by exam")
         print(f"HC18: {len(exam)} images of {len(set(exam.values()))} exams; train/val/test images "
-              f"{len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}; labeled lists for "
-              f"{wanted} x seeds 0-4")
+              f"{common.split_sizes(splits)}; labeled lists for {wanted} x seeds 0-4")
 
     return common.publish(out_dir, NAME, digest, build, force)
 

@@ -168,19 +168,15 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, margin: int = 15, min_s
                     "crop_stop_zyx": [s.stop for s in box], "original_shape_zyx": list(raw.shape),
                     "spacing_from_header": int(from_header), "source": str(image_path.relative_to(raw_dir))}
             write_case(root / "cases" / f"{cid}.h5", Case(cid, image[box], label[box], spacing, meta), len(CLASSES))
-        split, n_fallback = common.assign_splits(cases, {"train": UAMT_TRAIN, "test": UAMT_TEST},
-                                                 {"test": 0.2, "train": 0.8})
-        if n_fallback:
-            print(f"LA: cases on neither UA-MT list: {n_fallback} (split 80/20 by the seeded rule)")
-        train, val = common.hold_out(split["train"])
+        split = common.assign_splits(cases, {"train": UAMT_TRAIN, "test": UAMT_TEST}, {"test": 0.2, "train": 0.8},
+                                     "LA: cases on neither UA-MT list")
         written = common.write_suite(
-            root, {"train": train, "val": val, "test": split["test"]}, common.count_budgets(budgets),
-            converter=NAME, digest=digest, options=options, classes=CLASSES,
+            root, split, common.count_budgets(budgets), converter=NAME, digest=digest, options=options, classes=CLASSES,
             split_rule="UA-MT 80/20 lists, val = seeded 10% of train; other cases seeded 80/20",
-            name="la", spatial_dims=3, patch_size=PATCH, default_budget=max(1, min(8, len(train))),
+            name="la", spatial_dims=3, patch_size=PATCH, default_budget=max(1, min(8, len(split["train"]))),
             default_iters=15000, intensity="zscore",
             description="LA LGE-MRI (2018 challenge), cropped around the atrium, z-scored (UA-MT lists)")
-        print(f"LA: train/val/test {len(train)}/{len(val)}/{len(split['test'])} (expected 72/8/20); "
+        print(f"LA: train/val/test {common.split_sizes(split)} (expected 72/8/20); "
               f"labeled lists for budgets {written} x seeds 0-4")
 
     return common.publish(out_dir, NAME, digest, build, force)

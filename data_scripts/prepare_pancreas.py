@@ -211,18 +211,15 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, spacing: Sequence[float
                     "source": str(folder.relative_to(raw_dir))}
             case = Case(pid, common.zscore(image[box], folder), label[box], reached, meta)
             write_case(root / "cases" / f"{pid}.h5", case, len(CLASSES))
-        split, n_fallback = common.assign_splits(cases, published_splits(), {"test": 0.2, "train": 0.8})
-        if n_fallback:
-            print(f"Pancreas-CT: patients outside PANCREAS_0001-0082: {n_fallback} (split 80/20 by the seeded rule)")
-        train, val = common.hold_out(split["train"])
+        split = common.assign_splits(cases, published_splits(), {"test": 0.2, "train": 0.8},
+                                     "Pancreas-CT: patients outside PANCREAS_0001-0082")
         written = common.write_suite(
-            root, {"train": train, "val": val, "test": split["test"]}, common.count_budgets(budgets),
-            converter=NAME, digest=digest, options=options, classes=CLASSES,
+            root, split, common.count_budgets(budgets), converter=NAME, digest=digest, options=options, classes=CLASSES,
             split_rule="MC-Net 62/20 lists, val = seeded 10% of train; other patients seeded 80/20",
-            name="pancreas", spatial_dims=3, patch_size=PATCH, default_budget=max(1, min(6, len(train))),
+            name="pancreas", spatial_dims=3, patch_size=PATCH, default_budget=max(1, min(6, len(split["train"]))),
             default_iters=15000, intensity="zscore",
             description="NIH Pancreas-CT, HU window [-125, 275], 1 mm, cropped around the pancreas")
-        print(f"Pancreas-CT: train/val/test {len(train)}/{len(val)}/{len(split['test'])} (expected 56/6/20); "
+        print(f"Pancreas-CT: train/val/test {common.split_sizes(split)} (expected 56/6/20); "
               f"labeled lists for budgets {written} x seeds 0-4")
 
     return common.publish(out_dir, NAME, digest, build, force)

@@ -149,8 +149,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budget_percents: Sequen
             split_rule="image ids sorted, seeded permutation (seed 0): 20% test, 10% val, 70% train",
             name="psfh", spatial_dims=2, patch_size=(256, 256), default_budget=min(wanted.values()) if wanted else 1,
             default_iters=10000, description="PSFH intrapartum ultrasound: pubic symphysis and fetal head")
-        print(f"PSFH: train/val/test {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}; "
-              f"labeled lists for {wanted} x seeds 0-4")
+        print(f"PSFH: train/val/test {common.split_sizes(splits)}; labeled lists for {wanted} x seeds 0-4")
 
     return common.publish(out_dir, NAME, digest, build, force)
 
