@@ -372,6 +372,19 @@ def parser(doc: str | None, name: str, *, budgets: Sequence[int] | None = None,
     return p
 
 
+def add_crop_options(p: argparse.ArgumentParser, margin: int, min_size: int, around: str) -> None:
+    """Add ``--margin`` and ``--min-size``, the arguments of ``crop_around_label``, with their defaults.
+
+    Args:
+        p: the converter's parser.
+        margin: default voxels kept around the label's bounding box in X and Y.
+        min_size: default smallest crop in X and Y (voxels), the training patch.
+        around: what the crop is around ("the atrium"), for the help text.
+    """
+    p.add_argument("--margin", type=int, default=margin, help=f"voxels kept around {around} in X and Y")
+    p.add_argument("--min-size", type=int, default=min_size, help="smallest crop in X and Y (voxels)")
+
+
 def run_main(prepare: Callable[..., Path], p: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv`` with ``p`` and call ``prepare``; print an error and return 1 on a ValueError."""
     args = p.parse_args(argv)

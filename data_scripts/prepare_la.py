@@ -185,8 +185,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, margin: int = 15, min_s
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python data_scripts/prepare_la.py RAW_DIR OUT_DIR [options]``."""
     p = common.parser(__doc__, NAME, budgets=BUDGETS, of="cases")
-    p.add_argument("--margin", type=int, default=15, help="voxels kept around the atrium in X and Y")
-    p.add_argument("--min-size", type=int, default=112, help="smallest crop in X and Y (voxels)")
+    common.add_crop_options(p, margin=15, min_size=112, around="the atrium")
     p.add_argument("--default-spacing", type=float, default=0.625, help="mm per voxel if the header has none")
     return common.run_main(prepare, p, argv)
 

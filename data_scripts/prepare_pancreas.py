@@ -229,8 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python data_scripts/prepare_pancreas.py RAW_DIR OUT_DIR [options]``."""
     p = common.parser(__doc__, NAME, budgets=BUDGETS, of="patients")
     p.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], help="target (dz, dy, dx) in mm")
-    p.add_argument("--margin", type=int, default=25, help="voxels kept around the pancreas in X and Y")
-    p.add_argument("--min-size", type=int, default=96, help="smallest crop in X and Y (voxels)")
+    common.add_crop_options(p, margin=25, min_size=96, around="the pancreas")
     return common.run_main(prepare, p, argv)
 
 
