@@ -56,6 +56,24 @@ def read_raw(path: Path, what: str, reader: Callable[[Path], T]) -> T:
         raise ValueError(f"{path}: could not read {what}: {type(e).__name__}: {e}") from e
 
 
+def index_by_name(items: Iterable[tuple[str, Path]], what: str) -> dict[str, Path]:
+    """{id: path} of the raw files or folders found, each id once.
+
+    Args:
+        items: (id, path) pairs in the order found, e.g. (folder name, case folder).
+        what: what an id names ("patient", "case", "training image"), for the message.
+
+    Raises:
+        ValueError: an id comes twice (names both paths).
+    """
+    found: dict[str, Path] = {}
+    for key, path in items:
+        if key in found:
+            raise ValueError(f"{path}: {what} {key} found twice (also {found[key]})")
+        found[key] = path
+    return found
+
+
 def check_labels(label: np.ndarray, allowed: Sequence[int], path: Path) -> None:
     """Raise ValueError naming ``path`` when ``label`` holds values outside ``allowed``."""
     found = np.unique(label)

@@ -136,14 +136,8 @@ def read_frame(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarr
 
 def find_patients(raw_dir: Path) -> dict[str, Path]:
     """{patient id: folder} of every ``patientXXX/Info.cfg`` under ``raw_dir``."""
-    found: dict[str, Path] = {}
-    for cfg in sorted(raw_dir.rglob("Info.cfg")):
-        pid = cfg.parent.name
-        if not _PATIENT.match(pid):
-            continue
-        if pid in found:
-            raise ValueError(f"{cfg.parent}: patient {pid} found twice (also {found[pid]})")
-        found[pid] = cfg.parent
+    folders = (cfg.parent for cfg in sorted(raw_dir.rglob("Info.cfg")))
+    found = common.index_by_name(((d.name, d) for d in folders if _PATIENT.match(d.name)), "patient")
     if not found:
         raise ValueError(f"{raw_dir}: no ACDC patient folders found (expected patientXXX/Info.cfg, e.g. "
                          f"{raw_dir}/training/patient001/Info.cfg)")

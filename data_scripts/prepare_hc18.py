@@ -121,13 +121,9 @@ def find_inputs(raw_dir: Path) -> tuple[Path, list[tuple[str, float, float, Path
     if len(found) != 1:
         raise ValueError(f"{raw_dir}: expected one {CSV_NAME}, found {len(found)}: {[str(p) for p in found]}")
     rows = read_csv(found[0])
-    images: dict[str, Path] = {}  # training images only: the test set reuses the same file names
-    for p in sorted(raw_dir.rglob("*.png")):
-        if p.name.endswith("_Annotation.png") or p.parent.name != "training_set" and p.parent != found[0].parent:
-            continue
-        if p.name in images:
-            raise ValueError(f"{p}: training image {p.name} found twice (also {images[p.name]})")
-        images[p.name] = p
+    images = common.index_by_name(  # training images only: the test set reuses the same file names
+        ((p.name, p) for p in sorted(raw_dir.rglob("*.png")) if not p.name.endswith("_Annotation.png")
+         and (p.parent.name == "training_set" or p.parent == found[0].parent)), "training image")
     items = []
     for name, size, hc in rows:
         image = images.get(name)

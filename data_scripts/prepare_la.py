@@ -115,12 +115,7 @@ def read_nrrd(path: Path, what: str, default_spacing: float) -> tuple[np.ndarray
 
 def find_cases(raw_dir: Path) -> dict[str, Path]:
     """{case id: folder} of every ``<ID>/lgemri.nrrd`` under ``raw_dir``."""
-    found: dict[str, Path] = {}
-    for path in sorted(raw_dir.rglob("lgemri.nrrd")):
-        cid = path.parent.name
-        if cid in found:
-            raise ValueError(f"{path.parent}: case {cid} found twice (also {found[cid]})")
-        found[cid] = path.parent
+    found = common.index_by_name(((p.parent.name, p.parent) for p in sorted(raw_dir.rglob("lgemri.nrrd"))), "case")
     if not found:
         raise ValueError(f"{raw_dir}: no LA cases found (expected <ID>/lgemri.nrrd with <ID>/laendo.nrrd)")
     return found

@@ -88,11 +88,8 @@ def find_cases(raw_dir: Path) -> dict[str, tuple[Path, Path]]:
     Raises:
         ValueError: no patients, a duplicate, or a patient without label / a label without CT (names the file).
     """
-    folders: dict[str, Path] = {}
-    for d in sorted(p for p in raw_dir.rglob("PANCREAS_*") if p.is_dir() and _PATIENT.match(p.name)):
-        if d.name in folders:
-            raise ValueError(f"{d}: patient {d.name} found twice (also {folders[d.name]})")
-        folders[d.name] = d
+    folders = common.index_by_name(((d.name, d) for d in sorted(raw_dir.rglob("PANCREAS_*"))
+                                    if d.is_dir() and _PATIENT.match(d.name)), "patient")
     labels = {f"PANCREAS_{m[1]}": p for p in sorted(raw_dir.rglob("label*.nii*")) if (m := _LABEL.match(p.name))}
     if not folders:
         raise ValueError(f"{raw_dir}: no Pancreas-CT patients found (expected PANCREAS_XXXX/ folders of DICOM files)")
