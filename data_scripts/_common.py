@@ -12,7 +12,7 @@
   others are split by ``seeded_split`` (sorted ids, ``np.random.default_rng(SPLIT_SEED)``
   permutation, consecutive parts). A validation split is always taken from training, never from
   test (``hold_out``).
-* **Labeled lists.** ``minissl.data.store.write_store(..., budgets, patients)`` saves
+* **Labeled lists.** ``write_suite`` (through ``minissl.data.store.write_store``) saves
   ``splits/labeled_<n>_seed<k>.txt`` for every standard budget and the seeds 0-4 (budgets count
   patients); ``fitting_budgets`` drops the budgets a small (partial) training set cannot hold.
 """
@@ -26,9 +26,11 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, Sized, TypeVar
 
 import numpy as np
+
+from minissl.data.store import SuiteSpec, write_store
 
 SPLIT_SEED = 0  # seed of every seeded split rule
 VAL_FRACTION = 0.1  # validation share of the training patients where no published val list exists
@@ -52,6 +54,24 @@ def read_raw(path: Path, what: str, reader: Callable[[Path], T]) -> T:
         return reader(path)
     except Exception as e:  # every library reports corruption differently; name the file once here
         raise ValueError(f"{path}: could not read {what}: {type(e).__name__}: {e}") from e
+
+
+def index_by_name(items: Iterable[tuple[str, Path]], what: str) -> dict[str, Path]:
+    """{id: path} of the raw files or folders found, each id once.
+
+    Args:
+        items: (id, path) pairs in the order found, e.g. (folder name, case folder).
+        what: what an id names ("patient", "case", "training image"), for the message.
+
+    Raises:
+        ValueError: an id comes twice (names both paths).
+    """
+    found: dict[str, Path] = {}
+    for key, path in items:
+        if key in found:
+            raise ValueError(f"{path}: {what} {key} found twice (also {found[key]})")
+        found[key] = path
+    return found
 
 
 def check_labels(label: np.ndarray, allowed: Sequence[int], path: Path) -> None:
@@ -149,17 +169,21 @@ def hold_out(groups: Sequence[str], fraction: float = VAL_FRACTION,
     return sorted(set(uniq) - set(val)), val
 
 
-def assign_splits(groups: Iterable[str], published: dict[str, Iterable[str]],
-                  fallback: dict[str, float]) -> tuple[dict[str, list[str]], int]:
+def assign_splits(groups: Iterable[str], published: dict[str, Iterable[str]], fallback: dict[str, float],
+                  unlisted: str) -> dict[str, list[str]]:
     """Published split of each group where a list names it, a seeded split for the others.
+
+    When no published list gives a validation split, it is held out of training (``hold_out``).
 
     Args:
         groups: the group ids found in the raw folder.
         published: {split: group ids} from the community's lists.
         fallback: fractions for ``seeded_split`` of the groups no list names.
+        unlisted: start of the line printed when some groups are on no list, e.g.
+            "LA: cases on neither UA-MT list" (it goes on with their count and the fallback shares).
 
     Returns:
-        ({'train', 'val', 'test': sorted group ids}, number of groups split by the fallback rule).
+        {'train', 'val', 'test': sorted group ids}.
     """
     groups = sorted(set(groups))
     where = {g: name for name, ids in published.items() for g in ids}
@@ -170,7 +194,18 @@ def assign_splits(groups: Iterable[str], published: dict[str, Iterable[str]],
             out[where[g]].append(g)
     for name, ids in seeded_split(rest, fallback).items():
         out[name] += ids
-    return {k: sorted(v) for k, v in out.items()}, len(rest)
+    if rest:
+        shares = "/".join(f"{fallback[k] * 100:g}" for k in ("train", "val", "test") if k in fallback)
+        print(f"{unlisted}: {len(rest)} (split {shares} by the seeded rule)")
+    out = {k: sorted(v) for k, v in out.items()}
+    if "val" not in published:
+        out["train"], out["val"] = hold_out(out["train"])
+    return out
+
+
+def split_sizes(splits: Mapping[str, Sized]) -> str:
+    """'56/6/20': the sizes of the train, val and test splits, for the summary line a converter prints."""
+    return "/".join(str(len(splits[k])) for k in ("train", "val", "test"))
 
 
 def percent_budget(n_patients: int, percent: float) -> int:
@@ -284,25 +319,93 @@ def publish(out_dir: str | os.PathLike, converter: str, digest: str, build: Call
             shutil.rmtree(tmp)
 
 
-def suite_extra(converter: str, digest: str, budgets: dict[str, int], options: dict[str, Any],
-                **more: Any) -> dict[str, Any]:
-    """The keys every converter adds to suite.json (converter, fingerprint, budgets, options)."""
-    return {"converter": converter, "source_fingerprint": digest, "standard_budgets": budgets,
-            "options": options, **more}
+def count_budgets(budgets: Iterable[int]) -> dict[str, int]:
+    """Budgets given in patients as {"7": 7}, each once, in increasing order."""
+    return {str(b): b for b in sorted({int(b) for b in budgets})}
 
 
-def parser(doc: str | None, name: str) -> argparse.ArgumentParser:
-    """Argument parser with the arguments every converter takes: RAW_DIR, OUT_DIR, --force."""
+def percent_budgets(percents: Iterable[float], n_patients: int) -> dict[str, int]:
+    """Budgets given in percent of ``n_patients`` as {"10%": patients} (``percent_budget``), in the given order."""
+    return {f"{p:g}%": percent_budget(n_patients, p) for p in percents}
+
+
+def write_suite(root: Path, splits: Mapping[str, Sequence[str]], budgets: Mapping[str, int], *, converter: str,
+                digest: str, options: dict[str, Any], split_rule: str, classes: Sequence[str],
+                patient_of: Mapping[str, str] | None = None, **spec: Any) -> list[int]:
+    """Write suite.json, the split lists and the labeled lists of a store whose cases ``build`` wrote.
+
+    suite.json holds the ``SuiteSpec`` and the keys every converter adds: ``converter``,
+    ``source_fingerprint``, ``standard_budgets`` (the labels of the budgets written), ``options`` and
+    ``split_rule``.
+
+    Args:
+        root: the store folder being built.
+        splits: {'train', 'val', 'test': case ids}.
+        budgets: the wanted standard budgets, {label: patients} (``count_budgets``, ``percent_budgets``);
+            those the training patients cannot hold are not written (``fitting_budgets``).
+        converter: the converter's name.
+        digest: ``fingerprint`` of the raw files and options.
+        options: the conversion options.
+        split_rule: how the splits were made, in words.
+        classes: one name per class (gives ``num_classes`` and ``class_names``).
+        patient_of: patient id of each case; None: each case is its own patient.
+        **spec: the other ``SuiteSpec`` fields (name, spatial_dims, patch_size, default_budget, ...).
+
+    Returns:
+        The budgets written (patients), in increasing order.
+    """
+    train = list(splits["train"])
+    patients = None if patient_of is None else [patient_of[c] for c in train]
+    written = fitting_budgets(list(budgets.values()), train if patients is None else patients)
+    suite = SuiteSpec(n_train=len(train), n_val=len(splits["val"]), n_test=len(splits["test"]),
+                      num_classes=len(classes), class_names=tuple(classes), **spec)
+    extra = {"converter": converter, "source_fingerprint": digest,
+             "standard_budgets": {k: v for k, v in budgets.items() if v in written}, "options": options,
+             "split_rule": split_rule}
+    write_store(root, suite, {k: splits[k] for k in ("train", "val", "test")}, extra, written, patients)
+    return written
+
+
+def parser(doc: str | None, name: str, *, budgets: Sequence[int] | None = None,
+           percents: Sequence[float] | None = None, of: str = "patients") -> argparse.ArgumentParser:
+    """Argument parser with the arguments every converter takes: RAW_DIR, OUT_DIR, --force, and the budgets.
+
+    Args:
+        doc: the converter's module docstring (its first paragraph is the description).
+        name: the converter's name (the program name).
+        budgets: default of ``--budgets`` (labeled budgets in patients); None: no such option.
+        percents: default of ``--budget-percents`` (labeled budgets in percent); None: no such option.
+        of: what the budgets count ("patients", "cases", "training exams"), for the help text.
+    """
     p = argparse.ArgumentParser(prog=name, description=(doc or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("raw_dir", type=Path, help="the dataset as downloaded (unpacked)")
     p.add_argument("out_dir", type=Path, help="new (or empty) folder for the minissl store")
     p.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
+    if budgets is not None:
+        p.add_argument("--budgets", type=int, nargs="+", default=list(budgets), help=f"labeled budgets ({of})")
+    if percents is not None:
+        p.add_argument("--budget-percents", type=float, nargs="+", default=list(percents),
+                       help=f"labeled budgets in percent of the {of}")
     return p
 
 
-def run_main(prepare: Callable[..., Path], args: argparse.Namespace) -> int:
-    """Call ``prepare`` with the parsed arguments; print an error and return 1 on a ValueError."""
+def add_crop_options(p: argparse.ArgumentParser, margin: int, min_size: int, around: str) -> None:
+    """Add ``--margin`` and ``--min-size``, the arguments of ``crop_around_label``, with their defaults.
+
+    Args:
+        p: the converter's parser.
+        margin: default voxels kept around the label's bounding box in X and Y.
+        min_size: default smallest crop in X and Y (voxels), the training patch.
+        around: what the crop is around ("the atrium"), for the help text.
+    """
+    p.add_argument("--margin", type=int, default=margin, help=f"voxels kept around {around} in X and Y")
+    p.add_argument("--min-size", type=int, default=min_size, help="smallest crop in X and Y (voxels)")
+
+
+def run_main(prepare: Callable[..., Path], p: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` with ``p`` and call ``prepare``; print an error and return 1 on a ValueError."""
+    args = p.parse_args(argv)
     kwargs = {k: v for k, v in vars(args).items() if k not in ("raw_dir", "out_dir")}
     try:
         prepare(args.raw_dir, args.out_dir, **kwargs)

@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import nibabel as nib
 import numpy as np
 
-from minissl.data.store import Case, SuiteSpec, write_case, write_store
+from minissl.data.store import Case, write_case
 
 if __package__:
     from . import _common as common
@@ -136,14 +136,8 @@ def read_frame(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarr
 
 def find_patients(raw_dir: Path) -> dict[str, Path]:
     """{patient id: folder} of every ``patientXXX/Info.cfg`` under ``raw_dir``."""
-    found: dict[str, Path] = {}
-    for cfg in sorted(raw_dir.rglob("Info.cfg")):
-        pid = cfg.parent.name
-        if not _PATIENT.match(pid):
-            continue
-        if pid in found:
-            raise ValueError(f"{cfg.parent}: patient {pid} found twice (also {found[pid]})")
-        found[pid] = cfg.parent
+    folders = (cfg.parent for cfg in sorted(raw_dir.rglob("Info.cfg")))
+    found = common.index_by_name(((d.name, d) for d in folders if _PATIENT.match(d.name)), "patient")
     if not found:
         raise ValueError(f"{raw_dir}: no ACDC patient folders found (expected patientXXX/Info.cfg, e.g. "
                          f"{raw_dir}/training/patient001/Info.cfg)")
@@ -190,24 +184,16 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budgets: Sequence[int] 
                     "height_cm": info["Height"], "weight_kg": info["Weight"], "n_frames": info["NbFrame"],
                     "slice_positions_mm": positions, "source": str(image_path.relative_to(raw_dir))}
             write_case(root / "cases" / f"{cid}.h5", Case(cid, image, label, spacing, meta), len(CLASSES))
-        by_patient, n_fallback = common.assign_splits(patients, published_splits(),
-                                                      {"test": 0.2, "val": 0.1, "train": 0.7})
-        if n_fallback:
-            print(f"ACDC: patients on no SSL4MIS list: {n_fallback} (split 70/10/20 by the seeded rule)")
+        by_patient = common.assign_splits(patients, published_splits(), {"test": 0.2, "val": 0.1, "train": 0.7},
+                                          "ACDC: patients on no SSL4MIS list")
         splits = {name: [f[0] for f in frames if f[1] in set(ids)] for name, ids in by_patient.items()}
-        pid_of = {f[0]: f[1] for f in frames}
-        train_patients = [pid_of[c] for c in splits["train"]]
-        written = common.fitting_budgets(budgets, train_patients)
-        n_train_p = len(set(train_patients))
-        spec = SuiteSpec(name="acdc", spatial_dims=2, num_classes=len(CLASSES), patch_size=(256, 256),
-                         n_train=len(splits["train"]), n_val=len(splits["val"]), n_test=len(splits["test"]),
-                         default_budget=max(1, min(7, n_train_p)), default_iters=30000, class_names=CLASSES,
-                         zoom=True, description="ACDC cine MRI, ED and ES frames, RV/MYO/LV (SSL4MIS patient splits)")
-        write_store(root, spec, splits, common.suite_extra(
-            NAME, digest, {str(b): b for b in written}, options,
-            split_rule="SSL4MIS patient lists; other patients seeded 70/10/20"), written, train_patients)
-        print(f"ACDC: {len(frames)} frames; train/val/test patients "
-              f"{len(by_patient['train'])}/{len(by_patient['val'])}/{len(by_patient['test'])} "
+        written = common.write_suite(
+            root, splits, common.count_budgets(budgets), converter=NAME, digest=digest, options=options,
+            split_rule="SSL4MIS patient lists; other patients seeded 70/10/20", classes=CLASSES,
+            patient_of={f[0]: f[1] for f in frames}, name="acdc", spatial_dims=2, patch_size=(256, 256),
+            default_budget=max(1, min(7, len(by_patient["train"]))), default_iters=30000, zoom=True,
+            description="ACDC cine MRI, ED and ES frames, RV/MYO/LV (SSL4MIS patient splits)")
+        print(f"ACDC: {len(frames)} frames; train/val/test patients {common.split_sizes(by_patient)} "
               f"(expected 70/10/20); labeled lists for budgets {written} x seeds 0-4")
 
     return common.publish(out_dir, NAME, digest, build, force)
@@ -215,9 +201,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budgets: Sequence[int] 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python data_scripts/prepare_acdc.py RAW_DIR OUT_DIR [--force] [--budgets ...]``."""
-    p = common.parser(__doc__, NAME)
-    p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="labeled budgets (patients)")
-    return common.run_main(prepare, p.parse_args(argv))
+    return common.run_main(prepare, common.parser(__doc__, NAME, budgets=BUDGETS), argv)
 
 
 if __name__ == "__main__":

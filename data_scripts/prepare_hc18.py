@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import binary_fill_holes
 
-from minissl.data.store import Case, SuiteSpec, write_case, write_store
+from minissl.data.store import Case, write_case
 
 if __package__:
     from . import _common as common
@@ -121,13 +121,9 @@ def find_inputs(raw_dir: Path) -> tuple[Path, list[tuple[str, float, float, Path
     if len(found) != 1:
         raise ValueError(f"{raw_dir}: expected one {CSV_NAME}, found {len(found)}: {[str(p) for p in found]}")
     rows = read_csv(found[0])
-    images: dict[str, Path] = {}  # training images only: the test set reuses the same file names
-    for p in sorted(raw_dir.rglob("*.png")):
-        if p.name.endswith("_Annotation.png") or p.parent.name != "training_set" and p.parent != found[0].parent:
-            continue
-        if p.name in images:
-            raise ValueError(f"{p}: training image {p.name} found twice (also {images[p.name]})")
-        images[p.name] = p
+    images = common.index_by_name(  # training images only: the test set reuses the same file names
+        ((p.name, p) for p in sorted(raw_dir.rglob("*.png")) if not p.name.endswith("_Annotation.png")
+         and (p.parent.name == "training_set" or p.parent == found[0].parent)), "training image")
     items = []
     for name, size, hc in rows:
         image = images.get(name)
@@ -185,31 +181,21 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budget_percents: Sequen
         exam = {it[0]: exam_of(it[0]) for it in items}
         by_exam = common.seeded_split(exam.values(), {"test": 0.2, "val": 0.1, "train": 0.7})
         splits = {name: sorted(c for c in exam if exam[c] in set(ids)) for name, ids in by_exam.items()}
-        n_train = len(by_exam["train"])
-        wanted = {f"{p:g}%": common.percent_budget(n_train, p) for p in budget_percents}
-        train_exams = [exam[c] for c in splits["train"]]
-        written = common.fitting_budgets(list(wanted.values()), train_exams)
-        spec = SuiteSpec(name="hc18", spatial_dims=2, num_classes=len(CLASSES), patch_size=(224, 224),
-                         n_train=len(splits["train"]), n_val=len(splits["val"]), n_test=len(splits["test"]),
-                         default_budget=min(wanted.values()) if wanted else 1, default_iters=10000,
-                         class_names=CLASSES, description="HC18 fetal head ultrasound, filled head ellipse, by exam")
-        write_store(root, spec, splits, common.suite_extra(
-            NAME, digest, {k: v for k, v in wanted.items() if v in written}, options,
-            split_rule="exams sorted, seeded permutation (seed 0): 20% test, 10% val, 70% train"),
-            written, train_exams)
+        wanted = common.percent_budgets(budget_percents, len(by_exam["train"]))
+        common.write_suite(
+            root, splits, wanted, converter=NAME, digest=digest, options=options, classes=CLASSES,
+            split_rule="exams sorted, seeded permutation (seed 0): 20% test, 10% val, 70% train", patient_of=exam,
+            name="hc18", spatial_dims=2, patch_size=(224, 224), default_budget=min(wanted.values()) if wanted else 1,
+            default_iters=10000, description="HC18 fetal head ultrasound, filled head ellipse, by exam")
         print(f"HC18: {len(exam)} images of {len(set(exam.values()))} exams; train/val/test images "
-              f"{len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}; labeled lists for "
-              f"{wanted} x seeds 0-4")
+              f"{common.split_sizes(splits)}; labeled lists for {wanted} x seeds 0-4")
 
     return common.publish(out_dir, NAME, digest, build, force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python data_scripts/prepare_hc18.py RAW_DIR OUT_DIR [--force] [--budget-percents ...]``."""
-    p = common.parser(__doc__, NAME)
-    p.add_argument("--budget-percents", type=float, nargs="+", default=list(PERCENTS),
-                   help="labeled budgets in percent of the training exams")
-    return common.run_main(prepare, p.parse_args(argv))
+    return common.run_main(prepare, common.parser(__doc__, NAME, percents=PERCENTS, of="training exams"), argv)
 
 
 if __name__ == "__main__":

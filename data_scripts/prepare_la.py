@@ -47,7 +47,7 @@ from typing import Sequence
 import nrrd
 import numpy as np
 
-from minissl.data.store import Case, SuiteSpec, write_case, write_store
+from minissl.data.store import Case, write_case
 
 if __package__:
     from . import _common as common
@@ -115,12 +115,7 @@ def read_nrrd(path: Path, what: str, default_spacing: float) -> tuple[np.ndarray
 
 def find_cases(raw_dir: Path) -> dict[str, Path]:
     """{case id: folder} of every ``<ID>/lgemri.nrrd`` under ``raw_dir``."""
-    found: dict[str, Path] = {}
-    for path in sorted(raw_dir.rglob("lgemri.nrrd")):
-        cid = path.parent.name
-        if cid in found:
-            raise ValueError(f"{path.parent}: case {cid} found twice (also {found[cid]})")
-        found[cid] = path.parent
+    found = common.index_by_name(((p.parent.name, p.parent) for p in sorted(raw_dir.rglob("lgemri.nrrd"))), "case")
     if not found:
         raise ValueError(f"{raw_dir}: no LA cases found (expected <ID>/lgemri.nrrd with <ID>/laendo.nrrd)")
     return found
@@ -168,22 +163,15 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, margin: int = 15, min_s
                     "crop_stop_zyx": [s.stop for s in box], "original_shape_zyx": list(raw.shape),
                     "spacing_from_header": int(from_header), "source": str(image_path.relative_to(raw_dir))}
             write_case(root / "cases" / f"{cid}.h5", Case(cid, image[box], label[box], spacing, meta), len(CLASSES))
-        split, n_fallback = common.assign_splits(cases, {"train": UAMT_TRAIN, "test": UAMT_TEST},
-                                                 {"test": 0.2, "train": 0.8})
-        if n_fallback:
-            print(f"LA: cases on neither UA-MT list: {n_fallback} (split 80/20 by the seeded rule)")
-        train, val = common.hold_out(split["train"])
-        splits = {"train": train, "val": val, "test": split["test"]}
-        written = common.fitting_budgets(budgets, train)
-        spec = SuiteSpec(name="la", spatial_dims=3, num_classes=len(CLASSES), patch_size=PATCH,
-                         n_train=len(train), n_val=len(val), n_test=len(split["test"]),
-                         default_budget=max(1, min(8, len(train))), default_iters=15000, class_names=CLASSES,
-                         intensity="zscore",
-                         description="LA LGE-MRI (2018 challenge), cropped around the atrium, z-scored (UA-MT lists)")
-        write_store(root, spec, splits, common.suite_extra(
-            NAME, digest, {str(b): b for b in written}, options,
-            split_rule="UA-MT 80/20 lists, val = seeded 10% of train; other cases seeded 80/20"), written)
-        print(f"LA: train/val/test {len(train)}/{len(val)}/{len(split['test'])} (expected 72/8/20); "
+        split = common.assign_splits(cases, {"train": UAMT_TRAIN, "test": UAMT_TEST}, {"test": 0.2, "train": 0.8},
+                                     "LA: cases on neither UA-MT list")
+        written = common.write_suite(
+            root, split, common.count_budgets(budgets), converter=NAME, digest=digest, options=options, classes=CLASSES,
+            split_rule="UA-MT 80/20 lists, val = seeded 10% of train; other cases seeded 80/20",
+            name="la", spatial_dims=3, patch_size=PATCH, default_budget=max(1, min(8, len(split["train"]))),
+            default_iters=15000, intensity="zscore",
+            description="LA LGE-MRI (2018 challenge), cropped around the atrium, z-scored (UA-MT lists)")
+        print(f"LA: train/val/test {common.split_sizes(split)} (expected 72/8/20); "
               f"labeled lists for budgets {written} x seeds 0-4")
 
     return common.publish(out_dir, NAME, digest, build, force)
@@ -191,12 +179,10 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, margin: int = 15, min_s
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python data_scripts/prepare_la.py RAW_DIR OUT_DIR [options]``."""
-    p = common.parser(__doc__, NAME)
-    p.add_argument("--margin", type=int, default=15, help="voxels kept around the atrium in X and Y")
-    p.add_argument("--min-size", type=int, default=112, help="smallest crop in X and Y (voxels)")
+    p = common.parser(__doc__, NAME, budgets=BUDGETS, of="cases")
+    common.add_crop_options(p, margin=15, min_size=112, around="the atrium")
     p.add_argument("--default-spacing", type=float, default=0.625, help="mm per voxel if the header has none")
-    p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="labeled budgets (cases)")
-    return common.run_main(prepare, p.parse_args(argv))
+    return common.run_main(prepare, p, argv)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import zoom
 
-from minissl.data.store import Case, SuiteSpec, write_case, write_store
+from minissl.data.store import Case, write_case
 
 if __package__:
     from . import _common as common
@@ -88,11 +88,8 @@ def find_cases(raw_dir: Path) -> dict[str, tuple[Path, Path]]:
     Raises:
         ValueError: no patients, a duplicate, or a patient without label / a label without CT (names the file).
     """
-    folders: dict[str, Path] = {}
-    for d in sorted(p for p in raw_dir.rglob("PANCREAS_*") if p.is_dir() and _PATIENT.match(p.name)):
-        if d.name in folders:
-            raise ValueError(f"{d}: patient {d.name} found twice (also {folders[d.name]})")
-        folders[d.name] = d
+    folders = common.index_by_name(((d.name, d) for d in sorted(raw_dir.rglob("PANCREAS_*"))
+                                    if d.is_dir() and _PATIENT.match(d.name)), "patient")
     labels = {f"PANCREAS_{m[1]}": p for p in sorted(raw_dir.rglob("label*.nii*")) if (m := _LABEL.match(p.name))}
     if not folders:
         raise ValueError(f"{raw_dir}: no Pancreas-CT patients found (expected PANCREAS_XXXX/ folders of DICOM files)")
@@ -211,20 +208,15 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, spacing: Sequence[float
                     "source": str(folder.relative_to(raw_dir))}
             case = Case(pid, common.zscore(image[box], folder), label[box], reached, meta)
             write_case(root / "cases" / f"{pid}.h5", case, len(CLASSES))
-        split, n_fallback = common.assign_splits(cases, published_splits(), {"test": 0.2, "train": 0.8})
-        if n_fallback:
-            print(f"Pancreas-CT: patients outside PANCREAS_0001-0082: {n_fallback} (split 80/20 by the seeded rule)")
-        train, val = common.hold_out(split["train"])
-        written = common.fitting_budgets(budgets, train)
-        spec = SuiteSpec(name="pancreas", spatial_dims=3, num_classes=len(CLASSES), patch_size=PATCH,
-                         n_train=len(train), n_val=len(val), n_test=len(split["test"]),
-                         default_budget=max(1, min(6, len(train))), default_iters=15000, class_names=CLASSES,
-                         intensity="zscore",
-                         description="NIH Pancreas-CT, HU window [-125, 275], 1 mm, cropped around the pancreas")
-        write_store(root, spec, {"train": train, "val": val, "test": split["test"]}, common.suite_extra(
-            NAME, digest, {str(b): b for b in written}, options,
-            split_rule="MC-Net 62/20 lists, val = seeded 10% of train; other patients seeded 80/20"), written)
-        print(f"Pancreas-CT: train/val/test {len(train)}/{len(val)}/{len(split['test'])} (expected 56/6/20); "
+        split = common.assign_splits(cases, published_splits(), {"test": 0.2, "train": 0.8},
+                                     "Pancreas-CT: patients outside PANCREAS_0001-0082")
+        written = common.write_suite(
+            root, split, common.count_budgets(budgets), converter=NAME, digest=digest, options=options, classes=CLASSES,
+            split_rule="MC-Net 62/20 lists, val = seeded 10% of train; other patients seeded 80/20",
+            name="pancreas", spatial_dims=3, patch_size=PATCH, default_budget=max(1, min(6, len(split["train"]))),
+            default_iters=15000, intensity="zscore",
+            description="NIH Pancreas-CT, HU window [-125, 275], 1 mm, cropped around the pancreas")
+        print(f"Pancreas-CT: train/val/test {common.split_sizes(split)} (expected 56/6/20); "
               f"labeled lists for budgets {written} x seeds 0-4")
 
     return common.publish(out_dir, NAME, digest, build, force)
@@ -232,12 +224,10 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, spacing: Sequence[float
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python data_scripts/prepare_pancreas.py RAW_DIR OUT_DIR [options]``."""
-    p = common.parser(__doc__, NAME)
+    p = common.parser(__doc__, NAME, budgets=BUDGETS, of="patients")
     p.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], help="target (dz, dy, dx) in mm")
-    p.add_argument("--margin", type=int, default=25, help="voxels kept around the pancreas in X and Y")
-    p.add_argument("--min-size", type=int, default=96, help="smallest crop in X and Y (voxels)")
-    p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="labeled budgets (patients)")
-    return common.run_main(prepare, p.parse_args(argv))
+    common.add_crop_options(p, margin=25, min_size=96, around="the pancreas")
+    return common.run_main(prepare, p, argv)
 
 
 if __name__ == "__main__":

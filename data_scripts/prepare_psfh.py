@@ -44,7 +44,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from minissl.data.store import Case, SuiteSpec, write_case, write_store
+from minissl.data.store import Case, write_case
 
 if __package__:
     from . import _common as common
@@ -143,28 +143,20 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budget_percents: Sequen
             meta = {"patient_id": cid, "pixel_size_mm": list(spacing), "source": str(image_path.relative_to(raw_dir))}
             write_case(root / "cases" / f"{cid}.h5", Case(cid, image, label, spacing, meta), len(CLASSES))
         splits = common.seeded_split(pairs, {"test": 0.2, "val": 0.1, "train": 0.7})
-        n_train = len(splits["train"])
-        wanted = {f"{p:g}%": common.percent_budget(n_train, p) for p in budget_percents}
-        written = common.fitting_budgets(list(wanted.values()), splits["train"])
-        spec = SuiteSpec(name="psfh", spatial_dims=2, num_classes=len(CLASSES), patch_size=(256, 256),
-                         n_train=n_train, n_val=len(splits["val"]), n_test=len(splits["test"]),
-                         default_budget=min(wanted.values()) if wanted else 1, default_iters=10000,
-                         class_names=CLASSES, description="PSFH intrapartum ultrasound: pubic symphysis and fetal head")
-        write_store(root, spec, {k: splits[k] for k in ("train", "val", "test")}, common.suite_extra(
-            NAME, digest, {k: v for k, v in wanted.items() if v in written}, options,
-            split_rule="image ids sorted, seeded permutation (seed 0): 20% test, 10% val, 70% train"), written)
-        print(f"PSFH: train/val/test {n_train}/{len(splits['val'])}/{len(splits['test'])}; "
-              f"labeled lists for {wanted} x seeds 0-4")
+        wanted = common.percent_budgets(budget_percents, len(splits["train"]))
+        common.write_suite(
+            root, splits, wanted, converter=NAME, digest=digest, options=options, classes=CLASSES,
+            split_rule="image ids sorted, seeded permutation (seed 0): 20% test, 10% val, 70% train",
+            name="psfh", spatial_dims=2, patch_size=(256, 256), default_budget=min(wanted.values()) if wanted else 1,
+            default_iters=10000, description="PSFH intrapartum ultrasound: pubic symphysis and fetal head")
+        print(f"PSFH: train/val/test {common.split_sizes(splits)}; labeled lists for {wanted} x seeds 0-4")
 
     return common.publish(out_dir, NAME, digest, build, force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python data_scripts/prepare_psfh.py RAW_DIR OUT_DIR [--force] [--budget-percents ...]``."""
-    p = common.parser(__doc__, NAME)
-    p.add_argument("--budget-percents", type=float, nargs="+", default=list(PERCENTS),
-                   help="labeled budgets in percent of the training images")
-    return common.run_main(prepare, p.parse_args(argv))
+    return common.run_main(prepare, common.parser(__doc__, NAME, percents=PERCENTS, of="training images"), argv)
 
 
 if __name__ == "__main__":
