@@ -73,18 +73,25 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     return read_row(folder)
 
 
+def all_labels_budget(store: CaseStore) -> int:
+    """The budget "all": every training patient with a label (unlabeled-only cases stay unlabeled)."""
+    train = store.split("train")
+    return len({p for p, has in zip(store.patients(train), store.has_label(train)) if has})
+
+
 def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budget: Optional[str] = None,
                   iters: Optional[int] = None, out: str = "runs/bench", data_root: Optional[str] = None,
                   overrides: Sequence[str] = (), results: str = "results") -> str:
     """Run (or read back) every (method, seed), record it, and return and print the leaderboard.
 
     Args:
-        budget: labeled cases, ``"all"`` for every training case, or None for the suite default.
+        budget: labeled cases, ``"all"`` for every training patient with a label, or None for the suite
+            default.
         results: the results folder.
     """
     store = open_data(data_root or suite)
     if budget == "all":
-        n_budget = len(set(store.patients(store.split("train"))))
+        n_budget = all_labels_budget(store)
     else:
         n_budget = int(budget) if budget else None
     rows = []

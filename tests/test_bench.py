@@ -43,3 +43,16 @@ def test_bench_render_writes_and_checks_the_tables(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(argv + ["--check"]) == 1
     assert f"differs from its rendering: {table}" in capsys.readouterr().out
+
+
+def test_budget_all_counts_only_training_patients_with_labels(tiny_stores, tmp_path):
+    import h5py
+
+    from minissl.data.sources import open_data
+
+    root = tmp_path / "store"
+    shutil.copytree(tiny_stores["fetal_head"], root)
+    train = open_data(root).split("train")
+    with h5py.File(root / "cases" / f"{train[0]}.h5", "a") as f:  # an unlabeled-only training case
+        del f["label"]
+    assert bench.all_labels_budget(open_data(root)) == len(train) - 1
