@@ -5,7 +5,7 @@ and seeds; only the method differs. A run trains in ``<out>/<suite>/<method>-b<b
 interrupted one is resumed from its ``last.pt``); once finished, its small files are recorded under
 ``<results>/<suite>/b<budget>-i<iters>-<recipe>/<method>/seed<k>/`` (:mod:`minissl.results`). A run
 whose result folder is complete is not trained again, so a long leaderboard continues where it
-stopped, in a later session too: the committed ``results/`` is enough, the run folders are not needed.
+stopped, also on another machine or day: the committed ``results/`` is enough, the run folders are not needed.
 The table (:func:`minissl.report.render_leaderboard`) gives per method mean ± std (ddof 1) over seeds
 and the Dice difference to ``supervised`` paired by seed (same labeled cases, initial weights and
 data order) with its Student-t 95 % interval and mark.

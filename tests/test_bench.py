@@ -22,7 +22,7 @@ def test_run_is_recorded_and_read_back_not_retrained(tiny_stores, tmp_path, monk
     monkeypatch.setattr(engine, "train", no_training)
     (first.path / "val_curve.csv").unlink()  # an incomplete result is recorded again from the finished run
     assert bench.run_one("fetal_head", "supervised", 0, None, 2, runs, store, over, results=res) == first
-    shutil.rmtree(runs)  # a later session: the committed results are enough
+    shutil.rmtree(runs)  # another machine: the committed results are enough
     assert bench.run_one("fetal_head", "supervised", 0, None, 2, runs, store, over, results=res) == first
     other = r"seed0 holds a result with another configuration \(fields \['width'\] differ\)"
     with pytest.raises(ValueError, match=other):  # a complete result is reused only for the same options
