@@ -54,7 +54,7 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     if budget:
         kw["budget"] = budget
     cfg = load_config(overrides=list(overrides), **kw)
-    store = store if store is not None else open_data(cfg.data_root or cfg.suite)
+    store = store if store is not None else open_data(cfg.data_source)
     cfg = resolve(cfg, store)
     folder = result_dir(results, store.spec.name, cfg.budget, cfg.max_iters, method, seed,
                         getattr(cfg, "recipe", DEFAULT_RECIPE))

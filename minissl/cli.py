@@ -149,7 +149,7 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     args = p.parse_args(tokens)
     run = Run(args.run_dir)
     method = run.load_method(device=check_device(args.device))
-    store = open_data(run.config.data_root or run.config.suite)
+    store = open_data(run.config.data_source)
     cases = [store.read(i) for i in store.split(args.split)]
     rows = evaluation.evaluate(method.predict, cases, store.spec, device=torch.device(args.device))
     out = Path(args.run_dir) / f"eval_{args.split}"

@@ -65,6 +65,10 @@ class Config:
     resume_override: str = ""  # fields allowed to differ on --resume, comma-separated (val_every,log_every,device,data_root)
     progress: bool = True  # show a progress bar
 
+    @property
+    def data_source(self) -> str:
+        """What ``data.sources.open_data`` opens for this run: ``data_root`` if given, else ``suite``."""
+        return self.data_root or self.suite
 
     def validate(self) -> "Config":
         """Coerce every field to its type and check its range (in place).

@@ -27,7 +27,7 @@ def report(runs: Sequence[Run], path: str | Path, n_cases: int = 4) -> Path:
     from .inference import predict_case
 
     cfg = runs[0].config
-    store = open_data(cfg.data_root or cfg.suite)
+    store = open_data(cfg.data_source)
     spec = store.spec
     cases = [store.read(i) for i in store.split("test")[:n_cases]]
     preds = {}

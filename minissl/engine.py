@@ -249,7 +249,7 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     Args:
         cfg: the run configuration (suite defaults are filled in here).
         overwrite: start afresh even if the run folder already holds a run.
-        store: the run's data when the caller has opened it (default: ``cfg.data_root or cfg.suite``).
+        store: the run's data when the caller has opened it (default: ``cfg.data_source``).
 
     Returns:
         A RunResult (None on ranks > 0 under torchrun); the run folder holds everything needed to
@@ -259,7 +259,7 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     check_device(cfg.device)
     method_cls = get_method(cfg.method)
     resolve_args(method_cls.Args, cfg.method_args, cfg.method)  # a misspelled option fails before any data work
-    store = store if store is not None else sources.open_data(cfg.data_root or cfg.suite)
+    store = store if store is not None else sources.open_data(cfg.data_source)
     cfg = resolve(cfg, store)
     labeled = store.labeled(cfg.budget, cfg.seed)  # resolved once, passed down
     sources.check_store(store, labeled)  # every split and case, before anything is created

@@ -65,3 +65,10 @@ def test_published_recipes_load():
         cfg = load_config(str(path))
         assert cfg.method_args == {}, f"{path.name}: unknown keys {cfg.method_args}"
         assert cfg.max_iters >= 10000 and cfg.device == "cuda"
+
+
+def test_data_source_is_the_data_root_else_the_suite():
+    from minissl.config import Config
+
+    assert Config(suite="cardiac").data_source == "cardiac"
+    assert Config(suite="cardiac", data_root="/data/acdc").data_source == "/data/acdc"

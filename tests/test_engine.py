@@ -54,7 +54,7 @@ def test_run_folder_and_protocol(tiny_stores, tmp_path, monkeypatch):
     res = engine.train(tiny_cfg(tiny_stores["fetal_head"], tmp_path, method="mean_teacher"))
     for f in ("config.json", "log.csv", "best.pt", "last.pt", "metrics.json", "test_cases.csv", "test_cases.json"):
         assert (res.run_dir / f).is_file(), f
-    store = open_data(res.config.data_root or res.config.suite)
+    store = open_data(res.config.data_source)
     assert calls == [store.split("test")]  # the test split is evaluated once, at the end
     run = Run(res.run_dir)
     vals = [(r["val_dice"], r["step"]) for r in run.log if r["val_dice"] is not None]
