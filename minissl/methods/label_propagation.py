@@ -50,9 +50,10 @@ Where the official code differs, and what minissl does:
     * model B is trained on model A's predictions of whole scans (the files are moved into a new
       nnU-Net task); minissl keeps the ground truth and the interpolated labels where they exist and
       uses model A's labels only where nothing else is known;
-    * both models are 4- / 5-fold nnU-Nets (SGD 0.01, Nesterov momentum 0.99, weight decay 3e-5, poly,
-      deep supervision, its own augmentation and 250 iterations per epoch); minissl trains one UNet
-      through the shared engine, so model B's learning rate continues the one poly schedule of the run;
+    * both models are 4-fold nnU-Nets with deep supervision, nnU-Net's augmentation and 250 iterations
+      per epoch; minissl trains one UNet through the shared engine, so model B's learning rate continues
+      the one schedule of the run. ``--recipe official`` takes nnU-Net's optimiser (SGD 0.01, momentum
+      0.99, weight decay 3e-5, poly 0.9) for 2D and 3D alike, without its Nesterov flag;
     * the annotated range in COSMOS is wherever the annotators drew contours; minissl's budget annotates
       every k-th slice from an offset drawn per case (``Budget.annotated``).
 """
@@ -66,7 +67,12 @@ from scipy import ndimage as ndi
 from torch import Tensor
 
 from ..data.datasets import IGNORE
+from ..recipes import Recipe
 from .base import Method, make_teacher, register
+
+NNUNET = Recipe("sgd", lr=0.01, momentum=0.99, weight_decay=3e-5, schedule="poly",
+                source="ShishuaiHu/Label-Propagation nnUNet/nnunet/training/network_training/nnUNetTrainerV2.py "
+                       "(via vesselwallseg/nnUNetTrainerV2_100Epoch.py)")
 
 
 def signed_distance(region: np.ndarray, far: float) -> np.ndarray:
@@ -154,6 +160,7 @@ class LabelPropagation(Method):
 
     Args = LabelPropagationArgs
     uses_label_mask = True
+    official_recipes = {2: NNUNET, 3: NNUNET}
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
