@@ -20,10 +20,10 @@ first or after the last annotated slice of a case stay unknown (``IGNORE``).
 Algorithm (a run under ``--budget_kind slices:k``; schedule as fractions of ``max_iters``):
     0. before training: every labeled volume's hidden slices are filled by the interpolation
        (``fill_labels``; the data loader calls it once per case);
-    1. stage 1 (the first ``first_stage`` = 1/6 of the run; official: 100 of 100 + 500 epochs): model A
-       on the labeled images with ``0.5 (CE + Dice)``; voxels still unknown are masked (``label_mask``);
+    1. stage 1 (the first ``first_stage`` = 50 % of the run): model A on the labeled images with
+       ``0.5 (CE + Dice)``; voxels still unknown are masked (``label_mask``);
     2. switch (``end_stage``, at the stage-1 best-on-validation weights): model A is frozen as the
-       labeller; model B starts from fresh weights (``restart``; the official code trains a new nnU-Net);
+       labeller; model B starts from model A's weights (``restart = True``: from fresh weights);
     3. stage 2 (the rest): model B on the labeled images, whose unknown voxels now take model A's
        argmax, plus the unlabeled images with model A's argmax as their labels (weight ``u_weight``):
            L = L_sup(f_B(x_l), y_l or A(x_l) where unknown) + u_weight * L_sup(f_B(x_u), argmax A(x_u))
@@ -50,10 +50,14 @@ Where the official code differs, and what minissl does:
     * model B is trained on model A's predictions of whole scans (the files are moved into a new
       nnU-Net task); minissl keeps the ground truth and the interpolated labels where they exist and
       uses model A's labels only where nothing else is known;
+    * model B is a new network trained for 500 epochs after model A's 100 (stage 1 = 1/6), each with its
+      own poly schedule from 0.01. One minissl run has one schedule, so a fresh model B would start at a
+      decayed rate with fewer iterations than model A had; minissl therefore continues model B from
+      model A and gives each half of the run. ``--first_stage 0.1667 --restart true`` gives the official
+      proportions and a fresh model B (the learning rate still continues);
     * both models are 4-fold nnU-Nets with deep supervision, nnU-Net's augmentation and 250 iterations
-      per epoch; minissl trains one UNet through the shared engine, so model B's learning rate continues
-      the one schedule of the run. ``--recipe official`` takes nnU-Net's optimiser (SGD 0.01, momentum
-      0.99, weight decay 3e-5, poly 0.9) for 2D and 3D alike, without its Nesterov flag;
+      per epoch; minissl trains one UNet. ``--recipe official`` takes nnU-Net's optimiser (SGD 0.01,
+      momentum 0.99, weight decay 3e-5, poly 0.9) for 2D and 3D alike, without its Nesterov flag;
     * the annotated range in COSMOS is wherever the annotators drew contours; minissl's budget annotates
       every k-th slice from an offset drawn per case (``Budget.annotated``).
 """
@@ -71,8 +75,8 @@ from ..recipes import Recipe
 from .base import Method, make_teacher, register
 
 NNUNET = Recipe("sgd", lr=0.01, momentum=0.99, weight_decay=3e-5, schedule="poly",
-                source="ShishuaiHu/Label-Propagation nnUNet/nnunet/training/network_training/nnUNetTrainerV2.py "
-                       "(via vesselwallseg/nnUNetTrainerV2_100Epoch.py)")
+                source="ShishuaiHu/Label-Propagation nnUNet/nnunet/training/network_training/vesselwallseg/"
+                       "nnUNetTrainerV2_100Epoch.py (the optimiser of nnU-Net v1's nnUNetTrainerV2)")
 
 
 def signed_distance(region: np.ndarray, far: float) -> np.ndarray:
@@ -148,8 +152,8 @@ def _stand_ins(d: np.ndarray, other: np.ndarray, far: float) -> np.ndarray:
 
 @dataclass
 class LabelPropagationArgs:
-    first_stage: float = 1 / 6  # model A's stage, fraction of max_iters (official: 100 of 100 + 500 epochs)
-    restart: bool = True  # model B starts from fresh weights (official: a new nnU-Net); False: from model A
+    first_stage: float = 0.5  # model A's stage, fraction of max_iters (official: 100 of 100 + 500 epochs = 1/6)
+    restart: bool = False  # True: model B starts from fresh weights (official: a new nnU-Net); False: from model A
     u_weight: float = 1.0  # weight of the unlabeled images labelled by model A in stage 2
     interpolation: str = "shape"  # shape: signed-distance interpolation | nearest: copy the nearer slice (official)
 
