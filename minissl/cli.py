@@ -154,8 +154,7 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     rows = evaluation.evaluate(method.predict, cases, store.spec, device=torch.device(args.device))
     out = Path(args.run_dir) / f"eval_{args.split}"
     evaluation.write_rows(rows, out.with_suffix(".csv"), out.with_suffix(".json"))
-    for metric, v in evaluation.summarise(rows).items():
-        print(f"{metric:>12s}: {v['mean']:.4f} ± {v['std']:.4f}")
+    print(evaluation.format_summary(rows))
     return 0
 
 
