@@ -65,7 +65,7 @@ from scipy import ndimage as ndi
 from . import phantoms
 from .store import Case, SuiteSpec, write_case, write_store
 
-VERSION = 1
+VERSION = 2
 GENERATOR_PREFIX = "minissl.data.samples."  # suite.json 'generator' of the folders written here
 
 
@@ -134,6 +134,7 @@ SUITES: dict[str, SuiteSpec] = {  # n_train / n_val / n_test of the real files; 
     "brain_tissue": SuiteSpec(
         name="brain_tissue", spatial_dims=2, num_classes=3, patch_size=(144, 128), n_train=100, n_val=20, n_test=30,
         default_budget=7, default_iters=300, class_names=("background", "grey matter", "white matter"),
+        target_spacing=(BRAIN_MM, BRAIN_MM),
         description="2D axial T1 slices of the MNI152 2009a template with BG/GM/WM from its tissue maps (1.5 mm)"),
 }
 
