@@ -166,6 +166,33 @@ def test_la_end_to_end(tmp_path, capsys):
     assert case.meta["spacing_from_header"] == 1
 
 
+def test_converted_la_and_acdc_are_scored_in_mm_per_class_as_medpy(tmp_path):
+    """LA: Dice, Jaccard, HD95, ASD with the NRRD voxel spacing (mm), equal to medpy with voxelspacing;
+    ACDC: one row per RV / MYO / LV, distances in mm from the NIfTI header."""
+    from medpy.metric import binary as mb
+
+    from minissl.evaluate import case_rows
+
+    write_la(tmp_path / "la_raw", prepare_la.UAMT_TRAIN[:3] + prepare_la.UAMT_TEST[:1])
+    la = open_data(prepare_la.prepare(tmp_path / "la_raw", tmp_path / "la", margin=2, min_size=12, budgets=(1,)))
+    case = la.read(prepare_la.UAMT_TEST[0])
+    pred = np.roll(case.label, 2, axis=2)  # shifted 2 voxels (1.25 mm) along X
+    (row,) = case_rows(pred, case, la.spec)
+    gt, p = case.label == 1, pred == 1
+    assert row["unit"] == "mm" and row["class"] == "left atrium"
+    assert row["dice"] == pytest.approx(mb.dc(p, gt)) and row["jaccard"] == pytest.approx(mb.jc(p, gt))
+    assert row["hd95"] == pytest.approx(mb.hd95(p, gt, voxelspacing=(1.25, 0.625, 0.625)))
+    assert row["asd"] == pytest.approx(mb.asd(p, gt, voxelspacing=(1.25, 0.625, 0.625)))
+    assert row["hd95"] == pytest.approx(1.25)  # 2 voxels of 0.625 mm, not 2 voxels
+
+    write_acdc(tmp_path / "acdc_raw", [11, 99])
+    acdc = open_data(prepare_acdc.prepare(tmp_path / "acdc_raw", tmp_path / "acdc", budgets=(1,)))
+    frame = acdc.read("patient011_frame01")
+    rows = case_rows(np.where(frame.label == 2, 0, frame.label), frame, acdc.spec)  # MYO missed
+    assert [(r["class"], r["unit"]) for r in rows] == [("RV", "mm"), ("MYO", "mm"), ("LV", "mm")]
+    assert rows[0]["dice"] == 1.0 and rows[1]["dice"] == 0.0 and rows[2]["hd95"] == 0.0
+
+
 def test_la_header_without_spacing_gets_default(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "la"
     write_la(raw, [prepare_la.UAMT_TRAIN[0], prepare_la.UAMT_TEST[0]], with_spacing=False)
