@@ -128,10 +128,10 @@ def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
     if len(per_class) > 1:
         width = max(len(str(c)) for c in per_class) + 2
         lines.append("per class (mean ± std over cases):")
-        lines.append(f"{'class':<{width}s}" + "".join(f"{m:>9s}{'':11s}" for m in METRICS))
+        lines.append((f"{'class':<{width}s}" + "".join(f"{m:>9s}{'':11s}" for m in METRICS)).rstrip())
         for name, s in per_class.items():
-            lines.append(f"{str(name):<{width}s}" + "".join(f"{s[m]['mean']:9.4f} ± {s[m]['std']:<8.4f}"
-                                                           for m in METRICS))
+            lines.append((f"{str(name):<{width}s}" + "".join(f"{s[m]['mean']:9.4f} ± {s[m]['std']:<8.4f}"
+                                                            for m in METRICS)).rstrip())
     return "\n".join(lines)
 
 
