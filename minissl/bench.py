@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .config import load_config
 from .data.sources import open_data
@@ -108,7 +108,8 @@ def bench_official(suite: str, methods: Sequence[str], seeds: Sequence[int], bud
         ValueError: no listed method besides ``supervised`` has an official recipe for the suite.
     """
     store = store if store is not None else open_data(data_root or suite)
-    paired, without = with_official_recipe(methods, store.spec.spatial_dims)
+    skipped = not_applicable(store.spec)
+    paired, without = with_official_recipe([m for m in methods if m not in skipped], store.spec.spatial_dims)
     if not paired:
         raise ValueError(f"--recipe official: expected a method with an official {store.spec.spatial_dims}D recipe "
                          f"besides supervised, got {list(methods)}")
@@ -123,6 +124,8 @@ def bench_official(suite: str, methods: Sequence[str], seeds: Sequence[int], bud
         tables.append(render_leaderboard([replace(r, recipe=f"official:{method}") for r in rows]))
     if without:
         tables.append(f"No official {store.spec.spatial_dims}D recipe: {', '.join(sorted(without))}.\n")
+    if set(methods) & set(skipped):
+        tables.append(f"Not applicable to {suite}: {', '.join(sorted(set(methods) & set(skipped)))}.\n")
     text = "\n".join(tables)
     print(text)
     return text
@@ -132,6 +135,13 @@ def all_labels_budget(store: CaseStore) -> int:
     """The budget "all": every training patient with a label (unlabeled-only cases stay unlabeled)."""
     train = store.split("train")
     return len({p for p, has in zip(store.patients(train), store.has_label(train)) if has})
+
+
+def not_applicable(spec: Any) -> dict[str, str]:
+    """The registered methods that cannot train on a suite of ``spec``, with the reason."""
+    from .methods import METHODS
+
+    return {name: why for name, cls in sorted(METHODS.items()) if (why := cls.applies_to(spec)) is not None}
 
 
 def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budget: Optional[str] = None,
@@ -152,13 +162,16 @@ def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budg
         n_budget = int(budget) if budget else None
     if recipe == "official":
         return bench_official(suite, methods, seeds, n_budget, iters, out, data_root, overrides, results, store)
-    rows = []
+    rows, skipped = [], not_applicable(store.spec)
     for method in methods:
+        if method in skipped:
+            print(f"[bench] {suite} {method}: not applicable ({skipped[method]})", flush=True)
+            continue
         for seed in seeds:
             print(f"[bench] {suite} {method} seed {seed}", flush=True)
             rows.append(run_one(suite, method, seed, n_budget, iters, Path(out), data_root, overrides, store=store,
                                 results=results))
-    text = render_leaderboard(rows)
+    text = render_leaderboard(rows, not_applicable=sorted(skipped))
     print(text)
     return text
 
@@ -172,7 +185,10 @@ def render(results: str = "results", docs: str = "docs/results", check: bool = F
     Returns:
         The tables written, or with ``check`` the ones that differ.
     """
-    tables = render_all(results, docs)
+    from .data.phantoms import SUITES
+
+    tables = render_all(results, docs, not_applicable={name: sorted(not_applicable(spec))
+                                                       for name, spec in SUITES.items()})
     if check:
         return [p for p, text in tables.items() if not p.is_file() or p.read_text() != text]
     for path, text in tables.items():

@@ -1,11 +1,13 @@
 """Recipes: schedules as fractions of the run, optimisers, the EMA horizon, the official-recipe lookup,
 the shared supervised loss by hand, and the engine's stage switch from the best-on-validation state."""
+import csv
+import json
 import math
 
 import pytest
 import torch
 
-from minissl import engine, losses
+from minissl import bench, engine, losses, results
 from minissl.config import load_config
 from minissl.data import phantoms
 from minissl.methods import METHODS, get_method
@@ -228,3 +230,33 @@ def test_method_lr_factor_follows_its_recipe(name, suite, recipe, want):
     cfg = load_config(method=name, recipe=recipe, max_iters=1200, width=4, depth=2)
     method = get_method(name)(cfg, phantoms.SUITES[suite])
     assert {s: method.lr_factor(s) for s in want} == pytest.approx(want, rel=1e-9)
+
+
+def test_bench_official_pairs_each_method_with_supervised_on_its_recipe(tiny_stores, tmp_path):
+    over = ["--width", "4", "--depth", "2", "--batch_size", "4", "--labeled_bs", "2", "--val_every", "2"]
+    store, runs, res = str(tiny_stores["cardiac"]), tmp_path / "runs", tmp_path / "results"
+    shared = bench.run_one("cardiac", "supervised", 0, None, 4, runs, store, over, results=res)
+    text = bench.bench_methods("cardiac", ["supervised", "m3hl", "cad", "ersr"], [0], None, 4, str(runs), store,
+                               over, str(res), recipe="official")
+    setting = res / "cardiac" / "b2-i4-official:m3hl"
+    got = {p.relative_to(res).as_posix() for p in res.glob("cardiac/*/*/seed0")}
+    assert got == {"cardiac/b2-i4-shared/supervised/seed0", "cardiac/b2-i4-official/m3hl/seed0",
+                   "cardiac/b2-i4-official:m3hl/supervised/seed0"}
+    config = json.loads((setting / "supervised" / "seed0" / "config.json").read_text())
+    assert config["recipe"] == "official:m3hl" and results.read_row(setting / "supervised" / "seed0") != shared
+
+    def last_lr(run):
+        with open(runs / "cardiac" / run / "log.csv", newline="") as f:
+            return float(list(csv.DictReader(f))[-1]["lr"])
+
+    assert last_lr("supervised-b2-s0-official-m3hl") == 0.01  # M3HL's ACDC recipe: constant
+    assert last_lr("supervised-b2-s0") == pytest.approx(0.01 * (1 / 4) ** 0.9)  # shared: poly at step 3 of 4
+    assert {p.name for p in (runs / "cardiac").iterdir()} == {"supervised-b2-s0", "supervised-b2-s0-official-m3hl",
+                                                             "m3hl-b2-s0-official"}
+    assert "**cardiac**: 2 labeled, 4 iterations, official:m3hl recipe" in text
+    assert "| supervised | 1 | " in text and "| m3hl | 1 | " in text
+    assert "No official 2D recipe: cad." in text and "Not applicable to cardiac: ersr." in text
+    with pytest.raises(ValueError, match="expected a method with an official 2D recipe besides supervised, "
+                                         r"got \['supervised', 'cad'\]"):
+        bench.bench_methods("cardiac", ["supervised", "cad"], [0], None, 4, str(runs), store, over, str(res),
+                            recipe="official")
