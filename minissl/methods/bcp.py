@@ -83,7 +83,7 @@ from .base import Method, ema_update, labeled_unlabeled_mixes, make_teacher, reg
 
 @dataclass
 class BCPArgs:
-    ema_horizon: float = 1 / 400  # fraction of the run: EMA 0.99 over 40,000 iterations (BCP ACDC: 10k + 30k)
+    ema_horizon: float = 1 / 400  # 0.99 over 40,000 iterations, 10k + 30k (BCP code/ACDC_BCP_train.py)
     pretrain: float = 0.25  # labeled-only copy-paste stage, fraction of max_iters (BCP: 10k of 40k)
     box_ratio: float = 2 / 3  # side of the pasted box, fraction of every spatial dim
     u_weight: float = 0.5  # loss weight of the pseudo-labelled region (the GT region has 1.0)

@@ -47,7 +47,8 @@ Where the codes differ, and what minissl follows:
 
 Recipe: the shared one by default; ``--recipe official`` gives SSL4MIS's
 (``code/train_cross_pseudo_supervision_2D.py``, ``_3D.py``): SGD 0.01, momentum 0.9, weight decay 1e-4,
-poly over the run for both networks, the shared recipe's values. No EMA (the scripts' ``ema_decay`` is unused).
+poly over the run for both networks, the shared recipe's values (the 3D script trains on BraTS 2019:
+SSL4MIS has no LA script). No EMA (the scripts' ``ema_decay`` is unused).
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ Algorithm (per iteration):
 
 Recipe: the shared one by default; ``--recipe official`` gives SSL4MIS's (``code/train_mean_teacher_2D.py``,
 ``_3D.py``): SGD 0.01, momentum 0.9, weight decay 1e-4, poly ``(1 - t)^0.9`` over the run, the shared
-recipe's values. EMA: 0.99 over the scripts' 30,000 iterations, ``ema_horizon`` = 1/300 of the run.
+recipe's values (the 3D script trains on BraTS 2019: SSL4MIS has no LA script). EMA: 0.99 over the
+scripts' 30,000 iterations, ``ema_horizon`` = 1/300 of the run.
 
 Where the official code differs, and what minissl does:
     * the 2D script sets the consistency loss to 0 for the first 1,000 iterations (1/30 of its run; the
