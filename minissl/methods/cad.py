@@ -52,9 +52,11 @@ GUESSES (none is from the paper):
       run in training mode; ERSR's in eval mode);
     * the EMA horizon: ABD's 0.99 over its 30,000 self-training iterations (``code/train_ACDC_BCP.py``),
       ``ema_horizon`` = 1/300 of the run, with the shared ``ema_update`` (warm-up, buffers copied).
+
 Recipe: the shared one only. Neither CAD nor a training script exists, so there is no official recipe
 (``--recipe official`` is refused); ABD's ACDC scripts would give SGD 0.01 with poly decay
 (``train_ACDC_Cross_Teaching.py``) or a constant rate (``train_ACDC_BCP.py``).
+
 Reported parts: ``sup`` (both students), ``unsup`` (MT + CPS terms before ``w``), ``w``, ``tau``, ``a_max``.
 
 Paper: W. Xiao, Z. Xu, G. Liang, Y. Deng, Y. Xiao, CAD (Confidence-Aware adaptive Displacement),

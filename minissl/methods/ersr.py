@@ -44,7 +44,7 @@ Where minissl differs from the code, and why:
       w(t) starts the run nearly supervised;
     * the EMA averages the BatchNorm running statistics with the weights (its ``state_dict`` loop); the
       shared ``ema_update`` copies the student's. The teacher runs in eval mode, so its pseudo-labels use
-      those statistics: minissl's teacher normalises with the student's current ones;
+      those statistics: minissl's teacher normalises with the student's running statistics;
     * the filter's per-epoch score dictionary (keyed by batch position, reset every epoch, so the first
       batch of an epoch ranks only against itself) becomes a running window of the last
       ``score_window`` scores (64 ~ one HC18 10 % epoch of 8 unlabeled images x 10 iterations);
