@@ -65,6 +65,7 @@ class MeanTeacher(Method):
     """Student + EMA teacher, softmax-MSE consistency on noisy unlabeled images."""
 
     Args = MeanTeacherArgs
+    uses_label_mask = True
     official_recipes = {
         2: Recipe("sgd", 0.01, 0.9, 1e-4, "poly", source="HiLab-git/SSL4MIS code/train_mean_teacher_2D.py"),
         3: Recipe("sgd", 0.01, 0.9, 1e-4, "poly", source="HiLab-git/SSL4MIS code/train_mean_teacher_3D.py"),
@@ -83,7 +84,7 @@ class MeanTeacher(Method):
         x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
         bl = x_l.shape[0]
         logits = self.student(torch.cat([x_l, x_u]))  # (Bl + Bu, C, *S)
-        sup = self.supervised_loss(logits[:bl], y_l)
+        sup = self.supervised_loss(logits[:bl], y_l, batch.get("label_mask"))
         with torch.no_grad():
             probs_t = torch.softmax(self.teacher(x_u + self.noise(x_u)), dim=1)  # (Bu, C, *S)
         unsup = losses.consistency_mse(logits[bl:], probs_t)

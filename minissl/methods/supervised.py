@@ -31,6 +31,7 @@ class Supervised(Method):
     """Labeled images only: ``0.5 (CE + Dice)``."""
 
     semi_supervised = False
+    uses_label_mask = True
     official_recipes = {
         2: Recipe("sgd", 0.01, 0.9, 1e-4, "poly", source="HiLab-git/SSL4MIS code/train_fully_supervised_2D.py"),
         3: Recipe("sgd", 0.01, 0.9, 1e-4, "poly", source="HiLab-git/SSL4MIS code/train_fully_supervised_3D.py"),
@@ -38,5 +39,5 @@ class Supervised(Method):
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         logits = self.student(batch["x_l"])  # (Bl, C, *S)
-        loss = self.supervised_loss(logits, batch["y_l"])
+        loss = self.supervised_loss(logits, batch["y_l"], batch.get("label_mask"))
         return {"loss": loss, "sup": loss}
