@@ -346,11 +346,15 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
                     save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val}, best_path)
                 if stage_ends and val > stage_best:
                     stage_best = val
-                    save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val}, stage_path)
-            if ends_stage:  # the next stage starts from this stage's best-on-validation weights
+                    save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val,
+                                     "optimizers": [o.state_dict() for o in optimizers]}, stage_path)
+            if ends_stage:  # the next stage starts from this stage's best-on-validation weights and optimiser state
                 if ddp.world > 1:
                     dist.barrier()
-                method.end_stage(it, load_checkpoint(stage_path, map_location=device)["method"], optimizers)
+                stage = load_checkpoint(stage_path, map_location=device)
+                for opt, st in zip(optimizers, stage["optimizers"]):  # the optimisers of that same step
+                    opt.load_state_dict(st)
+                method.end_stage(it, stage["method"], optimizers)
                 stage_best = -1.0
             if row is not None:
                 log.add(row)

@@ -210,7 +210,8 @@ class Method(nn.Module):
         return []
 
     def end_stage(self, step: int, best_state: dict[str, Tensor], optimizers: list[torch.optim.Optimizer]) -> None:
-        """Called by the engine after iteration ``step`` ends a stage, with the stage's best-on-validation state."""
+        """Called by the engine after iteration ``step`` ends a stage, with the stage's best-on-validation state
+        and the optimisers restored to their state at that same iteration."""
 
     def cons_weight(self, step: int) -> float:
         """``cfg.cons_weight`` times the sigmoid ramp-up over ``cfg.rampup`` of the run."""
