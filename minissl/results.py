@@ -72,8 +72,12 @@ class ResultRow:
 
 
 def setting_name(budget: int, iters: int, recipe: str = DEFAULT_RECIPE) -> str:
-    """``b<budget>-i<iters>-<recipe>``, the folder that keeps one leaderboard's runs together."""
-    return f"b{int(budget)}-i{int(iters)}-{recipe}"
+    """``b<budget>-i<iters>-<recipe>``, the folder that keeps one leaderboard's runs together.
+
+    A recipe lent by another method (``official:bcp``) is written ``official-bcp``: a ``:`` cannot be
+    checked out on every file system.
+    """
+    return f"b{int(budget)}-i{int(iters)}-{recipe.replace(':', '-')}"
 
 
 def result_dir(root: str | os.PathLike, suite: str, budget: int, iters: int, method: str, seed: int,

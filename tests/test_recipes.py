@@ -238,10 +238,10 @@ def test_bench_official_pairs_each_method_with_supervised_on_its_recipe(tiny_sto
     shared = bench.run_one("cardiac", "supervised", 0, None, 4, runs, store, over, results=res)
     text = bench.bench_methods("cardiac", ["supervised", "m3hl", "cad", "ersr"], [0], None, 4, str(runs), store,
                                over, str(res), recipe="official")
-    setting = res / "cardiac" / "b2-i4-official:m3hl"
+    setting = res / "cardiac" / "b2-i4-official-m3hl"
     got = {p.relative_to(res).as_posix() for p in res.glob("cardiac/*/*/seed0")}
     assert got == {"cardiac/b2-i4-shared/supervised/seed0", "cardiac/b2-i4-official/m3hl/seed0",
-                   "cardiac/b2-i4-official:m3hl/supervised/seed0"}
+                   "cardiac/b2-i4-official-m3hl/supervised/seed0"}
     config = json.loads((setting / "supervised" / "seed0" / "config.json").read_text())
     assert config["recipe"] == "official:m3hl" and results.read_row(setting / "supervised" / "seed0") != shared
 
@@ -249,10 +249,10 @@ def test_bench_official_pairs_each_method_with_supervised_on_its_recipe(tiny_sto
         with open(runs / "cardiac" / run / "log.csv", newline="") as f:
             return float(list(csv.DictReader(f))[-1]["lr"])
 
-    assert last_lr("supervised-b2-i4-official:m3hl-s0") == 0.01  # M3HL's ACDC recipe: constant
+    assert last_lr("supervised-b2-i4-official-m3hl-s0") == 0.01  # M3HL's ACDC recipe: constant
     assert last_lr("supervised-b2-i4-shared-s0") == pytest.approx(0.01 * (1 / 4) ** 0.9)  # shared: poly at step 3 of 4
     assert {p.name for p in (runs / "cardiac").iterdir()} == {"supervised-b2-i4-shared-s0", "m3hl-b2-i4-official-s0",
-                                                             "supervised-b2-i4-official:m3hl-s0"}
+                                                             "supervised-b2-i4-official-m3hl-s0"}
     assert "**cardiac**: 2 labeled, 4 iterations, official:m3hl recipe" in text
     assert "| supervised | 1 | " in text and "| m3hl | 1 | " in text
     assert "No official 2D recipe: cad." in text and "Not applicable to cardiac: ersr." in text
