@@ -23,7 +23,10 @@ Algorithm (per iteration, ``update``, two optimisers):
     stage 1 (first ``transition`` = 12.5 % of max_iters; M&N: 500 of 4000 epochs): n_p = 0, both models
         are trained on the labeled volumes;
     stage 2: the batch holds n_l labeled and n_p pseudo-labeled volumes; 2D step (targets from the 3D
-        model), then 3D step (targets from the just-updated 2D model).
+        model), then 3D step (targets from the just-updated 2D model). The learning-rate schedule
+        starts again at the transition, so the pseudo-labeled share grows as the rate decays (the
+        "learning-rate guided" sampling; the official code ramps n_p linearly in epochs within its
+        last cosine cycle, as here).
 The 3D model is evaluated. ``sup`` / ``unsup`` in the log are the 3D model's, ``sup_2d`` /
 ``unsup_2d`` the 2D model's, ``loss`` their sum.
 
@@ -51,13 +54,16 @@ Where the official code differs, and what minissl does:
       the Dice clamps its denominator at 1e-6, minissl adds smooth = 1e-6 to numerator and denominator;
     * the 3D model's saved predictions bias unlabeled crops towards foreground; minissl crops
       unlabeled volumes uniformly (the loader's rule);
-    * AdamW (2D 1e-3, 3D 1e-4), warm-up 50 epochs, cosine restarts to epoch 500, then one cosine;
-      minissl's shared recipe uses one schedule for both optimisers.
+    * AdamW (2D 1e-3, 3D 1e-4), a linear warm-up from 1 % over 50 epochs, cosine to epoch 500, then one
+      cosine over the rest. minissl runs the recipe's schedule over the transition and again over the
+      rest, each with its own warm-up (``--recipe official``: AdamW 1e-4, warm-up 10 % of each stage from
+      0, as 50 of the 500 transition epochs, then cosine; the official code warms up once); the 2D rate
+      is the 3D one times ``lr_2d_scale`` (1 by default; 10 is the official ratio).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +73,7 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..nets import UNet
+from ..recipes import Recipe, make_optimizer, stage_lr_factor
 from ..run import load_checkpoint, save_checkpoint
 from .base import Method, register
 
@@ -80,6 +87,7 @@ class MNArgs:
     pretext: str = "rotation"  # natural-image pretraining of the 2D encoder: rotation | none (without)
     pretext_iters: int = 300  # rotation-prediction steps (computed once, cached)
     pretrained: str = ""  # path to a 2D UNet state_dict (whole or encoder.*); replaces the pretext
+    lr_2d_scale: float = 1.0  # the 2D optimiser's learning rate / the 3D one's (official: 1e-3 / 1e-4 = 10)
 
 
 def volumes_to_slices(x: Tensor) -> Tensor:
@@ -178,6 +186,8 @@ class MN(Method):
     """A 2D (natural-image pretrained) and a 3D UNet trained on each other's soft pseudo-masks."""
 
     Args = MNArgs
+    official_recipes = {3: Recipe("adamw", lr=1e-4, momentum=0.9, weight_decay=0.01, schedule="cosine",
+                                  warmup=0.1, source="pakheiyeung/M-N hyperparameters.py, train.py")}
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
@@ -208,10 +218,14 @@ class MN(Method):
         self.net2d.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        """One optimiser per model: ``[3D, 2D]``."""
-        c = self.cfg
-        return [torch.optim.SGD(net.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-                for net in (self.student, self.net2d)]
+        """One optimiser of the recipe per model: ``[3D, 2D]`` (the 2D rate times ``lr_2d_scale``)."""
+        r = self.recipe
+        return [make_optimizer(self.student.parameters(), r),
+                make_optimizer(self.net2d.parameters(), replace(r, lr=r.lr * self.args.lr_2d_scale))]
+
+    def lr_factor(self, step: int) -> float:
+        """The recipe's schedule over the transition, then anew over the rest (the official restart)."""
+        return stage_lr_factor(self.recipe, step, self.max_iters, int(round(self.args.transition * self.max_iters)))
 
     def run2d(self, x: Tensor) -> Tensor:
         """The 2D model applied slice by slice: (B, 1, Z, Y, X) -> logits (B, C, Z, Y, X)."""

@@ -31,7 +31,10 @@ Algorithm (two stages in one run, the engine's loop throughout):
         random flip / rot90 / contrast change of it): L above; only the encoder and the projector
         receive gradients; ``sup`` is reported (computed without gradient) so the log shows the
         untrained decoder;
-    switch: the optimiser state is cleared (the official code builds a new optimiser);
+    switch: the optimiser state is cleared and the learning-rate schedule starts again (the official
+        code builds a new optimiser and scheduler); the last pre-trained weights go on (validation
+        Dice of a decoder that was not trained says nothing about the encoder, so the engine's
+        best-on-validation stage switch is not used);
     stage 2 (the rest): fine-tuning of the whole UNet with the supervised loss on the labeled images.
 ``pretrain 0`` is the comparison without pre-training (the same network, fine-tuning only):
 ``--method spcl --pretrain 0`` paired with the default at the same seeds and iterations.
@@ -53,8 +56,9 @@ Where the official code differs, and what minissl does:
       three-label script); minissl moves it every iteration, one pair for all labels (5 -> 60, p = 0.5);
     * fine-tuning uses a KL (= cross-entropy with one-hot targets) loss; minissl the shared supervised
       loss (Dice + CE);
-    * each stage has its own RAdam optimiser, warm-up and learning rate (pre-training 2e-4, ACDC
-      fine-tuning 6e-5); minissl keeps the engine's one learning-rate schedule and clears the state.
+    * ``--recipe official``: RAdam with a warm-up of 10 of 80 epochs (12.5 % of each stage here) and a
+      cosine decay, in each stage anew; the official fine-tuning rate is 6e-5 (ACDC) against 2e-4 in
+      pre-training, minissl uses 2e-4 in both stages.
 """
 from __future__ import annotations
 
@@ -64,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..recipes import Recipe, stage_lr_factor
 from .base import Method, register
 
 META_LABELS = ("partition", "patient", "phase")
@@ -146,6 +151,9 @@ class SPCL(Method):
     """Self-paced meta-label contrastive pre-training of the encoder, then supervised fine-tuning."""
 
     Args = SPCLArgs
+    official_recipes = {2: Recipe("radam", lr=2e-4, momentum=0.9, weight_decay=1e-5, schedule="cosine", warmup=0.125,
+                                  source="jizongFox/Self-paced-Contrastive-Learning config/pretrain.yaml, "
+                                         "semi_seg/trainers/base.py")}
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
@@ -206,6 +214,10 @@ class SPCL(Method):
         with torch.no_grad():
             sup = self.supervised_loss(self.student(x_l), y_l)
         return {"loss": unsup, "sup": sup, "unsup": unsup, "w_pos": w_pos, "gamma": torch.tensor(self.gamma(step))}
+
+    def lr_factor(self, step: int) -> float:
+        """The recipe's schedule in each stage anew (the official code trains the stages with two optimisers)."""
+        return stage_lr_factor(self.recipe, step, self.max_iters, self.pretrain_iters)
 
     def update(self, batch: dict[str, Tensor], step: int, optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
         """The default update; after the last pre-training iteration the optimiser state is cleared."""
