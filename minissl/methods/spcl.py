@@ -169,10 +169,13 @@ class SPCL(Method):
         c = self.student.encoder[-1][0].out_channels  # bottleneck channels
         self.projector = nn.Sequential(nn.Linear(c, a.proj_dim), nn.ReLU(), nn.Linear(a.proj_dim, a.proj_dim))
 
+    def pooled(self, x: Tensor) -> Tensor:
+        """The bottleneck ("Conv5") averaged over space, (B, c): what the meta-labels shape."""
+        return self.student.encode(x)[-1].flatten(2).mean(2)  # (B, c)
+
     def project(self, x: Tensor) -> Tensor:
         """Normalised projections of the pooled bottleneck, (B, proj_dim)."""
-        f = self.student.encode(x)[-1]  # (B, c, *S / 2**depth)
-        return F.normalize(self.projector(f.flatten(2).mean(2)), dim=1)  # (B, proj_dim)
+        return F.normalize(self.projector(self.pooled(x)), dim=1)  # (B, proj_dim)
 
     def view(self, x: Tensor) -> Tensor:
         """The second view: a random rot90 / flip and a contrast change per image (the method's generator)."""
