@@ -38,8 +38,8 @@ Algorithm (two stages in one run, the engine's loop throughout):
     stage 2 (the rest): fine-tuning of the whole UNet with the supervised loss on the labeled images.
 ``pretrain 0`` is the comparison without pre-training (the same network, fine-tuning only):
 ``--method spcl --pretrain 0`` paired with the default at the same seeds and iterations.
-Reported parts: ``unsup`` = L (0 in stage 2), ``sup``, ``w_pos`` = the mean self-paced weight of the
-positive pairs, ``gamma``.
+Reported parts: ``unsup`` = L (0 in stage 2), ``sup``, and in stage 1 ``w_pos`` = the mean self-paced
+weight of the positive pairs and ``gamma``.
 
 Paper: J. Peng, P. Wang, C. Desrosiers, M. Pedersoli, "Self-Paced Contrastive Learning for
 Semi-supervised Medical Image Segmentation with Meta-labels", NeurIPS 2021, arXiv:2107.13741.
@@ -209,8 +209,7 @@ class SPCL(Method):
         x_l, y_l = batch["x_l"], batch["y_l"]
         if step >= self.pretrain_iters:
             sup = self.supervised_loss(self.student(x_l), y_l)
-            zero = sup.new_zeros(())
-            return {"loss": sup, "sup": sup, "unsup": zero, "w_pos": zero, "gamma": zero}
+            return {"loss": sup, "sup": sup, "unsup": sup.new_zeros(())}
         x = torch.cat([x_l, batch["x_u"]])  # (Bl + Bu, 1, *S): meta-labels are free for every scan
         meta = torch.cat([batch["meta_l"], batch["meta_u"]])  # (Bl + Bu, 4)
         unsup, w_pos = self.contrastive_loss(x, meta, step)
