@@ -29,6 +29,7 @@ from minissl.methods.base import labeled_unlabeled_mixes
 from minissl.methods.mn import pseudo_count
 
 HOME = {"ersr": "fetal_head", "mn": "atrium"}  # method -> suite of its learning test (default cardiac)
+ARGS = {"mn": {"pretext": "none"}}  # method -> options of its generic tests (M&N's pretext has its own tests)
 UNSUP_STEP = {"spcl": 0}  # method -> step whose unlabeled part is checked (default the last): SPCL's pre-training
 ITERS = 40
 
@@ -37,6 +38,7 @@ def build(name, root):
     store = open_data(root)
     cfg = load_config(method=name, data_root=str(root), width=8, depth=2, batch_size=4, labeled_bs=2,
                       max_iters=ITERS, lr=0.03, rampup=0.1, cons_weight=1.0, progress=False,
+                      method_args=ARGS.get(name, {}),
                       ema_decay=0.99)  # the published horizons are under one step of a 40-step run
     torch.manual_seed(0)
     return store, get_method(name)(cfg, store.spec)
@@ -100,7 +102,8 @@ def test_loss_weights_follow_the_documented_schedule(name, tiny_stores):
     suite = HOME.get(name, "cardiac")
     store = open_data(tiny_stores[suite])
     cfg = load_config(method=name, data_root=str(tiny_stores[suite]), width=8, depth=2, batch_size=4,
-                      labeled_bs=2, max_iters=40, rampup=0.8, cons_weight=2.0, progress=False)
+                      labeled_bs=2, max_iters=40, rampup=0.8, cons_weight=2.0, progress=False,
+                      method_args=ARGS.get(name, {}))
     torch.manual_seed(0)
     method = get_method(name)(cfg, store.spec)
     batch = next(datasets.make_train_loader(store, store.labeled(2, 0), seed=0, batch_size=4, labeled_bs=2))
