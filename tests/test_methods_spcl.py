@@ -70,12 +70,12 @@ def test_gamma_schedule_by_hand():
 
 
 def test_meta_labels_by_hand():
-    # rows (patient, slice, slices, phase): slices 0..7 of an 8-slice scan, then a 6-slice scan
-    meta = torch.tensor([[0, z, 8, 1] for z in range(8)] + [[1, z, 6, -1] for z in range(6)])
-    assert meta_label(meta, "partition", 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2] + [0, 0, 1, 1, 2, 2]
-    assert meta_label(meta, "partition", 1).tolist() == [0] * 14
-    assert meta_label(meta, "patient", 3).tolist() == [0] * 8 + [1] * 6
-    assert meta_label(meta, "phase", 3).tolist() == [1] * 8 + [-1] * 6
+    # rows (patient, slice, slices, phase): slices 0..7 of an 8-slice scan, a 6-slice scan, a 2D image
+    meta = torch.tensor([[0, z, 8, 1] for z in range(8)] + [[1, z, 6, -1] for z in range(6)] + [[2, 0, 1, 0]])
+    assert meta_label(meta, "partition", 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2] + [0, 0, 1, 1, 2, 2] + [-1]
+    assert meta_label(meta, "partition", 1).tolist() == [0] * 14 + [-1]
+    assert meta_label(meta, "patient", 3).tolist() == [0] * 8 + [1] * 6 + [2]
+    assert meta_label(meta, "phase", 3).tolist() == [1] * 8 + [-1] * 6 + [0]
     with pytest.raises(ValueError, match="spcl: unknown meta-label 'slice'"):
         meta_label(meta, "slice", 3)
 

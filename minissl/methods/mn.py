@@ -69,6 +69,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -199,12 +200,15 @@ class MN(Method):
     official_recipes = {3: Recipe("adamw", lr=1e-4, momentum=0.9, weight_decay=0.01, schedule="cosine",
                                   warmup=0.1, source="pakheiyeung/M-N hyperparameters.py, train.py")}
 
+    @classmethod
+    def applies_to(cls, spec) -> Optional[str]:
+        if spec.spatial_dims == 3:
+            return None
+        return f"expected a 3D suite (a 2D and a 3D model), got spatial_dims={spec.spatial_dims}"
+
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
         a = self.args
-        if self.spatial_dims != 3:
-            raise ValueError(f"mn: expected a 3D suite (spatial_dims 3: a 2D and a 3D model), got spatial_dims "
-                             f"{self.spatial_dims} for suite {spec.name!r}")
         if a.pretext not in ("inpainting", "none") or not 0 <= a.transition < 1:
             raise ValueError(f"mn: expected --pretext inpainting|none and 0 <= --transition < 1, got {a.pretext!r}, "
                              f"{a.transition}")

@@ -12,7 +12,8 @@ Meta-labels of a slice ``z`` of a scan with ``Z`` slices (``meta_l`` / ``meta_u`
 
     partition = floor(z * P / Z)   (P = 3 equal slabs for ACDC)      patient = the scan's patient id
     phase     = ED / ES where the suite records it (``cardiac`` does); an unknown value (-1) makes the
-                sample a class of its own, so that term falls back to instance contrast for it.
+                sample a class of its own, so that term falls back to instance contrast for it. The
+                partition is unknown for items that are not slices (2D images, 3D volumes).
 
 Loss, with ``u = normalize(g(mean_pool(f_enc(x))))`` the projection of the bottleneck ("Conv5"), two
 views per image (2n vectors), ``P(i)`` the other vectors with i's label (the other view included):
@@ -93,15 +94,16 @@ def meta_label(meta: Tensor, kind: str, partitions: int) -> Tensor:
 
     Args:
         meta: (N, 4) int64 rows ``(patient, slice, slices, phase)`` (``datasets.META_COLUMNS``).
-        kind: "partition" (``floor(slice * partitions / slices)``), "patient" or "phase" (-1 unknown).
+        kind: "partition" (``floor(slice * partitions / slices)``; -1 for a 2D image or a volume, which
+            is no slice of a scan), "patient" or "phase" (-1 unknown).
         partitions: equal slabs per scan.
 
     Returns:
         (N,) int64 labels.
     """
     patient, z, slices, phase = meta.unbind(1)  # (N,) each
-    if kind == "partition":
-        return z * partitions // slices.clamp(min=1)
+    if kind == "partition":  # unknown (-1) for items that are not slices of a scan
+        return torch.where(slices > 1, z * partitions // slices.clamp(min=1), -1)
     if kind == "patient":
         return patient
     if kind == "phase":
