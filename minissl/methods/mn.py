@@ -77,9 +77,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import losses
+from ..atomic import atomic_open
 from ..nets import UNet
 from ..recipes import Recipe, make_optimizer, stage_lr_factor
-from ..run import load_checkpoint, save_checkpoint
 from .base import Method, register
 
 NATURAL_IMAGES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "moon", "clock")  # skimage.data
@@ -182,13 +182,14 @@ def pretext_encoder(width: int, depth: int, iters: int) -> dict[str, Tensor]:
     name = f"mn-inpainting-w{width}-d{depth}-i{iters}-v{PRETEXT_VERSION}.pt"
     path = Path.home() / ".cache" / "minissl" / "pretrained" / name
     if path.is_file():
-        return load_checkpoint(path)["encoder"]
+        return torch.load(path, map_location="cpu", weights_only=True)["encoder"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = UNet(1, 1, spatial_dims=2, width=width, depth=depth)
         inpainting_pretext(net, natural_images(), iters)
     state = {k: v for k, v in net.state_dict().items() if k.startswith("encoder.")}
-    save_checkpoint({"encoder": state, "images": list(NATURAL_IMAGES), "iters": iters}, path)
+    with atomic_open(path) as f:  # several processes may compute it at once: the file appears whole
+        torch.save({"encoder": state, "images": list(NATURAL_IMAGES), "iters": iters}, f)
     return state
 
 
