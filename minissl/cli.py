@@ -218,9 +218,10 @@ def cmd_data(tokens: Sequence[str]) -> int:
 def cmd_methods(tokens: Sequence[str]) -> int:
     from .methods import METHODS
 
+    width = max(map(len, METHODS))
     for name, cls in sorted(METHODS.items()):
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        print(f"{name:16s} {doc[0] if doc else ''}")
+        print(f"{name:{width}s} {doc[0] if doc else ''}")
     return 0
 
 

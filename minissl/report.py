@@ -22,7 +22,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .results import ResultRow, load
+from .results import ResultRow, load, val_curve
 from .stats import mean_std, paired_interval, verdict
 
 ArrayLike = Any  # numpy array or torch tensor
@@ -515,8 +515,6 @@ def convergence_figure(groups: Mapping[str, Sequence[ResultRow]]) -> Figure:
         groups: ``{label: rows}``, e.g. the budget at N and 2N and all labels at N
             (:func:`minissl.convergence.converge`).
     """
-    from .convergence import val_curve
-
     fig = Figure(figsize=(6.5, 3.5))
     ax = fig.subplots()
     for label, rows in groups.items():

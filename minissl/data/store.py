@@ -10,7 +10,9 @@ Layout of a store root::
     <root>/splits/labeled_<n>_seed<k>.txt  the labeled subset of `train` for budget n and seed k
 
 Budgets count **patients** (cases that share the `patient_id` attribute are labeled together; in the
-embedded suites one case is one patient). Whoever writes a store (a suite builder, a converter) writes
+embedded suites one case is one patient). A :class:`Budget` is ``(kind, n, seed)``: kind ``cases`` labels
+every slice of the n drawn patients; kind ``slices:k`` draws the same patients but annotates only every
+k-th slice along axis 0 (Z) of each of their volumes, from an offset drawn per case. Whoever writes a store (a suite builder, a converter) writes
 the labeled lists of its standard budgets for seeds 0-4 (``write_store(..., budgets=...)``); any other
 budget is drawn by the same deterministic rule when asked for and never written into the data folder.
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import zlib
 from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -275,6 +279,56 @@ def labeled_list_problems(ids: Sequence[str], train: Sequence[str], where: str) 
     if bad := sorted(set(ids) - set(train)):
         out.append(f"{where}: expected training case ids, got ids not in train: {bad[:5]}")
     return out
+
+
+BUDGET_KINDS = "cases or slices:<k> (k >= 1)"  # what a budget kind may be
+
+
+def slice_step(kind: str) -> int:
+    """The annotation step k of a budget kind: 0 for ``cases``, k for ``slices:<k>``.
+
+    Raises:
+        ValueError: ``kind`` is neither ``cases`` nor ``slices:<k>`` with an integer k >= 1.
+    """
+    if kind == "cases":
+        return 0
+    found = re.fullmatch(r"slices:([1-9][0-9]*)", str(kind))
+    if found is None:
+        raise ValueError(f"budget kind: expected {BUDGET_KINDS}, got {kind!r}")
+    return int(found.group(1))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A labeled budget ``(kind, n, seed)``.
+
+    Attributes:
+        n: labeled patients, drawn by ``CaseStore.labeled(n, seed)`` for either kind.
+        seed: the draw's seed (patients, and the first annotated slice of each case).
+        kind: ``cases`` (every slice of a labeled case is annotated) or ``slices:<k>`` (every k-th slice
+            along axis 0 of each labeled (Z, Y, X) case, starting at an offset in ``[0, min(k, Z))``
+            drawn from ``(seed, crc32(case id))``, so at least one slice per case is annotated).
+    """
+
+    n: int
+    seed: int = 0
+    kind: str = "cases"
+
+    def __post_init__(self) -> None:
+        slice_step(self.kind)
+
+    @property
+    def step(self) -> int:
+        """k of ``slices:<k>``; 0 for ``cases``."""
+        return slice_step(self.kind)
+
+    def annotated(self, case_id: str, n_slices: int) -> np.ndarray:
+        """(n_slices,) bool: the annotated slices (axis 0) of the labeled case ``case_id``."""
+        k = self.step
+        if k == 0:
+            return np.ones(n_slices, dtype=bool)
+        offset = int(np.random.default_rng([self.seed, zlib.crc32(case_id.encode())]).integers(min(k, n_slices)))
+        return np.arange(n_slices) % k == offset
 
 
 def choose_labeled(case_ids: Sequence[str], patients: Sequence[str], budget: int, seed: int) -> list[str]:

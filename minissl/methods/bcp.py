@@ -73,6 +73,7 @@ class BCP(Method):
     """Labeled copy-paste pre-training, then mean-teacher self-training with bidirectional copy-paste."""
 
     Args = BCPArgs
+    uses_label_mask = True
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
@@ -88,34 +89,36 @@ class BCP(Method):
         """Teacher argmax cleaned to the largest component of each class, (B, *S) int64."""
         return ops.largest_component(self.teacher(x_u).argmax(1), self.num_classes)
 
-    def pretrain_step(self, x_l: Tensor, y_l: Tensor) -> dict[str, Tensor]:
+    def pretrain_step(self, x_l: Tensor, y_l: Tensor, known: Tensor) -> dict[str, Tensor]:
         """Stage 1: L_a outside the box, L_b inside, both regions ground truth with weight 1."""
         n = x_l.shape[0] // 2
-        (l_a, l_b), (y_a, y_b) = x_l[:2 * n].chunk(2), y_l[:2 * n].chunk(2)
+        (l_a, l_b), (y_a, y_b), (k_a, k_b) = (t[:2 * n].chunk(2) for t in (x_l, y_l, known))
         boxes = self.box(l_a)
-        x, y = ops.mix([l_a, y_a], [l_b, y_b], boxes=boxes)  # (n, 1, *S), (n, *S)
+        x, y, k = ops.mix([l_a, y_a, k_a], [l_b, y_b, k_b], boxes=boxes)  # (n, 1, *S), (n, *S), (n, *S)
         outside = 1.0 - ops.region_mask(x.shape[2:], boxes=boxes).to(x.dtype)  # (n, *S)
-        region_a, region_b = losses.copy_paste_loss(self.student(x), y, outside)
+        region_a, region_b = losses.copy_paste_loss(self.student(x), y, outside, k)
         sup = region_a + region_b
         zero = sup.new_zeros(())
         return {"loss": sup, "sup": sup, "unsup": zero, "w": zero}
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
+        known = batch.get("label_mask", torch.ones_like(y_l, dtype=x_l.dtype))  # (Bl, *S) 1 on ground truth
         if x_l.shape[0] < 2:
             raise ValueError(f"bcp: expected at least 2 labeled images per batch (two halves), got {x_l.shape[0]}")
         if step < self.pretrain_iters:
-            return self.pretrain_step(x_l, y_l)
+            return self.pretrain_step(x_l, y_l, known)
         n = min(x_l.shape[0], x_u.shape[0]) // 2
         if n < 1:
             raise ValueError(f"bcp: expected at least 2 labeled and 2 unlabeled images, got {x_l.shape[0]} "
                              f"and {x_u.shape[0]}")
         x_l, y_l, x_u = x_l[:2 * n], y_l[:2 * n], x_u[:2 * n]
         pseudo = torch.cat([self.pseudo_labels(u) for u in x_u.chunk(2)])  # (2n, *S), one teacher pass per half
-        mixes = labeled_unlabeled_mixes(x_l, y_l, x_u, pseudo, paste_labeled=True, boxes=self.box(x_l[:n]))
+        mixes = labeled_unlabeled_mixes(x_l, y_l, x_u, pseudo, paste_labeled=True, boxes=self.box(x_l[:n]),
+                                        label_mask=known[:2 * n])
         sup, unsup = x_l.new_zeros(()), x_l.new_zeros(())
-        for x, y, gt_region in mixes:  # X_in, X_out
-            gt, pl = losses.copy_paste_loss(self.student(x), y, gt_region)
+        for x, y, gt_region, k in mixes:  # X_in, X_out
+            gt, pl = losses.copy_paste_loss(self.student(x), y, gt_region, k)
             sup, unsup = sup + gt, unsup + pl
         w = self.args.u_weight
         return {"loss": sup + w * unsup, "sup": sup, "unsup": unsup, "w": torch.tensor(w)}

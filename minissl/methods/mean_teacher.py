@@ -53,6 +53,7 @@ class MeanTeacher(Method):
     """Student + EMA teacher, softmax-MSE consistency on noisy unlabeled images."""
 
     Args = MeanTeacherArgs
+    uses_label_mask = True
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
@@ -67,7 +68,7 @@ class MeanTeacher(Method):
         x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
         bl = x_l.shape[0]
         logits = self.student(torch.cat([x_l, x_u]))  # (Bl + Bu, C, *S)
-        sup = self.supervised_loss(logits[:bl], y_l)
+        sup = self.supervised_loss(logits[:bl], y_l, batch.get("label_mask"))
         with torch.no_grad():
             probs_t = torch.softmax(self.teacher(x_u + self.noise(x_u)), dim=1)  # (Bu, C, *S)
         unsup = losses.consistency_mse(logits[bl:], probs_t)

@@ -18,8 +18,9 @@ class Supervised(Method):
     """Labeled images only: ``0.5 (CE + Dice)``."""
 
     semi_supervised = False
+    uses_label_mask = True
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         logits = self.student(batch["x_l"])  # (Bl, C, *S)
-        loss = self.supervised_loss(logits, batch["y_l"])
+        loss = self.supervised_loss(logits, batch["y_l"], batch.get("label_mask"))
         return {"loss": loss, "sup": loss}

@@ -120,7 +120,7 @@ class UAMT(MeanTeacher):
         x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
         bl = x_l.shape[0]
         logits = self.student(torch.cat([x_l, x_u]))  # (Bl + Bu, C, *S)
-        sup = self.supervised_loss(logits[:bl], y_l)
+        sup = self.supervised_loss(logits[:bl], y_l, batch.get("label_mask"))
         with torch.no_grad():
             probs_t = torch.softmax(self.teacher(x_u + self.noise(x_u)), dim=1)  # (Bu, C, *S)
             mask = (self.uncertainty(x_u) < self.threshold(step)).to(logits.dtype)  # (Bu, *S)
