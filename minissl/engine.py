@@ -381,7 +381,8 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     evaluation.write_rows(test_rows, run_dir / "test_cases.csv", run_dir / "test_cases.json")
     summary = evaluation.summarise(test_rows)
     run.write_metrics({"best_step": best_step, "best_val_dice": best_val, "seconds_per_iter": sec_per_iter,
-                       "cpu_seconds_per_iter": cpu_per_iter, "test": summary})
+                       "cpu_seconds_per_iter": cpu_per_iter, "test": summary,
+                       "test_per_class": evaluation.summarise(test_rows, by_class=True)})
     return RunResult(run_dir, cfg, best_step, best_val, summary, test_rows, sec_per_iter)
 
 
