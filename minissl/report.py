@@ -514,6 +514,30 @@ def schedule_figure(schedules: Mapping[str, Callable[[int], float]], max_iters: 
     return fig
 
 
+def embedding_figure(features: Mapping[str, ArrayLike], labels: ArrayLike, label_name: str = "label") -> Figure:
+    """Feature vectors projected on their first two principal components, one panel per set, points
+    coloured by a label (e.g. SPCL's slice-position partition, before and after pre-training).
+
+    Args:
+        features: ``{title: (N, D) features}``, the same N items in every set.
+        labels: (N,) integer label of each item.
+        label_name: the colour bar's title.
+    """
+    labels = _np(labels)
+    fig = Figure(figsize=(3.6 * len(features), 3.2))
+    for (title, f), ax in zip(features.items(), fig.subplots(1, len(features), squeeze=False)[0]):
+        f = _np(f).astype(np.float64)
+        if f.ndim != 2 or len(f) != len(labels):
+            raise ValueError(f"embedding_figure {title!r}: expected ({len(labels)}, D) features, got {f.shape}")
+        centred = f - f.mean(0)
+        xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T  # (N, 2) principal coordinates
+        dots = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="viridis", s=12)
+        ax.set(title=title, xticks=[], yticks=[])
+        fig.colorbar(dots, ax=ax, label=label_name)
+    fig.tight_layout()
+    return fig
+
+
 def selection_figure(steps: Sequence[int], val: Sequence[float], test: Sequence[float]) -> Figure:
     """Validation and test Dice of the same checkpoints, with the checkpoint each split would choose."""
     table = selection_table(steps, val, test)  # validates the lengths

@@ -19,6 +19,10 @@ Batch ``b`` of a loader is a pure function of ``(seed, b)``: each stream walks t
 epochs, epoch ``e`` in the order ``default_rng([seed, stream, e]).permutation(n)``, and the
 augmentation of batch ``b`` draws from ``default_rng([seed, 2, b])``. A run resumed at iteration
 ``start`` therefore sees exactly the batches an uninterrupted run would have seen.
+
+Every batch also carries the meta-labels that come free with each item (``meta_l``, ``meta_u``: one row
+``(patient, slice, slices, phase)`` per item, see :data:`META_COLUMNS`); methods that learn from them
+(SPCL) read them, the others ignore them.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ from .store import Budget, Case, CaseStore
 from .transforms import crop, weak, zoom
 
 
+META_COLUMNS = ("patient", "slice", "slices", "phase")  # the columns of a batch's meta_l / meta_u rows
+PHASES = {"ED": 0, "ES": 1}  # meta 'phase' -> its code; any other or missing phase is -1
 IGNORE = 255  # label value of a voxel whose ground truth is hidden (an unannotated slice)
 
 
@@ -98,6 +104,22 @@ class Pool:
     def __len__(self) -> int:
         return len(self.items)
 
+    def meta(self, patients: dict[str, int]) -> np.ndarray:
+        """Meta-labels of every item, (n_items, 4) int64 with columns :data:`META_COLUMNS`.
+
+        ``patient`` numbers ``meta['patient_id']`` (else the case id) through ``patients``, a shared
+        dict that gives each new id the next number; ``slice`` is the item's slice index and ``slices``
+        the slices of its case (0 and 1 for 2D images and volumes); ``phase`` is :data:`PHASES` of
+        ``meta['phase']``, -1 when unknown.
+        """
+        rows = []
+        for i, z in self.items:
+            c = self.cases[i]
+            pid = patients.setdefault(str(c.meta.get("patient_id", c.id)), len(patients))
+            slices = c.image.shape[0] if z >= 0 else 1
+            rows.append((pid, max(z, 0), slices, PHASES.get(str(c.meta.get("phase", "")), -1)))
+        return np.asarray(rows, np.int64).reshape(-1, len(META_COLUMNS))
+
     def get(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(image, label) of item k: (Y, X) slices or (Z, Y, X) volumes (views, not copies)."""
         i, z = self.items[k]
@@ -110,8 +132,9 @@ class Pool:
 class TrainLoader:
     """Infinite, deterministic, resumable iterator of two-stream training batches.
 
-    ``next(loader)`` returns ``{'x_l': (Bl, 1, *P) float32, 'y_l': (Bl, *P) int64, 'x_u': (Bu, 1, *P) float32}``
-    with P = ``patch_size``, and with ``label_mask`` also ``'label_mask': (Bl, *P) float32``, 1 where
+    ``next(loader)`` returns ``{'x_l': (Bl, 1, *P) float32, 'y_l': (Bl, *P) int64, 'x_u': (Bu, 1, *P) float32,
+    'meta_l': (Bl, 4) int64, 'meta_u': (Bu, 4) int64}`` with P = ``patch_size`` (meta columns
+    :data:`META_COLUMNS`), and with ``label_mask`` also ``'label_mask': (Bl, *P) float32``, 1 where
     ``y_l`` is ground truth and 0 where the label was ``IGNORE`` (``y_l`` is 0 there). No ``label_mask``
     key means every labeled voxel is ground truth. ``loader.step`` is the index of the next batch
     (``batch(b)`` gives any batch).
@@ -131,6 +154,9 @@ class TrainLoader:
         self.unlabeled_bs = unlabeled_bs if self.unlabeled is not None else 0
         self.augment, self.foreground_prob, self.label_mask = augment, foreground_prob, label_mask
         self._perms: dict[tuple[int, int], np.ndarray] = {}
+        patients: dict[str, int] = {}  # one numbering over both streams
+        self.meta_l = labeled.meta(patients)  # (n_l, 4)
+        self.meta_u = self.unlabeled.meta(patients) if self.unlabeled is not None else np.zeros((0, 4), np.int64)
 
     def _order(self, stream: int, n: int, b: int, k: int) -> list[int]:
         out = []
@@ -155,19 +181,22 @@ class TrainLoader:
         """Batch number ``b`` (a pure function of seed and b)."""
         rng = np.random.default_rng([self.seed, 2, b])
         xl, yl, xu = [], [], []
-        for k in self._order(0, len(self.labeled), b, self.labeled_bs):
+        order_l = self._order(0, len(self.labeled), b, self.labeled_bs)
+        order_u = self._order(1, len(self.unlabeled), b, self.unlabeled_bs) if self.unlabeled_bs else []
+        for k in order_l:
             img, lab = self._sample(self.labeled, k, rng, self.foreground_prob, True)
             if lab is None:
                 raise ValueError(f"labeled case {self.labeled.cases[self.labeled.items[k][0]].id!r} has no label")
             xl.append(img)
             yl.append(lab.astype(np.int64))
-        if self.unlabeled is not None and self.unlabeled_bs:
-            for k in self._order(1, len(self.unlabeled), b, self.unlabeled_bs):
-                xu.append(self._sample(self.unlabeled, k, rng, 0.0, False)[0])
+        for k in order_u:
+            xu.append(self._sample(self.unlabeled, k, rng, 0.0, False)[0])
         P, y = self.patch_size, np.stack(yl)  # y: (Bl, *P)
         out = {"x_l": torch.from_numpy(np.stack(xl)[:, None]),  # (Bl, 1, *P)
                "y_l": torch.from_numpy(np.where(y == IGNORE, 0, y)),  # (Bl, *P)
-               "x_u": torch.from_numpy(np.stack(xu)[:, None]) if xu else torch.zeros((0, 1) + P)}  # (Bu, 1, *P)
+               "x_u": torch.from_numpy(np.stack(xu)[:, None]) if xu else torch.zeros((0, 1) + P),  # (Bu, 1, *P)
+               "meta_l": torch.from_numpy(self.meta_l[order_l]),  # (Bl, 4)
+               "meta_u": torch.from_numpy(self.meta_u[order_u]).reshape(-1, len(META_COLUMNS))}  # (Bu, 4)
         if self.label_mask:
             out["label_mask"] = torch.from_numpy((y != IGNORE).astype(np.float32))  # (Bl, *P)
         return out
@@ -223,7 +252,8 @@ def make_train_loader(store: CaseStore, labeled: Sequence[str], *, seed: int = 0
 
     Returns:
         TrainLoader; ``next()`` gives ``{'x_l': (Bl, 1, *P), 'y_l': (Bl, *P) int64, 'x_u': (Bu, 1, *P)}``
-        (and ``'label_mask': (Bl, *P)`` under a ``slices:k`` budget).
+        and the meta-labels ``meta_l`` (Bl, 4), ``meta_u`` (Bu, 4) (and ``'label_mask': (Bl, *P)`` under a
+        ``slices:k`` budget).
     """
     spec = store.spec
     train = store.split("train")
