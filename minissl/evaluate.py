@@ -11,6 +11,13 @@ when it has none or its metadata says ``spacing_unit: "pixel"`` (SSL4MIS files h
 ``hc_error_mm`` (head circumference error, HC18) is added for binary 2D cases whose metadata gives
 ``pixel_size_mm``. Empty masks score the defined values documented in :mod:`minissl.metrics`, so every row
 is finite and every case counts in the means.
+
+With ``save_dir`` each case's prediction is written beside the tables in the store's case format
+(``<case>.h5``: the case's image, spacing and metadata, the predicted mask as its ``label``), and with
+``uncertainty`` (a method's ``uncertainty(x) -> (B, *S)``, ``minissl eval --save-uncertainty``) its
+uncertainty map as ``<case>_uncertainty.h5`` of the same shape, spacing and metadata (the float32 map is
+the file's ``image``; no label), predicted slice- or window-wise as the mask is
+(:func:`minissl.inference.predict_uncertainty`).
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ import numpy as np
 import torch
 
 from minissl.atomic import write_text_atomic
-from minissl.inference import predict_case
+from minissl.data.store import Case, write_case
+from minissl.inference import predict_case, predict_uncertainty
 from minissl.metrics import METRICS, case_metrics, hc_error_mm
 
 COLUMNS = ("case", "class", "unit", *METRICS, "hc_error_mm")
@@ -59,7 +67,9 @@ def case_rows(pred: np.ndarray, case: Any, spec: Any) -> list[dict[str, Any]]:
 
 
 def evaluate(model: Callable[[torch.Tensor], torch.Tensor], cases: Sequence[Any], spec: Any,
-             device: str | torch.device = "cpu", batch_size: int = 8, overlap: float = 0.5) -> list[dict[str, Any]]:
+             device: str | torch.device = "cpu", batch_size: int = 8, overlap: float = 0.5,
+             save_dir: str | Path | None = None,
+             uncertainty: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """Predict and score every case.
 
     Args:
@@ -69,15 +79,25 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], cases: Sequence[Any]
         device: where inference runs.
         batch_size: slices or windows per forward pass.
         overlap: 3D sliding-window overlap.
+        save_dir: when given, the folder of the predicted cases (module docstring).
+        uncertainty: callable x (B, 1, *P) -> (B, *P) whose maps are saved beside the predictions (needs ``save_dir``).
 
     Returns:
         One row per (case, foreground class), see the module docstring.
     """
+    if uncertainty is not None and save_dir is None:
+        raise ValueError("evaluate: an uncertainty map is written beside the predictions; "
+                         "expected a save_dir, got None")
     rows = []
+    geometry = (spec.spatial_dims, spec.patch_size, batch_size, device, overlap, getattr(spec, "zoom", False))
     for case in cases:
-        pred = predict_case(model, case.image, spec.spatial_dims, spec.patch_size, batch_size, device, overlap,
-                            getattr(spec, "zoom", False))
+        pred = predict_case(model, case.image, *geometry)
         rows += case_rows(pred, case, spec)
+        if save_dir is not None:
+            write_case(Path(save_dir) / f"{case.id}.h5", Case(case.id, case.image, pred, case.spacing, case.meta))
+        if uncertainty is not None:
+            u = predict_uncertainty(uncertainty, case.image, *geometry)  # (*image.shape)
+            write_case(Path(save_dir) / f"{case.id}_uncertainty.h5", Case(case.id, u, None, case.spacing, case.meta))
     return rows
 
 

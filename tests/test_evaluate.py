@@ -10,6 +10,8 @@ import torch
 from medpy.metric import binary as mb
 
 from minissl import evaluate as ev
+from minissl.data.store import read_case
+from minissl.inference import predict_uncertainty
 
 
 class Oracle(torch.nn.Module):
@@ -99,3 +101,34 @@ def test_distances_of_an_ssl4mis_case_are_in_pixels():
     case = _case("patient001_frame01_slice_3", gt, gt, spacing=(1.0, 1.0), spacing_unit="pixel")
     row = ev.case_rows(pred, case, spec)[0]
     assert row["unit"] == "px" and row["hd95"] == pytest.approx(mb.hd95(pred == 1, gt == 1), abs=1e-6)
+
+
+class Identity(torch.nn.Module):
+    """An "uncertainty" that is the input image itself: windows and resampling must give the image back."""
+
+    def forward(self, x):                                     # (B, 1, *P) -> (B, *P)
+        return x[:, 0]
+
+
+def test_uncertainty_maps_are_saved_beside_the_predictions_in_the_case_geometry(tmp_path):
+    spec = SimpleNamespace(spatial_dims=3, num_classes=2, patch_size=(8, 8, 8), class_names=["bg", "atrium"])
+    label = np.zeros((10, 20, 12), np.uint8)  # overlapping 8^3 windows along every axis
+    label[2:8, 5:15, 3:9] = 1
+    case = _case("a0", label, label, spacing=(1.0, 0.6, 0.7), patient_id="p0")
+    ev.evaluate(Oracle(2), [case], spec, save_dir=tmp_path, uncertainty=Identity())
+    pred, unc = read_case(tmp_path / "a0.h5"), read_case(tmp_path / "a0_uncertainty.h5")
+    assert np.array_equal(pred.label, label) and np.array_equal(pred.image, case.image)
+    assert unc.label is None and unc.image.dtype == np.float32
+    np.testing.assert_allclose(unc.image, case.image, atol=1e-6)  # averaged windows of the identity, padding cropped
+    assert pred.spacing == unc.spacing == (1.0, 0.6, 0.7) and unc.meta["patient_id"] == "p0"
+
+
+def test_uncertainty_needs_a_folder_and_the_map_shape():
+    spec = SimpleNamespace(spatial_dims=2, num_classes=2, patch_size=(16, 16), class_names=["bg", "fg"])
+    case = _case("c0", np.zeros((16, 16)), np.zeros((16, 16), np.uint8))
+    with pytest.raises(ValueError, match="evaluate: an uncertainty map is written beside the predictions; "
+                                         "expected a save_dir, got None"):
+        ev.evaluate(Oracle(2), [case], spec, uncertainty=Identity())
+    with pytest.raises(ValueError, match=r"uncertainty: expected a map of shape \(1, 16, 16\) for an input "
+                                         r"\(1, 1, 16, 16\), got \(1, 1, 16, 16\)"):
+        predict_uncertainty(lambda x: x, case.image, 2, (16, 16))
