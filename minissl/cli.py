@@ -162,12 +162,10 @@ def cmd_eval(tokens: Sequence[str]) -> int:
         raise ValueError(f"--save-uncertainty: method {method.name!r} of {args.run_dir} has no uncertainty map; "
                          f"methods with one: {', '.join(having) or 'none'}")
     store = open_data(run.config.data_source)
-    cases = [store.read(i) for i in store.split(args.split)]
     out = Path(args.run_dir) / f"eval_{args.split}"
     save = args.save_predictions or args.save_uncertainty
-    rows = evaluation.evaluate(method.predict, cases, store.spec, device=torch.device(args.device),
-                               save_dir=out if save else None,
-                               uncertainty=method.uncertainty if args.save_uncertainty else None)
+    rows = evaluation.evaluate_split(method, store, args.split, torch.device(args.device), out if save else None,
+                                     args.save_uncertainty)
     if save:
         print(f"predictions{' and uncertainty maps' if args.save_uncertainty else ''}: {out}")
     evaluation.write_rows(rows, out.with_suffix(".csv"), out.with_suffix(".json"))

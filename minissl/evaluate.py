@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from minissl.atomic import write_text_atomic
-from minissl.data.store import Case, write_case
+from minissl.data.datasets import TaskStore, tasks
+from minissl.data.store import Case, CaseStore, write_case
 from minissl.inference import predict_case, predict_uncertainty
 from minissl.metrics import METRICS, case_metrics, hc_error_mm
 
@@ -98,6 +99,33 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], cases: Sequence[Any]
         if uncertainty is not None:
             u = predict_uncertainty(uncertainty, case.image, *geometry)  # (*image.shape)
             write_case(Path(save_dir) / f"{case.id}_uncertainty.h5", Case(case.id, u, None, case.spacing, case.meta))
+    return rows
+
+
+def predictor(method: Any, task: int | None = None,
+              num_classes: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What predicts a suite's cases: ``method.predict``, or with a task (several suites trained together)
+    ``method.predict(x, task=task)`` restricted to the suite's first ``num_classes`` channels."""
+    if task is None:
+        return method.predict
+    return lambda x: method.predict(x, task=task)[:, :num_classes]  # (B, num_classes, *P)
+
+
+def evaluate_split(method: Any, store: CaseStore, split: str, device: str | torch.device = "cpu",
+                   save_dir: str | Path | None = None, uncertainty: bool = False) -> list[dict[str, Any]]:
+    """:func:`evaluate` a method (in eval mode) on a split of its store: per suite for a ``TaskStore``, each
+    suite with its task prompt, its own spec (classes, names) and case ids ``<suite>/<id>``.
+
+    Args:
+        method: a trained ``Method``; store: its data; split: "val" or "test"; device: where inference runs.
+        save_dir, uncertainty: as :func:`evaluate` (``uncertainty=True`` uses ``method.uncertainty``).
+    """
+    rows = []
+    for task, sub in tasks(store):
+        multi = isinstance(store, TaskStore)
+        cases = [store.read(f"{sub.spec.name}/{c}") if multi else store.read(c) for c in sub.split(split)]
+        rows += evaluate(predictor(method, task if multi else None, sub.spec.num_classes), cases, sub.spec,
+                         device=device, save_dir=save_dir, uncertainty=method.uncertainty if uncertainty else None)
     return rows
 
 
