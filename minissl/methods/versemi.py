@@ -49,7 +49,8 @@ Where the official code differs, and what minissl does:
       (already normalised and activated); ``precls_conv`` (16 -> 8, 1x1) is the UNet's 3x3 head;
     * an EMA model is kept there but never used for targets: minissl keeps none;
     * unlabeled volumes are centre-cropped there; minissl's loader crops them at random like labeled ones;
-    * the optimiser is Adam (lr 1e-3, betas (0.5, 0.999)) there; minissl's default is the shared recipe.
+    * the optimiser is Adam (lr 1e-3, betas (0.5, 0.999), constant rate, no weight decay): ``--recipe official``
+      (3D only: the paper and code are 3D); the default is the shared recipe.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import losses, ops
+from ..recipes import Recipe
 from .base import Method, register
 
 
@@ -140,6 +142,8 @@ class VerSemi(Method):
 
     Args = VerSemiArgs
     multi_task = True  # trains with ``--suites a,b`` (one task per suite)
+    official_recipes = {3: Recipe(optimizer="adam", lr=1e-3, momentum=0.5, weight_decay=0.0, schedule="constant",
+                                  source="maxwell0027/VerSemi train.py")}  # Adam betas (0.5, 0.999), no decay
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
