@@ -22,7 +22,8 @@ with mean and variance summed over the kernel taps k. Both depend on the neighbo
 classes, so the shift is a convolution of the one-hot label map with a (C*C, C, *k) kernel built from
 the head's weight W (C, D, *k), the memory's dmu (C, D) and Sigma (C, D, D):
 
-    K_{c,y}[c', k] = alpha dW_{cy,k}^T dmu_{c'} + (alpha / 2) dW_{cy,k}^T Sigma_{c'} dW_{cy,k},   dW_{cy,k} = W_c[k] - W_y[k]
+    K_{c,y}[c', k] = alpha dW_{cy,k}^T dmu_{c'} + (alpha / 2) dW_{cy,k}^T Sigma_{c'} dW_{cy,k}
+    dW_{cy,k}      = W_c[k] - W_y[k]                              (tap k of the head's kernel)
     s_c(i) = conv(onehot(labels), K)_{c, y_i}(i)                  (``tsa_shift``; a 1x1 head gives the ISDA formula)
 
 Losses (teacher on ``[x_l; x_u + n]``, pseudo-labels PL = argmax of the teacher on x_u; labels
