@@ -109,3 +109,33 @@ def test_training_step_fills_the_memories_from_subsampled_pixels(tiny_stores):
     with pytest.raises(ValueError, match="transmedseg: expected stat_pixels >= 2"):
         TransMedSeg(load_config(method="transmedseg", data_root=str(tiny_stores["cardiac"]), width=4, depth=2,
                                 max_iters=10, progress=False, method_args={"stat_pixels": 1}), store.spec)
+
+
+def _memory_worker(rank, world, port, out):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(rank)
+    mem = FeatureMemory(3, 2)
+    mem.update(torch.randn(40, 2, generator=gen), torch.randint(0, 3, (40,), generator=gen), momentum=0.9)
+    torch.save(mem.state_dict(), f"{out}/memory{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_memory_under_ddp_is_the_memory_of_all_ranks_pixels(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_memory_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    m0, m1 = (torch.load(tmp_path / f"memory{r}.pt") for r in range(2))
+    gens = [torch.Generator().manual_seed(r) for r in range(2)]
+    data = [(torch.randn(40, 2, generator=g), torch.randint(0, 3, (40,), generator=g)) for g in gens]
+    alone = FeatureMemory(3, 2)
+    alone.update(torch.cat([f for f, _ in data]), torch.cat([y for _, y in data]), momentum=0.9)
+    for key, value in alone.state_dict().items():
+        assert torch.equal(m0[key], m1[key]) and torch.allclose(m0[key], value, atol=1e-6), key

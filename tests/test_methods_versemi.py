@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from minissl import engine
 from minissl.config import load_config
 from minissl.data import datasets
-from minissl.data.sources import open_data
+from minissl.data.sources import check_store, open_data
 from minissl.methods.versemi import PromptedUNet, VerSemi, aggregate_foreground, foreground_dice
 from minissl.nets import UNet
 from minissl.run import Run
@@ -85,6 +85,9 @@ def test_suites_map_to_tasks_in_the_data_layer(tiny_stores):
         open_data(f"{tiny_stores['cardiac']},{tiny_stores['atrium']}")
     with pytest.raises(ValueError, match=r"TaskStore: expected a case id '<suite>/<id>' with a suite of"):
         both.read("atrium/x")
+    check_store(both, labeled)  # each suite checked on its own
+    with pytest.raises(ValueError, match=r"labeled cases: expected cases of the train split, got \['nope'\]"):
+        check_store(both, labeled + ["fetal_head/nope"], remember=False)
 
 
 def test_multi_suite_run_is_evaluated_per_suite_with_its_prompt(tiny_stores, tmp_path):

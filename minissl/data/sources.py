@@ -99,6 +99,12 @@ def check_store(store: CaseStore, labeled: Sequence[str] = (), remember: bool = 
         ValueError: ``"<store>: N problem(s) ..."`` followed by one line per problem, each naming
             the list, file or case.
     """
+    from .datasets import TaskStore
+
+    if isinstance(store, TaskStore):  # several suites: each is checked (and remembered) on its own
+        for name, sub in zip(store.names, store.stores):
+            check_store(sub, [c.partition("/")[2] for c in labeled if c.partition("/")[0] == name], remember)
+        return
     problems: list[str] = []
     splits: dict[str, list[str]] = {}
     for name in SPLITS:
