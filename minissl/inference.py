@@ -44,6 +44,7 @@ from .data.store import SuiteSpec
 from .data.transforms import normalise, resize
 
 Model = Callable[[torch.Tensor], torch.Tensor]
+Post = Callable[[torch.Tensor], torch.Tensor]  # the model's output (b, C, *P) -> the maps averaged over windows
 
 
 @contextmanager
@@ -68,14 +69,14 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _predict_resized(model: Model, image: torch.Tensor, spatial_dims: int, patch_size: Sequence[int] | None,
-                     batch_size: int) -> torch.Tensor:
+                     batch_size: int, post: Post) -> torch.Tensor:
     size = tuple(image.shape[-spatial_dims:])
     items = image.reshape(-1, 1, *size)                             # (N, 1, *S): slices, or one volume
     out = []
     for start in range(0, items.shape[0], batch_size):
         x = items[start:start + batch_size]                         # (b, 1, *S)
         logits = model(resize(x, patch_size or size))               # (b, C, *patch)
-        out.append(_probs(resize(logits.float(), size)))            # (b, C, *S)
+        out.append(post(resize(logits.float(), size)))              # (b, C, *S)
     probs = torch.cat(out)                                          # (N, C, *S)
     return probs.movedim(1, 0).reshape(-1, *image.shape)            # (C, *image.shape)
 
@@ -87,7 +88,7 @@ def _starts(size: int, patch: int, overlap: float) -> list[int]:
 
 
 def _predict_windows(model: Model, image: torch.Tensor, patch_size: Sequence[int], batch_size: int,
-                     overlap: float) -> torch.Tensor:
+                     overlap: float, post: Post) -> torch.Tensor:
     shape = image.shape
     pad = [max(p - s, 0) for p, s in zip(patch_size, shape)]
     flat_pad = [v for d in reversed(pad) for v in (d // 2, d - d // 2)]   # F.pad: last axis first
@@ -98,7 +99,7 @@ def _predict_windows(model: Model, image: torch.Tensor, patch_size: Sequence[int
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch_size))
                    for corner in corners[i:i + batch_size]]
         x = torch.stack([vol[w] for w in windows])[:, None]        # (b, 1, *P)
-        probs = _probs(model(x).float())                            # (b, C, *P)
+        probs = post(model(x).float())                              # (b, C, *P)
         if acc is None:
             acc = torch.zeros(probs.shape[1], *vol.shape, device=vol.device)   # (C, Z', Y', X')
         for w, p in zip(windows, probs):
@@ -128,6 +129,12 @@ def predict_probs(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: 
     Returns:
         float32 array (C, *image.shape) (C = 2 for one-channel sigmoid models).
     """
+    return _whole_case(model, _probs, image, spatial_dims, patch_size, batch_size, device, overlap, zoom)
+
+
+def _whole_case(model: Model, post: Post, image: np.ndarray | torch.Tensor, spatial_dims: int,
+                patch_size: Sequence[int] | None, batch_size: int, device: str | torch.device, overlap: float,
+                zoom: bool) -> np.ndarray:
     image = torch.as_tensor(np.asarray(image), dtype=torch.float32, device=device)
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -141,12 +148,38 @@ def predict_probs(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: 
         raise ValueError(f"overlap must be in [0, 1) and batch_size >= 1, got {overlap} and {batch_size}")
     with _eval_mode(model):
         if zoom or patch_size is None or tuple(image.shape[-spatial_dims:]) == tuple(patch_size):
-            probs = _predict_resized(model, image, spatial_dims, patch_size, batch_size)
+            maps = _predict_resized(model, image, spatial_dims, patch_size, batch_size, post)
         elif spatial_dims == 3 or image.ndim == 2:
-            probs = _predict_windows(model, image, patch_size, batch_size, overlap)
+            maps = _predict_windows(model, image, patch_size, batch_size, overlap, post)
         else:  # a 2D run on a volume: windows slice by slice
-            probs = torch.stack([_predict_windows(model, sl, patch_size, batch_size, overlap) for sl in image], 1)
-    return probs.cpu().numpy()
+            maps = torch.stack([_predict_windows(model, sl, patch_size, batch_size, overlap, post) for sl in image], 1)
+    return maps.cpu().numpy()
+
+
+def predict_uncertainty(uncertainty: Model, image: np.ndarray | torch.Tensor, spatial_dims: int,
+                        patch_size: Sequence[int] | None, batch_size: int = 8, device: str | torch.device = "cpu",
+                        overlap: float = 0.5, zoom: bool = False) -> np.ndarray:
+    """A method's uncertainty map of a whole case, resampled and averaged as :func:`predict_probs` does the
+    probabilities (resized back to the slice size, or the mean over overlapping windows).
+
+    Args:
+        uncertainty: callable x (B, 1, *P) -> (B, *P), e.g. ``Method.uncertainty`` (its module is put in eval mode).
+        image, spatial_dims, patch_size, batch_size, device, overlap, zoom: as :func:`predict_probs`.
+
+    Returns:
+        float32 array of ``image``'s shape.
+    """
+    def as_channel(x: torch.Tensor) -> torch.Tensor:
+        u = uncertainty(x)                                          # (b, *P)
+        if tuple(u.shape) != (x.shape[0], *x.shape[2:]):
+            raise ValueError(f"uncertainty: expected a map of shape {(x.shape[0], *x.shape[2:])} for an input "
+                             f"{tuple(x.shape)}, got {tuple(u.shape)}")
+        return u[:, None]                                           # (b, 1, *P)
+
+    with _eval_mode(uncertainty):
+        maps = _whole_case(as_channel, lambda u: u, image, spatial_dims, patch_size, batch_size, device, overlap,
+                           zoom)                                    # (1, *image.shape)
+    return maps[0]
 
 
 def predict_case(model: Model, image: np.ndarray | torch.Tensor, spatial_dims: int,

@@ -10,6 +10,8 @@ import torch
 from medpy.metric import binary as mb
 
 from minissl import evaluate as ev
+from minissl.data.store import read_case
+from minissl.inference import predict_uncertainty
 
 
 class Oracle(torch.nn.Module):
@@ -132,3 +134,34 @@ def test_acdc_per_class_summary_and_printout():
     assert "mm" in next(line for line in text if "hd95:" in line)
     assert [line.split()[0] for line in text[-3:]] == ["RV", "MYO", "LV"]
     assert text[-2].split()[1:4] == ["0.5000", "±", "0.5000"]
+
+
+class Identity(torch.nn.Module):
+    """An "uncertainty" that is the input image itself: windows and resampling must give the image back."""
+
+    def forward(self, x):                                     # (B, 1, *P) -> (B, *P)
+        return x[:, 0]
+
+
+def test_uncertainty_maps_are_saved_beside_the_predictions_in_the_case_geometry(tmp_path):
+    spec = SimpleNamespace(spatial_dims=3, num_classes=2, patch_size=(8, 8, 8), class_names=["bg", "atrium"])
+    label = np.zeros((10, 20, 12), np.uint8)  # overlapping 8^3 windows along every axis
+    label[2:8, 5:15, 3:9] = 1
+    case = _case("a0", label, label, spacing=(1.0, 0.6, 0.7), patient_id="p0")
+    ev.evaluate(Oracle(2), [case], spec, save_dir=tmp_path, uncertainty=Identity())
+    pred, unc = read_case(tmp_path / "a0.h5"), read_case(tmp_path / "a0_uncertainty.h5")
+    assert np.array_equal(pred.label, label) and np.array_equal(pred.image, case.image)
+    assert unc.label is None and unc.image.dtype == np.float32
+    np.testing.assert_allclose(unc.image, case.image, atol=1e-6)  # averaged windows of the identity, padding cropped
+    assert pred.spacing == unc.spacing == (1.0, 0.6, 0.7) and unc.meta["patient_id"] == "p0"
+
+
+def test_uncertainty_needs_a_folder_and_the_map_shape():
+    spec = SimpleNamespace(spatial_dims=2, num_classes=2, patch_size=(16, 16), class_names=["bg", "fg"])
+    case = _case("c0", np.zeros((16, 16)), np.zeros((16, 16), np.uint8))
+    with pytest.raises(ValueError, match="evaluate: an uncertainty map is written beside the predictions; "
+                                         "expected a save_dir, got None"):
+        ev.evaluate(Oracle(2), [case], spec, uncertainty=Identity())
+    with pytest.raises(ValueError, match=r"uncertainty: expected a map of shape \(1, 16, 16\) for an input "
+                                         r"\(1, 1, 16, 16\), got \(1, 1, 16, 16\)"):
+        predict_uncertainty(lambda x: x, case.image, 2, (16, 16))

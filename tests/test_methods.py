@@ -100,6 +100,8 @@ def documented_weights(method, step):
     if method.name == "mn":  # the 3D model's parts weighted by their volumes: n_l / B and n_p / B (B = 2 here)
         n_p = pseudo_count(step, method.max_iters, method.args.transition, 2)
         return (2 - n_p) / 2, n_p / 2
+    if method.name == "versemi":  # every term with weight 1, no ramp (the official code applies none)
+        return 1.0, 1.0
     return 1.0, ramp
 
 

@@ -23,6 +23,11 @@ augmentation of batch ``b`` draws from ``default_rng([seed, 2, b])``. A run resu
 Every batch also carries the meta-labels that come free with each item (``meta_l``, ``meta_u``: one row
 ``(patient, slice, slices, phase)`` per item, see :data:`META_COLUMNS`); methods that learn from them
 (SPCL) read them, the others ignore them.
+
+Several suites at once (``Config.suites``, VerSemi): :class:`TaskStore` presents them as one store whose
+case ids are ``<suite>/<id>`` and whose cases carry ``meta['task']`` (the suite's index); its loader adds
+``'task_l'`` (Bl,) and ``'task_u'`` (Bu,) int64 to every batch. Validation and test stay per suite
+(:func:`tasks`).
 """
 from __future__ import annotations
 
@@ -62,6 +67,74 @@ def known_slices(label: np.ndarray) -> np.ndarray:
     return (label != IGNORE).reshape(label.shape[0], -1).any(1)
 
 
+class TaskStore(CaseStore):
+    """Several stores as one: task k is the k-th suite (one task per suite, each with its own classes).
+
+    The combined spec is the first suite's (spatial_dims, patch_size, zoom, intensity must agree) with
+    ``num_classes`` the largest of the suites' (a task uses the first ``num_classes`` of its suite) and the
+    name ``"<a>+<b>"``. The labeled budget counts patients per suite: ``labeled(n, seed)`` takes n
+    patients of every suite.
+
+    Args:
+        stores: the suites' stores, in task order.
+    """
+
+    def __init__(self, stores: Sequence[CaseStore]):
+        self.stores = list(stores)
+        if len(self.stores) < 2:
+            raise ValueError(f"TaskStore: expected at least 2 stores, got {len(self.stores)}")
+        first = self.stores[0].spec
+        names = [s.spec.name for s in self.stores]
+        if len(set(names)) != len(names):
+            raise ValueError(f"TaskStore: expected different suites, got {names}")
+        for s in self.stores[1:]:
+            for f in ("spatial_dims", "patch_size", "zoom", "intensity"):
+                if getattr(s.spec, f) != getattr(first, f):
+                    raise ValueError(f"TaskStore: suites {first.name!r} and {s.spec.name!r} differ in {f} "
+                                     f"({getattr(first, f)!r} and {getattr(s.spec, f)!r}); expected the same")
+        widest = max(self.stores, key=lambda s: s.spec.num_classes).spec
+        self.names, self.root = names, self.stores[0].root
+        self.spec = dataclasses.replace(first, name="+".join(names), num_classes=widest.num_classes,
+                                        class_names=widest.class_names,
+                                        description=f"tasks {', '.join(names)} trained together")
+
+    def _split_id(self, case_id: str) -> tuple[int, str]:
+        suite, _, cid = case_id.partition("/")
+        if suite not in self.names or not cid:
+            raise ValueError(f"TaskStore: expected a case id '<suite>/<id>' with a suite of {self.names}, "
+                             f"got {case_id!r}")
+        return self.names.index(suite), cid
+
+    def _ids(self, get) -> list[str]:
+        return [f"{n}/{c}" for n, s in zip(self.names, self.stores) for c in get(s)]
+
+    def split(self, name: str) -> list[str]:
+        return self._ids(lambda s: s.split(name))
+
+    def read(self, case_id: str) -> Case:
+        task, cid = self._split_id(case_id)
+        case = self.stores[task].read(cid)
+        return dataclasses.replace(case, id=case_id, meta={**case.meta, "task": task})
+
+    def patients(self, case_ids: Sequence[str]) -> list[str]:
+        found = [self._split_id(c) for c in case_ids]
+        return [f"{self.names[t]}/{self.stores[t].patients([c])[0]}" for t, c in found]
+
+    def has_label(self, case_ids: Sequence[str]) -> list[bool]:
+        return [self.stores[t].has_label([c])[0] for t, c in map(self._split_id, case_ids)]
+
+    def labeled(self, budget: int, seed: int = 0) -> list[str]:
+        return self._ids(lambda s: s.labeled(budget, seed))
+
+    def problems(self) -> list[str]:
+        return [f"{n}: {p}" for n, s in zip(self.names, self.stores) for p in s.problems()]
+
+
+def tasks(store: CaseStore) -> list[tuple[int, CaseStore]]:
+    """(task, store) per suite: ``[(0, store)]`` for one store, each suite of a :class:`TaskStore`."""
+    return list(enumerate(store.stores)) if isinstance(store, TaskStore) else [(0, store)]
+
+
 def load_cases(store: CaseStore, split: str) -> list[Case]:
     """All cases of a split (whole images / volumes, e.g. for validation and test)."""
     return [store.read(c) for c in store.split(split)]
@@ -90,6 +163,7 @@ class Pool:
         if zoom_to is not None:
             self.cases = [dataclasses.replace(c, image=image, label=label) for c in self.cases
                           for image, label in [zoom(c.image, c.label, zoom_to)]]
+        self.tasks = [int(c.meta.get("task", 0)) for c in self.cases]  # task of each case
         self.items: list[tuple[int, int]] = []
         for i, c in enumerate(self.cases):
             if c.image.ndim == spatial_dims:
@@ -136,13 +210,14 @@ class TrainLoader:
     'meta_l': (Bl, 4) int64, 'meta_u': (Bu, 4) int64}`` with P = ``patch_size`` (meta columns
     :data:`META_COLUMNS`), and with ``label_mask`` also ``'label_mask': (Bl, *P) float32``, 1 where
     ``y_l`` is ground truth and 0 where the label was ``IGNORE`` (``y_l`` is 0 there). No ``label_mask``
-    key means every labeled voxel is ground truth. ``loader.step`` is the index of the next batch
+    key means every labeled voxel is ground truth. With ``with_tasks`` also ``'task_l': (Bl,)`` and
+    ``'task_u': (Bu,)`` int64, the task of each item's case. ``loader.step`` is the index of the next batch
     (``batch(b)`` gives any batch).
     """
 
     def __init__(self, labeled: Pool, unlabeled: Pool | None, patch_size: Sequence[int], *, seed: int = 0,
                  labeled_bs: int = 4, unlabeled_bs: int = 4, start: int = 0, augment: bool = True,
-                 foreground_prob: float = 0.0, label_mask: bool = False):
+                 foreground_prob: float = 0.0, label_mask: bool = False, with_tasks: bool = False):
         if len(labeled) == 0:
             raise ValueError("expected at least one labeled item, got an empty labeled pool")
         if labeled_bs < 1 or unlabeled_bs < 0:
@@ -152,7 +227,8 @@ class TrainLoader:
         self.spatial_dims = len(self.patch_size)
         self.seed, self.labeled_bs, self.step = seed, labeled_bs, start
         self.unlabeled_bs = unlabeled_bs if self.unlabeled is not None else 0
-        self.augment, self.foreground_prob, self.label_mask = augment, foreground_prob, label_mask
+        self.augment, self.foreground_prob = augment, foreground_prob
+        self.label_mask, self.with_tasks = label_mask, with_tasks
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         patients: dict[str, int] = {}  # one numbering over both streams
         self.meta_l = labeled.meta(patients)  # (n_l, 4)
@@ -199,6 +275,9 @@ class TrainLoader:
                "meta_u": torch.from_numpy(self.meta_u[order_u]).reshape(-1, len(META_COLUMNS))}  # (Bu, 4)
         if self.label_mask:
             out["label_mask"] = torch.from_numpy((y != IGNORE).astype(np.float32))  # (Bl, *P)
+        if self.with_tasks:
+            for key, pool, order in (("task_l", self.labeled, order_l), ("task_u", self.unlabeled, order_u)):
+                out[key] = torch.tensor([pool.tasks[pool.items[k][0]] for k in order], dtype=torch.int64)  # (B,)
         return out
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
@@ -253,7 +332,7 @@ def make_train_loader(store: CaseStore, labeled: Sequence[str], *, seed: int = 0
     Returns:
         TrainLoader; ``next()`` gives ``{'x_l': (Bl, 1, *P), 'y_l': (Bl, *P) int64, 'x_u': (Bu, 1, *P)}``
         and the meta-labels ``meta_l`` (Bl, 4), ``meta_u`` (Bu, 4) (and ``'label_mask': (Bl, *P)`` under a
-        ``slices:k`` budget).
+        ``slices:k`` budget, ``'task_l'``, ``'task_u'`` for a :class:`TaskStore`).
     """
     spec = store.spec
     train = store.split("train")
@@ -290,4 +369,4 @@ def make_train_loader(store: CaseStore, labeled: Sequence[str], *, seed: int = 0
     pool_u = Pool(cases_u, spec.spatial_dims, zoom_to, slices_u) if unlabeled else None
     return TrainLoader(pool_l, pool_u, patch_size, seed=seed, labeled_bs=labeled_bs,
                        unlabeled_bs=batch_size - labeled_bs, start=start, augment=augment,
-                       foreground_prob=foreground_prob, label_mask=sparse)
+                       foreground_prob=foreground_prob, label_mask=sparse, with_tasks=isinstance(store, TaskStore))

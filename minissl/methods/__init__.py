@@ -5,3 +5,4 @@ from . import ua_mt, cps, unimatch  # noqa: F401,E401
 from . import bcp, m3hl, cad, ersr  # noqa: F401,E401
 from . import spcl, mn  # noqa: F401,E401
 from . import label_propagation  # noqa: F401,E401
+from . import transmedseg, versemi  # noqa: F401,E401
