@@ -19,16 +19,17 @@ from torch.utils.checkpoint import checkpoint
 
 @contextmanager
 def frozen_batchnorm_stats(net: nn.Module) -> Iterator[None]:
-    """Run the block with every BatchNorm of ``net`` at momentum 0 (running statistics unchanged)."""
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
+    """Run the block with every BatchNorm of ``net`` at momentum 0 (running statistics and counts unchanged)."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, momentum in zip(norms, saved):
+        for m, (momentum, count) in zip(norms, saved):
             m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def checkpointed(fn: Callable[..., Any], *args: torch.Tensor, net: nn.Module) -> Any:
