@@ -83,6 +83,8 @@ def documented_weights(method, step):
         return 1.0, 1.0
     if method.name == "unimatch":  # the medical code's total "/ 2", no ramp
         return 0.5, 0.5
+    if method.name in ("c3s3", "medl"):  # c3s3: ramped competition + contrast as they enter; medl: L_u, weight 1
+        return 1.0, 1.0
     return 1.0, ramp
 
 
