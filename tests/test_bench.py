@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 
 from minissl import bench, cli, engine, results
+from minissl.config import load_config
+from minissl.methods import get_method
 
 FIXTURE = Path(__file__).parent / "data" / "results_fixture"
 
@@ -56,3 +58,14 @@ def test_budget_all_counts_only_training_patients_with_labels(tiny_stores, tmp_p
     with h5py.File(root / "cases" / f"{train[0]}.h5", "a") as f:  # an unlabeled-only training case
         del f["label"]
     assert bench.all_labels_budget(open_data(root)) == len(train) - 1
+
+
+def test_methods_that_do_not_apply_are_named_not_run():
+    from minissl.bench import not_applicable
+    from minissl.data.phantoms import SUITES
+
+    cardiac, fetal = not_applicable(SUITES["cardiac"]), not_applicable(SUITES["fetal_head"])
+    assert "ersr" in cardiac and "2D binary suite" in cardiac["ersr"]
+    assert "ersr" not in fetal and "supervised" not in cardiac
+    with pytest.raises(ValueError, match="ersr: does not apply to suite 'cardiac': expected a 2D binary suite"):
+        get_method("ersr")(load_config(method="ersr", max_iters=10), SUITES["cardiac"])
