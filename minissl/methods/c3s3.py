@@ -57,7 +57,8 @@ Where the official code differs, and what minissl does:
       Dice with squared denominators); the competition score keeps the code's squared foreground Dice.
     * Weight of L_cp: the code uses 0.1 with a sigmoid ramp over ``40 * 150`` of its 2500 iterations, so the
       ramp never completes (0.17 of 0.1 at the end); minissl uses the shared ``cons_weight`` / ``rampup``.
-      Its ``step`` schedule (x0.1 at 2500) never applies within its run: ``official`` is a constant rate.
+      Its ``step`` schedule (x0.1 at 2500) never applies within its 2500 iterations: the ``official`` recipe
+      (3D; there is no 2D script) is SGD 0.01, momentum 0.9, weight decay 1e-4 at a constant rate.
     * alpha: 0.8 in the LA script (0.5 for Pancreas-CT); the ACDC-like 2D suites use 0.8 too (no 2D code).
 """
 from __future__ import annotations
@@ -70,6 +71,7 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..nets import ResUNet, checkpointed
+from ..recipes import Recipe, make_optimizer
 from .base import Method, register
 
 
@@ -144,6 +146,7 @@ class C3S3(Method):
     """UNet and ResUNet: the labeled-loss winner teaches the loser; intersection/union contrast; ensemble."""
 
     Args = C3S3Args
+    official_recipes = {3: Recipe(schedule="constant", source="Y-TARL/C3S3 train_LA.py")}  # SGD 0.01 / 0.9 / 1e-4
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
@@ -153,11 +156,10 @@ class C3S3(Method):
                                         for _ in range(2))
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        """One SGD optimiser per network (with its projector), as the official code."""
+        """One optimiser of the run's recipe per network (with its projector), as the official code."""
         groups = [[*self.student.parameters(), *self.projectors[0].parameters()],
                   [*self.peer.parameters(), *self.projectors[1].parameters()]]
-        return [torch.optim.SGD(g, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
-                for g in groups]
+        return [make_optimizer(g, self.recipe) for g in groups]
 
     def sample_voxels(self, n: int, device: torch.device) -> Tensor:
         """(M,) flat voxel indices for the contrast: ``contrast_voxels`` draws with replacement, or all n."""
