@@ -151,9 +151,8 @@ class C3S3(Method):
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
         self.peer = ResUNet(1, self.num_classes, self.spatial_dims, width=cfg.width, depth=cfg.depth)
-        w = cfg.width
-        self.projectors = nn.ModuleList(nn.Sequential(nn.Linear(w, w), nn.PReLU(), nn.Linear(w, self.args.projector_dim))
-                                        for _ in range(2))
+        w, d = cfg.width, self.args.projector_dim
+        self.projectors = nn.ModuleList(nn.Sequential(nn.Linear(w, w), nn.PReLU(), nn.Linear(w, d)) for _ in range(2))
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """One optimiser of the run's recipe per network (with its projector), as the official code."""

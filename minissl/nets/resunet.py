@@ -27,10 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _layers(spatial_dims: int) -> tuple[type, type, type]:
-    return (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d) if spatial_dims == 2 else \
-        (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d)
+from minissl.nets.unet import _layers
 
 
 class BasicBlock(nn.Module):
@@ -79,7 +76,8 @@ class ResUNet(nn.Module):
         if depth < 1 or width < 1 or not blocks or min(blocks) < 1:
             raise ValueError(f"ResUNet: expected depth >= 1, width >= 1 and blocks >= 1 per stage, got depth={depth}, "
                              f"width={width}, blocks={tuple(blocks)}")
-        self.in_channels, self.num_classes, self.spatial_dims, self.depth = in_channels, num_classes, spatial_dims, depth
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.spatial_dims, self.depth = spatial_dims, depth
         conv, tconv, norm = _layers(spatial_dims)
         chans = [width * 2 ** k for k in range(depth + 1)]
         self.stem = nn.Sequential(conv(in_channels, width, 7, padding=3, bias=False), norm(width), nn.ReLU())
