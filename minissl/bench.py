@@ -1,7 +1,7 @@
 """``minissl bench methods | render``: the leaderboard under one protocol, resumable, kept as data.
 
 Every method runs on the same suite with the same labeled budget, iterations, augmentation, network
-and seeds; only the method differs. A run trains in ``<out>/<suite>/<method>-b<budget>-s<seed>`` (an
+and seeds; only the method differs. A run trains in ``<out>/<suite>/<method>-b<budget>-i<iters>-<recipe>-s<seed>`` (an
 interrupted one is resumed from its ``last.pt``); once finished, its small files are recorded under
 ``<results>/<suite>/b<budget>-i<iters>-<recipe>/<method>/seed<k>/`` (:mod:`minissl.results`). A run
 whose result folder is complete is not trained again, so a long leaderboard continues where it
@@ -64,7 +64,7 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
             raise ValueError(f"{folder} holds a result with another configuration (fields {differ} differ); "
                              f"expected the same options, or another --results folder")
     else:
-        run_dir = Path(cfg.out_dir) / f"{method}-b{cfg.budget}-s{seed}"
+        run_dir = Path(cfg.out_dir) / f"{method}-{folder.parent.parent.name}-s{seed}"  # one folder per setting
         cfg.run_name = run_dir.name
         if not ((run_dir / "config.json").is_file() and Run(run_dir).finished):
             cfg.resume = (run_dir / LAST).exists()
