@@ -32,7 +32,8 @@ Algorithm (per iteration):
     3. supervised losses; the competition scores decide the winner (no gradient);
     4. the loser's softmax on x_u is pulled towards the winner's sharpened softmax (ramped weight);
     5. view consistency of each network; intersection/union contrast of the four view pairs;
-    6. one step of each network's own SGD optimiser (its loss terms give it exactly its own gradient).
+    6. one step of each network's own optimiser (the run's recipe; the detached targets give each network
+       exactly the gradient of its own loss).
 Evaluation: the mean of the two softmaxes (returned as log-probabilities).
 
 Memory (3D): the official loss compares every voxel of the batch; minissl draws ``contrast_voxels``

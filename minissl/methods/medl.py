@@ -35,7 +35,7 @@ Per network i (eqs. 5, 8, 9), with the masses detached where they make targets o
 
 Algorithm (per iteration): both networks on ``[x_l; x_u]`` -> evidence -> (alpha, b, u); CAEF of the
 detached masses; pseudo-labels, reliability and uncertainty ranks on x_u; the four losses of each
-network; one SGD step over both (targets and weights are detached, so each network gets its own gradient).
+network; one optimiser step over both (targets and weights are detached, so each network gets its own gradient).
 Evaluation averages the two networks' p; ``uncertainty(x)`` is the CAEF uncertainty mass u_f.
 
 Values the paper leaves open, chosen here (Args): ``xi = 0.5`` (its Xi; weights in [0.5, 1.5]); the
