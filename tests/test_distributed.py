@@ -14,8 +14,7 @@ import torch.multiprocessing as mp
 from minissl import engine
 from minissl.config import load_config
 
-DDP_METHODS = ["mean_teacher", "mcnet_plus", "lefed",  # lefed: 3 optimiser steps per iteration (inner passes)
-               "c3s3", "medl"]  # c3s3: two optimisers of different sizes
+DDP_METHODS = ["mean_teacher", "c3s3", "medl"]  # c3s3: two optimisers of different sizes
 
 
 def _free_port() -> int:
