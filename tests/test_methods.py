@@ -57,7 +57,11 @@ def test_method_learns_and_uses_unlabeled_images(name, tiny_stores):
                                         unlabeled=method.semi_supervised)
     batch = next(loader)  # one fixed batch: the supervised loss must fall on it
     d0 = train_dice(method, batch)
-    parts = [method.update(batch, step, opts) for step in range(ITERS)]
+    parts = []
+    for step in range(ITERS):
+        parts.append(method.update(batch, step, opts))
+        if step + 1 in method.stage_ends():  # as the engine does, with the live state as the stage's best
+            method.end_stage(step + 1, method.state_dict(), opts)
     sup = [p["sup"] for p in parts]
     assert all(np.isfinite(p["loss"]) for p in parts)
     assert np.mean(sup[-5:]) < 0.8 * np.mean(sup[:5]), sup
@@ -80,6 +84,8 @@ def documented_weights(method, step):
     ramp = method.cfg.cons_weight * math.exp(-5 * (1 - min(t / method.cfg.rampup, 1.0)) ** 2)
     if method.name == "bcp":  # u_weight 0.5 after the labeled-only stage, no ramp
         return 1.0, 0.0 if step < method.pretrain_iters else 0.5
+    if method.name == "label_propagation":  # model A's labels enter with u_weight 1 after model A's stage
+        return 1.0, 0.0 if step < method.first_iters else 1.0
     if method.name == "m3hl":  # no ramp: the unlabeled part enters with weight 1
         return 1.0, 1.0
     if method.name == "unimatch":  # the medical code's total "/ 2", no ramp
