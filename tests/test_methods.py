@@ -102,6 +102,8 @@ def documented_weights(method, step):
         return (2 - n_p) / 2, n_p / 2
     if method.name == "versemi":  # every term with weight 1, no ramp (the official code applies none)
         return 1.0, 1.0
+    if method.name in ("c3s3", "medl"):  # c3s3: ramped competition + contrast as they enter; medl: L_u, weight 1
+        return 1.0, 1.0
     return 1.0, ramp
 
 
