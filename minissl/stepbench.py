@@ -1,11 +1,12 @@
 """``minissl bench step``: how long one training step of each method takes, and where the time goes.
 
-Four configurations of the step are timed: the default step and the plain one (``MINISSL_PLAIN_STEP=1``,
-without the settings of :mod:`minissl.runtime`), each with the compiled kernels and with the pure-PyTorch
-reference ops (``MINISSL_NO_EXT=1``). Every configuration runs in a fresh process (the allocator
-settings are process-wide), at ``--threads`` threads, and the repetitions are interleaved (repetition
-1 of every configuration, then repetition 2, ...), so a slow patch of a shared machine hits all of
-them alike; the ratio plain / default is taken within each repetition, then its median.
+Three variants of the step (:mod:`minissl.runtime`): ``plain`` (``MINISSL_PLAIN_STEP=1``, no speed
+settings), ``default`` (what ``minissl train`` runs) and ``channels_last`` (the default plus
+``MINISSL_CHANNELS_LAST=1``), each with the compiled kernels and with the pure-PyTorch reference ops
+(``MINISSL_NO_EXT=1``). Every configuration runs in a fresh process (the allocator settings are
+process-wide), at ``--threads`` threads, and the repetitions are interleaved (repetition 1 of every
+configuration, then repetition 2, ...), so a slow patch of a shared machine hits all of them alike; the
+ratio plain / variant is taken within each repetition, then its median.
 
 In each process, per method: the suite's model and optimiser as ``minissl train`` builds them, the
 batches of its loader from the middle of the run (``--at``, a fraction of max_iters, so that stages and
@@ -25,7 +26,7 @@ the functions it calls (each second counted once, in the innermost part):
 
 Example::
 
-    OMP_NUM_THREADS=1 minissl bench step --suite cardiac --methods supervised,mean_teacher,bcp --iters 20
+    minissl bench step --suite cardiac --methods supervised,mean_teacher,bcp --iters 20 --threads 1
 """
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 PARTS = ("forward", "backward", "optimiser", "loss", "mixing", "post", "after_step", "other", "data")
-VARIANTS = ("plain", "default")  # MINISSL_PLAIN_STEP=1, the default step
+VARIANTS = {"plain": {"MINISSL_PLAIN_STEP": "1"},  # the environment of each variant of the step
+            "default": {"MINISSL_PLAIN_STEP": "0", "MINISSL_CHANNELS_LAST": "0"},
+            "channels_last": {"MINISSL_PLAIN_STEP": "0", "MINISSL_CHANNELS_LAST": "1"}}
 KERNELS = ("kernels", "reference")  # compiled ops, MINISSL_NO_EXT=1
 POST_OPS = ("largest_component", "fit_ellipse", "ellipse_mask", "ellipse_refine")
 
@@ -171,7 +174,7 @@ def _child(spec: dict) -> dict:
 def run_configuration(variant: str, kernels: str, spec: dict) -> dict:
     """Run :func:`_child` in a fresh Python process with the environment of one configuration."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    env["MINISSL_PLAIN_STEP"] = "1" if variant == "plain" else "0"
+    env.update(VARIANTS[variant])
     env["MINISSL_NO_EXT"] = "1" if kernels == "reference" else "0"
     root = str(Path(__file__).resolve().parent.parent)  # this package, not another installed copy
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
@@ -188,40 +191,42 @@ def _ms(seconds: float) -> str:
 
 def render(results: dict, methods: Sequence[str], kernels: Sequence[str], spec: dict) -> str:
     """Markdown tables of :func:`bench_step`'s results: step times and ratios, then the parts."""
-    head = [f"**{spec['suite']}**: one training step, {spec['threads']} thread(s), {spec['iters']} timed steps "
-            f"per repetition x {spec['repeats']} interleaved repetitions, from step {spec['at']:g} x max_iters", "",
-            "| method | ops | plain ms | default ms | plain / default | plain CPU ms | default CPU ms "
-            "| plain / default (CPU) |", "|" + "---|" * 8]
+    lines = [f"**{spec['suite']}**: one training step, {spec['threads']} thread(s), {spec['iters']} timed steps "
+             f"per repetition x {spec['repeats']} interleaved repetitions, from step {spec['at']:g} x max_iters", "",
+             "| method | ops | clock | plain ms | default ms (plain / default) | channels_last ms (plain / it) |",
+             "|---|---|---|---|---|---|"]
     for m in methods:
         for k in kernels:
             reps = results[k]
-            cells = [m, k]
-            for key in ("wall", "cpu"):
+            for key, clock in (("wall", "wall"), ("cpu", "CPU")):
                 med = {v: statistics.median([t for rep in reps[v] for t in rep[m][key]]) for v in VARIANTS}
-                ratio = statistics.median([statistics.median(p[m][key]) / statistics.median(d[m][key])
-                                           for p, d in zip(reps["plain"], reps["default"])])
-                cells += [_ms(med["plain"]), _ms(med["default"]), f"{ratio:.2f}x"]
-            head.append("| " + " | ".join(cells) + " |")
-    head += ["", "Median over all timed steps; ratio: median over repetitions of plain / default (> 1: the "
-                 "default step is faster).", "",
-             "| method | ops | step | " + " | ".join(PARTS) + " |", "|" + "---|" * (len(PARTS) + 3)]
+                cells = [m, k, clock, _ms(med["plain"])]
+                for v in ("default", "channels_last"):
+                    ratio = statistics.median([statistics.median(p[m][key]) / statistics.median(q[m][key])
+                                               for p, q in zip(reps["plain"], reps[v])])
+                    cells.append(f"{_ms(med[v])} ({ratio:.2f}x)")
+                lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Median over all timed steps; in brackets the median over repetitions of plain / variant (> 1: "
+                  "faster than plain). CPU: process CPU time (user + system), less disturbed by other processes "
+                  "than wall time.", "",
+              "| method | ops | step | " + " | ".join(PARTS) + " |", "|" + "---|" * (len(PARTS) + 3)]
     for m in methods:
         for k in kernels:
             for v in VARIANTS:
                 parts = {p: statistics.mean(rep[m]["parts"][p] for rep in results[k][v]) for p in PARTS}
                 total = sum(parts.values())
-                head.append(f"| {m} | {k} | {v} | " + " | ".join(f"{100 * parts[p] / total:.0f} %" for p in PARTS)
-                            + " |")
-    head += ["", "Share of the step's wall time per part (module docstring of minissl.stepbench), mean over "
-                 "repetitions."]
-    return "\n".join(head) + "\n"
+                lines.append(f"| {m} | {k} | {v} | " + " | ".join(f"{100 * parts[p] / total:.0f} %" for p in PARTS)
+                             + " |")
+    lines += ["", "Share of the step's wall time per part (module docstring of minissl.stepbench), mean over "
+                  "repetitions."]
+    return "\n".join(lines) + "\n"
 
 
 def bench_step(suite: str = "cardiac", methods: Sequence[str] = ("supervised", "mean_teacher", "bcp"),
                iters: int = 20, warmup: int = 3, repeats: int = 3, threads: int = 1, at: float = 0.5,
                kernels: Sequence[str] = KERNELS, data_root: Optional[str] = None,
                overrides: Sequence[str] = ()) -> str:
-    """Time the plain and default step of each method, with and without kernels; return the tables.
+    """Time every variant of the step of each method, with and without kernels; return the tables.
 
     Args:
         kernels: which of "kernels" (compiled ops) and "reference" (MINISSL_NO_EXT=1) to run.
