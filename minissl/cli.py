@@ -15,6 +15,7 @@ Examples::
     minissl methods
     minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2,3,4
     minissl bench render --check                   # the docs tables match results/
+    minissl bench converge --suite cardiac --iters 2400   # has the supervised baseline converged at N?
     minissl bench ops
     minissl bench step --methods supervised,mean_teacher,bcp   # training step: default vs plain
 """
@@ -231,7 +232,7 @@ def cmd_demo(tokens: Sequence[str]) -> int:
                                 description="Supervised baseline vs a semi-supervised method on an embedded suite.")
     p.add_argument("--suite", default="fetal_head")
     p.add_argument("--method", default=None, help="semi-supervised method (default: bcp)")
-    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="iterations of each run (default 600, a short run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo")
     args = p.parse_args(tokens)
@@ -241,10 +242,11 @@ def cmd_demo(tokens: Sequence[str]) -> int:
 
 def cmd_bench(tokens: Sequence[str]) -> int:
     p = _Parser(prog="minissl bench",
-                description="Benchmarks: methods (leaderboard), render (its tables), ops (kernels) or step "
-                            "(one training step).")
-    p.add_argument("what", choices=["methods", "render", "ops", "step"])
-    if tokens and tokens[0] in ("methods", "render", "ops", "step"):  # `bench methods --help` is that command's help
+                description="Benchmarks: methods (leaderboard), render (its tables), converge (is the baseline "
+                            "converged?), ops (kernels) or step (one training step).")
+    what = ("methods", "render", "converge", "ops", "step")
+    p.add_argument("what", choices=what)
+    if tokens and tokens[0] in what:  # `bench methods --help` is that command's help
         args, rest = p.parse_args(tokens[:1]), list(tokens[1:])
     else:
         args, rest = p.parse_known_args(tokens)
@@ -252,6 +254,10 @@ def cmd_bench(tokens: Sequence[str]) -> int:
         from .bench import main as bench_main, render_main
 
         return (bench_main if args.what == "methods" else render_main)(rest)
+    if args.what == "converge":
+        from .convergence import main as converge_main
+
+        return converge_main(rest)
     if args.what == "step":
         from .stepbench import main as step_main
 

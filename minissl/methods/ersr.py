@@ -141,6 +141,7 @@ def mirror_targets(p: Tensor, params: Tensor) -> Tensor:
 
 @dataclass
 class ERSRArgs:
+    ema_horizon: float = 1 / 100  # fraction of the run: EMA 0.99 over 10,000 iterations (ERSR train.py)
     threshold: float = 0.6  # tau: binarises the teacher map for the fit and the refined map
     fill_base: float = 0.6  # inside the ellipse: max(P, fill_base + (1 - d)^fill_power)
     fill_power: float = 2.0
@@ -159,11 +160,15 @@ class ERSR(Method):
 
     Args = ERSRArgs
 
+    @classmethod
+    def applies_to(cls, spec) -> Optional[str]:
+        if spec.spatial_dims == 2 and spec.num_classes == 2:
+            return None
+        return f"expected a 2D binary suite (fetal_head), got spatial_dims={spec.spatial_dims}, " \
+               f"num_classes={spec.num_classes}"
+
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
-        if self.spatial_dims != 2 or self.num_classes != 2:
-            raise ValueError(f"ersr: expected a 2D binary suite (fetal_head), got spatial_dims={self.spatial_dims}, "
-                             f"num_classes={self.num_classes}")
         self.teacher = make_teacher(self.student)
         self.register_buffer("score_history", torch.full((self.args.score_window,), math.nan))
 
@@ -237,4 +242,4 @@ class ERSR(Method):
                 "kept": keep.float().mean(), "fit_ok": valid.float().mean()}
 
     def after_step(self, step: int) -> None:
-        ema_update(self.teacher, self.student, self.cfg.ema_decay, step)
+        ema_update(self.teacher, self.student, self.ema_decay(), step)
