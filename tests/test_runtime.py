@@ -43,7 +43,8 @@ torch.save({"loss": parts["loss"].detach(), "tuned": runtime.tune_malloc(),
 
 
 def one_step(method: str, out: Path, **env: str) -> dict:
-    environ = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MINISSL_NO_EXT="1", **env)  # reference ops: no build
+    # the reference ops: the settings under test do not depend on them, and no kernel build is waited for
+    environ = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MINISSL_NO_EXT="1", **env)
     subprocess.run([sys.executable, "-c", ONE_STEP, method, str(out)], env=environ, check=True, timeout=300)
     return torch.load(out)
 
