@@ -156,8 +156,7 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     rows = evaluation.evaluate(method.predict, cases, store.spec, device=torch.device(args.device))
     out = Path(args.run_dir) / f"eval_{args.split}"
     evaluation.write_rows(rows, out.with_suffix(".csv"), out.with_suffix(".json"))
-    for metric, v in evaluation.summarise(rows).items():
-        print(f"{metric:>12s}: {v['mean']:.4f} ± {v['std']:.4f}")
+    print(evaluation.format_summary(rows))
     return 0
 
 
@@ -176,10 +175,14 @@ def cmd_predict(tokens: Sequence[str]) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--intensity", choices=INTENSITIES, default=None,
                    help="intensity normalisation (default: the one of the run's data, suite spec 'intensity')")
+    p.add_argument("--spacing", type=float, nargs="+", metavar="MM", default=None,
+                   help="mm per pixel ((Y, X) or (Z, Y, X)) of inputs whose files give none (PNG), for runs whose "
+                        "data were resampled to one spacing (suite spec 'target_spacing')")
     args = p.parse_args(tokens)
     run = Run(args.run_dir)
     method = run.load_method(device=check_device(args.device))
-    for path in predict_files(method.predict, run.suite_spec(), args.inputs, args.out, args.device, args.intensity):
+    for path in predict_files(method.predict, run.suite_spec(), args.inputs, args.out, args.device, args.intensity,
+                              spacing=args.spacing):
         print(path)
     return 0
 
@@ -219,9 +222,10 @@ def cmd_data(tokens: Sequence[str]) -> int:
 def cmd_methods(tokens: Sequence[str]) -> int:
     from .methods import METHODS
 
+    width = max(map(len, METHODS))
     for name, cls in sorted(METHODS.items()):
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        print(f"{name:16s} {doc[0] if doc else ''}")
+        print(f"{name:{width}s} {doc[0] if doc else ''}")
     return 0
 
 

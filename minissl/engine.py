@@ -44,9 +44,9 @@ from . import metrics, runtime
 from .atomic import write_text_atomic
 from .config import SAFE_OVERRIDES, Config, resolve_args
 from .data import datasets, sources
-from .data.store import CaseStore
+from .data.store import Budget, CaseStore
 from .inference import predict_case
-from .methods import Method, get_method
+from .methods import METHODS, Method, get_method
 from .ops import _build
 from .run import BEST, LAST, STAGE_BEST, Run, load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 
@@ -63,7 +63,8 @@ def resolve(cfg: Config, store: CaseStore) -> Config:
     spec = store.spec
     max_iters = cfg.max_iters or int(spec.default_iters)
     budget = cfg.budget or int(spec.default_budget)
-    name = cfg.run_name or f"{spec.name}-{cfg.method}-b{budget}-s{cfg.seed}"
+    kind = "" if cfg.budget_kind == "cases" else cfg.budget_kind.replace(":", "")
+    name = cfg.run_name or f"{spec.name}-{cfg.method}-b{budget}{kind}-s{cfg.seed}"
     val_every = cfg.val_every or max(max_iters // 10, 1)
     return replace(cfg, max_iters=max_iters, budget=budget, run_name=name, val_every=val_every)
 
@@ -253,6 +254,10 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     resolve_args(method_cls.Args, cfg.method_args, cfg.method)  # a misspelled option fails before any data work
     store = store if store is not None else sources.open_data(cfg.data_source)
     cfg = resolve(cfg, store)
+    if cfg.budget_kind != "cases" and store.spec.spatial_dims == 3 and not method_cls.uses_label_mask:
+        able = sorted(n for n, m in METHODS.items() if m.uses_label_mask)
+        raise ValueError(f"--budget_kind {cfg.budget_kind}: method {cfg.method!r} does not mask unannotated slices "
+                         f"in its losses (3D suite {store.spec.name!r}); expected --budget_kind cases or one of {able}")
     labeled = store.labeled(cfg.budget, cfg.seed)  # resolved once, passed down
     sources.check_store(store, labeled)  # every split and case, before anything is created
     spec = store.spec
@@ -300,7 +305,8 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     # supervised methods draw only the labeled stream: the same labeled images per step as the others
     # rank r > 0 draws its own batches (seed + 7919 r); rank 0 draws those of a single-process run
     batches = datasets.make_train_loader(store, labeled, seed=cfg.seed + 7919 * ddp.rank, batch_size=cfg.batch_size,
-                                         labeled_bs=cfg.labeled_bs, unlabeled=method.semi_supervised, start=start)
+                                         labeled_bs=cfg.labeled_bs, unlabeled=method.semi_supervised, start=start,
+                                         budget=Budget(cfg.budget, cfg.seed, cfg.budget_kind), fill=method.fill_labels)
 
     def checkpoint(step: int) -> dict:
         return {"step": step, "method": method.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
@@ -342,11 +348,15 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
                     save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val}, best_path)
                 if stage_ends and val > stage_best:
                     stage_best = val
-                    save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val}, stage_path)
-            if ends_stage:  # the next stage starts from this stage's best-on-validation weights
+                    save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val,
+                                     "optimizers": [o.state_dict() for o in optimizers]}, stage_path)
+            if ends_stage:  # the next stage starts from this stage's best-on-validation weights and optimiser state
                 if ddp.world > 1:
                     dist.barrier()
-                method.end_stage(it, load_checkpoint(stage_path, map_location=device)["method"], optimizers)
+                stage = load_checkpoint(stage_path, map_location=device)
+                for opt, st in zip(optimizers, stage["optimizers"]):  # the optimisers of that same step
+                    opt.load_state_dict(st)
+                method.end_stage(it, stage["method"], optimizers)
                 stage_best = -1.0
             if row is not None:
                 log.add(row)
@@ -378,6 +388,7 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     summary = evaluation.summarise(test_rows)
     run.write_metrics({"best_step": best_step, "best_val_dice": best_val, "seconds_per_iter": sec_per_iter,
                        "cpu_seconds_per_iter": cpu_per_iter, "test": summary,
+                       "test_per_class": evaluation.summarise(test_rows, by_class=True),
                        "peak_rss_mb": runtime.peak_rss_mb() - rss_built, "rss_built_mb": rss_built})
     return RunResult(run_dir, cfg, best_step, best_val, summary, test_rows, sec_per_iter)
 

@@ -4,13 +4,18 @@
 :func:`minissl.metrics.case_metrics` on the whole image or volume (3D surface distances for 2D-trained
 volume cases, as SSL4MIS/BCP do). One row per (case, foreground class)::
 
-    {"case": id, "class": name, "unit": "mm" | "px", "dice", "jaccard", "hd95", "asd"[, "hc_error_mm"]}
+    {"case": id, "class": name, "unit": "mm" | "px", "dice", "jaccard", "hd95", "asd"[, "hc_error_mm", "hc_signed_mm"]}
 
 ``unit`` says how hd95/asd are measured: "mm" when the case has a physical spacing, "px" (spacing 1)
 when it has none or its metadata says ``spacing_unit: "pixel"`` (SSL4MIS files hold no spacing).
-``hc_error_mm`` (head circumference error, HC18) is added for binary 2D cases whose metadata gives
-``pixel_size_mm``. Empty masks score the defined values documented in :mod:`minissl.metrics`, so every row
+``hc_error_mm`` and ``hc_signed_mm`` (absolute and signed head circumference difference, prediction minus
+reference, HC18's ADF and DF) are added for binary 2D cases whose metadata gives ``pixel_size_mm``
+(the ``fetal_head`` suite, HC18 stores). Empty masks score the defined values documented in :mod:`minissl.metrics`, so every row
 is finite and every case counts in the means.
+
+Multi-class suites (ACDC: RV, MYO, LV) are summarised both ways: ``summarise(rows)`` averages the classes
+of a case first (the usual single number), ``summarise(rows, by_class=True)`` gives each class its own
+mean; ``format_summary`` prints both (``minissl eval``, ``metrics.json`` keys ``test`` and ``test_per_class``).
 """
 from __future__ import annotations
 
@@ -26,9 +31,9 @@ import torch
 
 from minissl.atomic import write_text_atomic
 from minissl.inference import predict_case
-from minissl.metrics import METRICS, case_metrics, hc_error_mm
+from minissl.metrics import METRICS, case_metrics, hc_difference_mm
 
-COLUMNS = ("case", "class", "unit", *METRICS, "hc_error_mm")
+COLUMNS = ("case", "class", "unit", *METRICS, "hc_error_mm", "hc_signed_mm")
 
 
 def _class_names(spec: Any) -> list[str]:
@@ -54,7 +59,8 @@ def case_rows(pred: np.ndarray, case: Any, spec: Any) -> list[dict[str, Any]]:
     names = _class_names(spec)
     rows = [{"case": case.id, "class": names[c], "unit": "mm" if spacing else "px", **m} for c, m in scores.items()]
     if spec.num_classes == 2 and np.ndim(pred) == 2 and meta.get("pixel_size_mm"):
-        rows[0]["hc_error_mm"] = hc_error_mm(pred == 1, case.label == 1, float(meta["pixel_size_mm"]))
+        signed = hc_difference_mm(pred == 1, case.label == 1, float(meta["pixel_size_mm"]))
+        rows[0].update(hc_error_mm=abs(signed), hc_signed_mm=signed)
     return rows
 
 
@@ -105,6 +111,28 @@ def summarise(rows: Sequence[Mapping[str, Any]], by_class: bool = False) -> dict
         if values:
             out[m] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
     return out
+
+
+def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Mean ± std over cases of every metric, then (more than one foreground class) a table per class.
+
+    Returns:
+        Lines such as ``        dice: 0.8712 ± 0.0521   (40 cases)``, then per class
+        ``RV      0.8410 ± 0.0900     ...`` (columns dice, jaccard, hd95, asd).
+    """
+    summary = summarise(rows)
+    units = sorted({r.get("unit", "px") for r in rows})
+    lines = [f"{m:>12s}: {v['mean']:.4f} ± {v['std']:.4f}   ({v['n']} cases"
+             f"{', ' + '/'.join(units) if m in ('hd95', 'asd') else ''})" for m, v in summary.items()]
+    per_class = summarise(rows, by_class=True)
+    if len(per_class) > 1:
+        width = max(len(str(c)) for c in per_class) + 2
+        lines.append("per class (mean ± std over cases):")
+        lines.append((f"{'class':<{width}s}" + "".join(f"{m:>9s}{'':11s}" for m in METRICS)).rstrip())
+        for name, s in per_class.items():
+            lines.append((f"{str(name):<{width}s}" + "".join(f"{s[m]['mean']:9.4f} ± {s[m]['std']:<8.4f}"
+                                                            for m in METRICS)).rstrip())
+    return "\n".join(lines)
 
 
 def write_rows(rows: Sequence[Mapping[str, Any]], csv_path: str | Path, json_path: str | Path | None = None) -> None:

@@ -24,8 +24,12 @@ def test_train_then_eval(tiny_stores, tmp_path, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "best validation Dice" in out and "mean_teacher" in out
+    per_class = json.loads((tmp_path / "r" / "metrics.json").read_text())["test_per_class"]
+    assert sorted(per_class) == ["LV", "MYO", "RV"] and set(per_class["RV"]) == {"dice", "jaccard", "hd95", "asd"}
     assert cli.main(["eval", str(tmp_path / "r"), "--split", "val"]) == 0
-    assert "dice:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dice:" in out and "per class" in out
+    assert [line.split()[0] for line in out.splitlines()[-3:]] == ["RV", "MYO", "LV"]
     rows = json.loads((tmp_path / "r" / "eval_val.json").read_text())["rows"]
     assert len(rows) == 2 * 3  # 2 validation cases x 3 foreground classes
 
