@@ -18,6 +18,7 @@ Examples::
     minissl bench render --check                   # the docs tables match results/
     minissl bench converge --suite cardiac --iters 2400   # has the supervised baseline converged at N?
     minissl bench ops
+    minissl bench step --methods supervised,mean_teacher,bcp   # training step: default vs plain
 """
 from __future__ import annotations
 
@@ -261,9 +262,10 @@ def cmd_demo(tokens: Sequence[str]) -> int:
 def cmd_bench(tokens: Sequence[str]) -> int:
     p = _Parser(prog="minissl bench",
                 description="Benchmarks: methods (leaderboard), render (its tables), converge (is the baseline "
-                            "converged?) or ops (kernels).")
-    p.add_argument("what", choices=["methods", "render", "converge", "ops"])
-    if tokens and tokens[0] in ("methods", "render", "converge", "ops"):  # `bench methods --help` is that command's help
+                            "converged?), ops (kernels) or step (one training step).")
+    what = ("methods", "render", "converge", "ops", "step")
+    p.add_argument("what", choices=what)
+    if tokens and tokens[0] in what:  # `bench methods --help` is that command's help
         args, rest = p.parse_args(tokens[:1]), list(tokens[1:])
     else:
         args, rest = p.parse_known_args(tokens)
@@ -275,6 +277,10 @@ def cmd_bench(tokens: Sequence[str]) -> int:
         from .convergence import main as converge_main
 
         return converge_main(rest)
+    if args.what == "step":
+        from .stepbench import main as step_main
+
+        return step_main(rest)
     from .ops.benchmark import main as ops_main
 
     ops_main(rest)
