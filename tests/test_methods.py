@@ -83,6 +83,8 @@ def documented_weights(method, step):
         return 1.0, 1.0
     if method.name == "unimatch":  # the medical code's total "/ 2", no ramp
         return 0.5, 0.5
+    if method.name == "lefed":  # constant consistency weight 1, no ramp (the deep supervision is in sup)
+        return 1.0, method.args.cons_weight
     return 1.0, ramp
 
 
