@@ -1,14 +1,20 @@
 """Two CPU processes with gloo, as torchrun would start them: gradients are averaged over ranks, so
-the ranks' weights stay identical while each rank trains on its own batches; rank 0 alone writes."""
+the ranks' weights stay identical while each rank trains on its own batches; rank 0 alone writes.
+
+Parametrized over ``DDP_METHODS``: a method with an unusual update (several optimisers, inner passes)
+belongs in the list; every optimiser step of every rank is recorded and compared."""
 import os
 import socket
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from minissl import engine
 from minissl.config import load_config
+
+DDP_METHODS = ["mean_teacher", "mcnet_plus", "lefed"]  # lefed: 3 optimiser steps per iteration (inner passes)
 
 
 def _free_port() -> int:
@@ -17,35 +23,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, root, out):
+def _worker(rank, world, port, root, out, method):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    seen = {}
+    seen = {"weights": [], "grad": []}
     real_step = engine._GradAverage.step
 
     def recording_step(self):
         real_step(self)
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        seen["weights"] = torch.cat([p.detach().reshape(-1) for p in params]).clone()
-        seen["grad"] = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).clone()
+        seen["weights"].append(torch.cat([p.detach().reshape(-1) for p in params]).clone())
+        seen["grad"].append(torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).clone())
 
     engine._GradAverage.step = recording_step
-    cfg = load_config(method="mean_teacher", data_root=root, out_dir=out, width=4, depth=2, batch_size=4,
+    cfg = load_config(method=method, data_root=root, out_dir=out, width=4, depth=2, batch_size=4,
                       labeled_bs=2, max_iters=4, val_every=2, progress=False)
     res = engine.train(cfg)
     # results go through files: a queue would deadlock (the child flushes while the parent joins)
-    np.savez(f"{out}/rank{rank}.npz", main=res is not None, weights=seen["weights"].numpy(),
-             grad=seen["grad"].numpy())
+    np.savez(f"{out}/rank{rank}.npz", main=res is not None, weights=torch.stack(seen["weights"]).numpy(),
+             grad=torch.stack(seen["grad"]).numpy())
     torch.distributed.destroy_process_group()
 
 
-def test_two_processes_gloo(tiny_stores, tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tiny_stores["fetal_head"]), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("method", DDP_METHODS)
+def test_two_processes_gloo(method, tiny_stores, tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tiny_stores["fetal_head"]), str(tmp_path), method), nprocs=2)
     r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in range(2))
     (main0, w0, g0), (main1, w1, g1) = ((r["main"], r["weights"], r["grad"]) for r in (r0, r1))
     assert (main0, main1) == (True, False)  # rank 0 validates, checkpoints and tests
-    assert (w0 == w1).all() and (g0 == g1).all()  # averaged gradients -> identical weights
-    assert abs(g0).sum() > 0
-    run = tmp_path / "fetal_head-mean_teacher-b2-s0"
+    assert len(w0) == len(w1) >= 4  # one row per optimiser step (4 iterations, more with inner passes)
+    assert (w0 == w1).all() and (g0 == g1).all()  # averaged gradients -> identical weights after every step
+    assert abs(g0).sum() > 0 and not (w0[0] == w0[-1]).all()
+    run = tmp_path / f"fetal_head-{method}-b2-s0"
     assert (run / "metrics.json").is_file()

@@ -58,7 +58,7 @@ Where the official code differs, and what minissl does:
     * the learning rate drops x0.1 every 2500 of 15000 iterations (``official_recipes``: the 'step'
       schedule every 1/6 of the run); an iteration there is also one batch with 3 optimiser steps;
     * the deep-supervision weights exist for a 4-level VNet; with ``depth`` < 4 minissl uses the first
-      ``depth + 1`` (full resolution first), and refuses ``depth`` > 4.
+      ``depth + 1`` (full resolution first; the UNet has at most 4 levels).
 """
 from __future__ import annotations
 
@@ -94,12 +94,8 @@ class LeFeD(Method):
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
-        depth = self.student.depth
-        if depth + 1 > len(DS_WEIGHTS):
-            raise ValueError(f"lefed: deep supervision has {len(DS_WEIGHTS)} stage weights {DS_WEIGHTS}, "
-                             f"so depth must be <= {len(DS_WEIGHTS) - 1}, got depth={depth}")
         conv = nn.Conv2d if self.spatial_dims == 2 else nn.Conv3d
-        self.side = nn.ModuleList(conv(cfg.width * 2 ** k, self.num_classes, 1) for k in range(depth + 1))
+        self.side = nn.ModuleList(conv(cfg.width * 2 ** k, self.num_classes, 1) for k in range(cfg.depth + 1))
 
     def make_net(self, **kwargs) -> UNet:
         """The student: decoder 1 up-samples by transposed convolution, decoder 2 by linear interpolation."""
