@@ -15,6 +15,7 @@ Examples::
     minissl methods
     minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2,3,4
     minissl bench render --check                   # the docs tables match results/
+    minissl bench converge --suite cardiac --iters 2400   # has the supervised baseline converged at N?
     minissl bench ops
 """
 from __future__ import annotations
@@ -240,9 +241,10 @@ def cmd_demo(tokens: Sequence[str]) -> int:
 
 def cmd_bench(tokens: Sequence[str]) -> int:
     p = _Parser(prog="minissl bench",
-                description="Benchmarks: methods (leaderboard), render (its tables) or ops (kernels).")
-    p.add_argument("what", choices=["methods", "render", "ops"])
-    if tokens and tokens[0] in ("methods", "render", "ops"):  # `bench methods --help` is that command's help
+                description="Benchmarks: methods (leaderboard), render (its tables), converge (is the baseline "
+                            "converged?) or ops (kernels).")
+    p.add_argument("what", choices=["methods", "render", "converge", "ops"])
+    if tokens and tokens[0] in ("methods", "render", "converge", "ops"):  # `bench methods --help` is that command's help
         args, rest = p.parse_args(tokens[:1]), list(tokens[1:])
     else:
         args, rest = p.parse_known_args(tokens)
@@ -250,6 +252,10 @@ def cmd_bench(tokens: Sequence[str]) -> int:
         from .bench import main as bench_main, render_main
 
         return (bench_main if args.what == "methods" else render_main)(rest)
+    if args.what == "converge":
+        from .convergence import main as converge_main
+
+        return converge_main(rest)
     from .ops.benchmark import main as ops_main
 
     ops_main(rest)

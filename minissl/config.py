@@ -47,11 +47,12 @@ class Config:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # SGD weight decay
     lr_schedule: str = "poly"  # poly: lr (1 - t)^0.9 | cosine | constant ; t = iter / max_iters
+    recipe: str = "shared"  # shared (the four fields above) | official (the method's code) | official:<method>
     # --- network
     width: int = 8  # channels of the first UNet level (doubles per level); CPU-sized, GPU recipes use 16
     depth: int = 4  # number of down-samplings
     # --- shared semi-supervised knobs (methods read them through the base class)
-    ema_decay: float = 0.99  # EMA teacher decay
+    ema_decay: Optional[float] = None  # EMA teacher decay; None = each method's ema_horizon (a fraction of the run)
     cons_weight: float = 0.1  # final weight of the unlabeled loss
     rampup: float = 0.4  # sigmoid ramp-up length of the unlabeled weight, fraction of max_iters
     method_args: dict = field(default_factory=dict)  # method-specific overrides (the method's Args)
@@ -131,6 +132,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {  # field -> (check, wha
     "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "lr_schedule": (lambda v: v in ("poly", "cosine", "constant"), "one of poly, cosine, constant"),
+    "recipe": (lambda v: v in ("shared", "official") or (v.startswith("official:") and len(v) > 9),
+               "shared, official or official:<method>"),
     "width": (lambda v: v >= 1, "a positive integer (channels)"),
     "depth": (lambda v: v >= 1, "a positive integer (down-samplings)"),
     "ema_decay": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),

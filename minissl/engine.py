@@ -2,11 +2,13 @@
 
 What it guarantees (the protocol):
 
-* **iterations, not epochs**; the learning rate follows ``cfg.lr_schedule`` over ``max_iters``
-  (poly ``lr (1 - t)^0.9`` as SSL4MIS, cosine, or constant);
+* **iterations, not epochs**; the learning rate follows the run's recipe over ``max_iters``
+  (:mod:`minissl.recipes`: the shared poly ``lr (1 - t)^0.9`` of SSL4MIS, or the method's official one);
 * **checkpoints are chosen on the validation split only**: every ``val_every`` iterations the
   model is evaluated on the validation cases (mean foreground Dice); the best is kept as
-  ``best.pt``. The test split is evaluated **once**, at the end, with the best checkpoint;
+  ``best.pt``. The test split is evaluated **once**, at the end, with the best checkpoint. A
+  method with stages is also validated at each stage end and starts the next stage from the
+  stage's best-on-validation weights (``stage_best.pt``);
 * **every input checked before anything is written**: config ranges, the device, the network depth
   against the patch size, the method's options; an error leaves no run folder behind;
 * **atomic checkpoints of plain data** (:mod:`minissl.run`: loaded with ``weights_only=True``) and
@@ -46,7 +48,7 @@ from .data.store import CaseStore
 from .inference import predict_case
 from .methods import Method, get_method
 from .ops import _build
-from .run import BEST, LAST, Run, load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from .run import BEST, LAST, STAGE_BEST, Run, load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 
 
 def seed_everything(seed: int) -> None:
@@ -54,16 +56,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def learning_rate(cfg: Config, step: int) -> float:
-    """The learning rate at ``step`` for ``cfg.lr_schedule`` (a function of ``step / max_iters``)."""
-    t = min(step / cfg.max_iters, 1.0)
-    if cfg.lr_schedule == "poly":
-        return cfg.lr * (1.0 - t) ** 0.9
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
-    return cfg.lr
 
 
 def resolve(cfg: Config, store: CaseStore) -> Config:
@@ -281,6 +273,9 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     if ckpt is not None:
         _check_resume(ckpt.get("config", {}), cfg, method.resolved_args(), run_dir)
     optimizers = method.optimizers()
+    for opt in optimizers:  # the schedule scales each group's initial rate
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
     if ddp.world > 1:
         optimizers = [_GradAverage(o, ddp.world) for o in optimizers]
     extra = {"method_resolved": method.resolved_args(), "suite_spec": _spec_dict(spec)}
@@ -289,12 +284,14 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
         write_text_atomic(run_dir / "labeled.txt", "".join(c + "\n" for c in labeled))
     val_cases = [store.read(i) for i in store.split("val")]
 
-    start, best_val, best_step, rows = 0, -1.0, -1, []
+    start, best_val, best_step, rows, stage_best = 0, -1.0, -1, [], -1.0
+    stage_ends, stage_path = set(method.stage_ends()), run_dir / STAGE_BEST
     if ckpt is not None:
         load_state(method, ckpt, last_path)
         for opt, st in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(st)
         start, best_val, best_step, rows = ckpt["step"], ckpt["best_val"], ckpt["best_step"], ckpt["log"]
+        stage_best = ckpt.get("stage_best", -1.0)
     log = _Log(run, rows)
     if ckpt is not None:
         set_rng_state(method.rng, ckpt["rng"])
@@ -305,7 +302,8 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
 
     def checkpoint(step: int) -> dict:
         return {"step": step, "method": method.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                "best_val": best_val, "best_step": best_step, "log": log.rows, "rng": rng_state(method.rng),
+                "best_val": best_val, "best_step": best_step, "stage_best": stage_best, "log": log.rows,
+                "rng": rng_state(method.rng),
                 "config": extra | asdict(cfg)}
 
     _build.get_kernel("dice_ce_entropy")  # the one-time kernel build is not training time
@@ -314,10 +312,11 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     bar = _progress(cfg, start) if ddp.main else None
     with _Stop() as stop:
         for step in range(start, cfg.max_iters):
-            lr = learning_rate(cfg, step)
+            factor = method.lr_factor(step)
             for opt in optimizers:
                 for group in opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = group["initial_lr"] * factor
+            lr = optimizers[0].param_groups[0]["lr"]
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             t0, c0 = time.perf_counter(), time.process_time()
             parts = method.update(batch, step, optimizers)
@@ -332,18 +331,27 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
             if it % cfg.log_every == 0 or it == cfg.max_iters:
                 row = {"step": it, "lr": lr, **parts}
             stopping = ddp.any(stop.requested)
-            if (it % cfg.val_every == 0 or it == cfg.max_iters) and ddp.main:
+            ends_stage = it in stage_ends
+            if (it % cfg.val_every == 0 or it == cfg.max_iters or ends_stage) and ddp.main:
                 val = validate(method, val_cases, spec, device)
                 row = (row or {"step": it}) | {"val_dice": val}
                 if val > best_val:
                     best_val, best_step = val, it
                     save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val}, best_path)
+                if stage_ends and val > stage_best:
+                    stage_best = val
+                    save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val}, stage_path)
+            if ends_stage:  # the next stage starts from this stage's best-on-validation weights
+                if ddp.world > 1:
+                    dist.barrier()
+                method.end_stage(it, load_checkpoint(stage_path, map_location=device)["method"], optimizers)
+                stage_best = -1.0
             if row is not None:
                 log.add(row)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts['loss']:.3f}", best=f"{best_val:.3f}")
-            if (it % cfg.val_every == 0 or it == cfg.max_iters or stopping) and ddp.main:
+            if (it % cfg.val_every == 0 or it == cfg.max_iters or stopping or ends_stage) and ddp.main:
                 log.flush()
                 save_checkpoint(checkpoint(it), last_path)
             if stopping and it < cfg.max_iters:

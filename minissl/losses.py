@@ -196,6 +196,21 @@ def copy_paste_loss(logits: torch.Tensor, target: torch.Tensor,
     return gt, pl
 
 
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature sharpening of class probabilities along dim 1: ``p^(1/T) / sum_c p^(1/T)``.
+
+    T < 1 pushes every voxel towards its most likely class (MC-Net+ uses T = 0.1), T = 1 changes
+    nothing. Computed in the log domain, so tiny probabilities do not underflow to 0/0.
+
+    Args:
+        probs: (B, C, *S) probabilities (summing to 1 over C).
+        temperature: T > 0.
+    """
+    if not temperature > 0:
+        raise ValueError(f"sharpen: expected a temperature > 0, got {temperature!r}")
+    return torch.softmax(torch.log(probs.clamp_min(1e-30)) / temperature, dim=1)
+
+
 class DiceLoss(nn.Module):
     """Module form of :func:`dice_loss`; the arguments are stored and passed through."""
 

@@ -37,6 +37,7 @@ from .atomic import atomic_open, write_text_atomic
 from .config import Config, config_from_dict
 
 LAST, BEST = "last.pt", "best.pt"
+STAGE_BEST = "stage_best.pt"  # best-on-validation weights of the current stage (methods with stages)
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:

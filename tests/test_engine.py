@@ -19,17 +19,6 @@ def tiny_cfg(root, tmp_path, **kw):
     return load_config(**(base | kw))
 
 
-def test_learning_rate_schedules():
-    cfg = load_config(max_iters=100, lr=0.01)
-    assert engine.learning_rate(cfg, 0) == pytest.approx(0.01)
-    assert engine.learning_rate(cfg, 50) == pytest.approx(0.01 * 0.5 ** 0.9)
-    cfg.lr_schedule = "cosine"
-    assert engine.learning_rate(cfg, 50) == pytest.approx(0.005)
-    assert engine.learning_rate(cfg, 100) == pytest.approx(0.0, abs=1e-12)
-    cfg.lr_schedule = "constant"
-    assert engine.learning_rate(cfg, 77) == 0.01
-
-
 def test_sigmoid_rampup_and_ema():
     assert sigmoid_rampup(0.0, 0.4) == pytest.approx(math.exp(-5))
     assert sigmoid_rampup(0.2, 0.4) == pytest.approx(math.exp(-5 * 0.25))

@@ -70,17 +70,20 @@ def test_pretrain_stage_is_labeled_only():
     assert losses[0] == losses[1]
 
 
-def test_stage_switch_reinitialises_teacher_from_student():
+def test_stage_switch_starts_from_the_given_best_state_with_fresh_momentum():
     method = make()
+    assert method.stage_ends() == [2]  # pretrain 0.25 of 8 iterations
     opts = method.optimizers()
-    method.update(batch(), 0, opts)
-    student, teacher = method.student.state_dict(), method.teacher.state_dict()
-    assert not all(torch.equal(student[k], teacher[k]) for k in student)
+    best = {k: v.clone() for k, v in method.state_dict().items()}  # "the best stage-1 state": the initial one
+    for step in range(2):
+        method.update(batch(), step, opts)
     assert opts[0].state  # momentum buffers exist
-    method.update(batch(), 1, opts)  # last pre-training iteration: the switch happens after it
+    assert not all(torch.equal(best["student." + k], v) for k, v in method.student.state_dict().items())
+    method.end_stage(2, best, opts)
     student, teacher = method.student.state_dict(), method.teacher.state_dict()
+    assert all(torch.equal(student[k], best["student." + k]) for k in student)
     assert all(torch.equal(student[k], teacher[k]) for k in student)
-    assert not opts[0].state  # a fresh optimiser state, as the official code's new optimiser
+    assert not opts[0].state  # momentum cleared
     assert all(not p.requires_grad for p in method.teacher.parameters())
 
 

@@ -68,4 +68,4 @@ def test_coerce_refuses_what_it_cannot_read():
 def test_every_config_field_has_a_comment():
     notes = field_help(Config)
     assert set(notes) == set(Config.__dataclass_fields__)
-    assert notes["ema_decay"] == "EMA teacher decay"
+    assert notes["ema_decay"] == "EMA teacher decay; None = each method's ema_horizon (a fraction of the run)"

@@ -12,6 +12,12 @@ engine stays the same. ``predict(x)`` returns the logits used for evaluation.
 Shared helpers: ``sigmoid_rampup`` (the SSL4MIS ramp ``exp(-5 (1 - t)^2)`` over a fraction of the
 run), ``ema_update`` (the Mean-Teacher EMA), ``supervised_loss`` (SSL4MIS's ``0.5 (CE + Dice)``),
 ``labeled_unlabeled_mixes`` (the two labeled/unlabeled copy-paste mixes of BCP and M3HL).
+
+Recipe (:mod:`minissl.recipes`): ``self.recipe`` is the shared recipe unless ``cfg.recipe`` asks for the
+official one (``official_recipes[spatial_dims]``); ``optimizers`` builds from it and the engine scales
+every parameter group's ``initial_lr`` by ``lr_factor(step)``. A method whose run has stages (BCP's
+labeled pre-training) lists their last steps in ``stage_ends``; the engine validates there and hands
+``end_stage`` the best-on-validation state of the stage that ended.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from torch import Tensor, nn
 from .. import losses, ops
 from ..config import Config, resolve_args
 from ..nets import UNet
+from ..recipes import Recipe, ema_decay_for, lr_factor, make_optimizer, shared_recipe
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -133,6 +140,8 @@ class Method(nn.Module):
     name: ClassVar[str] = "base"
     Args: ClassVar[type] = NoArgs
     semi_supervised: ClassVar[bool] = True  # False: the loader gives no unlabeled images
+    official_recipes: ClassVar[dict[int, Recipe]] = {}  # spatial_dims -> the official code's recipe (2: ACDC, 3: LA)
+    has_uncertainty: ClassVar[bool] = False  # True: ``uncertainty(x)`` gives a voxel-wise map
 
     def __init__(self, cfg: Config, spec: Any):
         super().__init__()
@@ -142,6 +151,7 @@ class Method(nn.Module):
         self.spatial_dims = int(spec.spatial_dims)
         self.max_iters = int(cfg.max_iters)
         self.rng = torch.Generator().manual_seed(cfg.seed * 1000 + 17)
+        self.recipe = resolve_recipe(cfg, self.name, self.spatial_dims)
         self.student = self.make_net()
 
     # --- construction helpers
@@ -152,10 +162,8 @@ class Method(nn.Module):
         return UNet(**(opts | kwargs))
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        """One SGD optimiser over every trainable parameter (EMA teachers are frozen)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
-                                weight_decay=self.cfg.weight_decay)]
+        """One optimiser of the run's recipe over every trainable parameter (EMA teachers are frozen)."""
+        return [make_optimizer((p for p in self.parameters() if p.requires_grad), self.recipe)]
 
     def resolved_args(self) -> dict:
         """The method's resolved hyper-parameters (saved beside the config)."""
@@ -166,14 +174,38 @@ class Method(nn.Module):
         """Fraction of the run done at ``step``."""
         return step / max(self.max_iters, 1)
 
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of every parameter group's ``initial_lr`` at ``step`` (the recipe's schedule)."""
+        return lr_factor(self.recipe, step, self.max_iters)
+
+    def ema_decay(self) -> float:
+        """The EMA decay of this run: ``cfg.ema_decay`` if given, else from the method's ``ema_horizon``."""
+        if self.cfg.ema_decay is not None:
+            return float(self.cfg.ema_decay)
+        horizon = getattr(self.args, "ema_horizon", None)
+        if horizon is None:
+            raise ValueError(f"{self.name}: expected an ema_horizon in the method's Args or --ema_decay, got neither")
+        return ema_decay_for(horizon, self.max_iters)
+
+    def stage_ends(self) -> list[int]:
+        """Iterations (1-based counts) after which a stage of the run ends; none by default."""
+        return []
+
+    def end_stage(self, step: int, best_state: dict[str, Tensor], optimizers: list[torch.optim.Optimizer]) -> None:
+        """Called by the engine after iteration ``step`` ends a stage, with the stage's best-on-validation state."""
+
     def cons_weight(self, step: int) -> float:
         """``cfg.cons_weight`` times the sigmoid ramp-up over ``cfg.rampup`` of the run."""
         return self.cfg.cons_weight * sigmoid_rampup(self.progress(step), self.cfg.rampup)
 
     # --- the training protocol
     def supervised_loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """SSL4MIS's supervised loss ``0.5 (CE + Dice)`` (soft Dice over all classes)."""
-        return losses.dice_ce_loss(logits, y, lambda_dice=0.5, lambda_ce=0.5)
+        """SSL4MIS's supervised loss ``0.5 (CE + Dice)``.
+
+        Dice is SSL4MIS's ``DiceLoss``: per class ``1 - (2 sum p y + 1e-5) / (sum p^2 + sum y^2 + 1e-5)``
+        with the sums pooled over the whole batch, averaged over all classes (background included).
+        """
+        return losses.dice_ce_loss(logits, y, lambda_dice=0.5, lambda_ce=0.5, squared=True, batch=True)
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         """Return ``{'loss': total, <part>: value, ...}`` for one batch."""
@@ -197,3 +229,26 @@ class Method(nn.Module):
     def predict(self, x: Tensor) -> Tensor:
         """Logits used for evaluation, ``(B, C, *S)``; the student by default."""
         return self.student(x)
+
+    @torch.no_grad()
+    def uncertainty(self, x: Tensor) -> Tensor:
+        """A voxel-wise uncertainty map ``(B, *S)`` for methods with ``has_uncertainty``."""
+        raise ValueError(f"method {self.name!r} has no uncertainty map: expected one of the methods with "
+                         f"has_uncertainty = True, got {self.name!r}")
+
+
+def resolve_recipe(cfg: Config, method: str, spatial_dims: int) -> Recipe:
+    """The run's recipe: the shared one from ``cfg``, or the official one of ``method`` (or of the method
+    named in ``cfg.recipe = "official:<name>"``) for ``spatial_dims``.
+
+    Raises:
+        ValueError: the method has no official recipe for this dimension, or the name is unknown.
+    """
+    if cfg.recipe == "shared":
+        return shared_recipe(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_schedule)
+    owner = cfg.recipe.split(":", 1)[1] if ":" in cfg.recipe else method
+    table = get_method(owner).official_recipes
+    if spatial_dims not in table:
+        raise ValueError(f"--recipe {cfg.recipe}: method {owner!r} has no official {spatial_dims}D recipe "
+                         f"(it has {sorted(table) or 'none'}); expected --recipe shared")
+    return table[spatial_dims]

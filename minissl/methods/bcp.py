@@ -20,9 +20,10 @@ over all classes including the background; CE_R is the mean cross-entropy over t
 Algorithm:
     stage 1 (first ``pretrain`` = 25 % of max_iters; BCP: 10k of 40k iterations), labeled only:
         X = L_a * M + L_b * (1 - M), targets Y_a / Y_b, both regions weight 1.0;
-    switch: the teacher is re-initialised from the pre-trained student (the official code loads
-        the pre-trained weights into both networks) and the SGD momentum is cleared (the official
-        code builds a new optimiser);
+    switch (``stage_ends`` / ``end_stage``): the engine validates at the end of stage 1 and hands
+        over the best-on-validation stage-1 weights; student and teacher start from them (the
+        official code loads its best pre-trained checkpoint into both networks) and the SGD
+        momentum is cleared;
     stage 2 (the remaining 75 %; BCP: 30k), per iteration:
         1. teacher pseudo-labels PL_a, PL_b of the unlabeled halves (argmax + largest component);
         2. one box, the two bidirectional mixes X_in, X_out with their targets and GT-region maps
@@ -61,6 +62,7 @@ from .base import Method, ema_update, labeled_unlabeled_mixes, make_teacher, reg
 
 @dataclass
 class BCPArgs:
+    ema_horizon: float = 1 / 400  # fraction of the run: EMA 0.99 over 40,000 iterations (BCP ACDC: 10k + 30k)
     pretrain: float = 0.25  # labeled-only copy-paste stage, fraction of max_iters (BCP: 10k of 40k)
     box_ratio: float = 2 / 3  # side of the pasted box, fraction of every spatial dim
     u_weight: float = 0.5  # loss weight of the pseudo-labelled region (the GT region has 1.0)
@@ -118,19 +120,17 @@ class BCP(Method):
         w = self.args.u_weight
         return {"loss": sup + w * unsup, "sup": sup, "unsup": unsup, "w": torch.tensor(w)}
 
-    def start_self_training(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        """Stage switch: teacher <- pre-trained student, fresh SGD momentum."""
+    def stage_ends(self) -> list[int]:
+        """The labeled stage ends after ``pretrain_iters`` iterations."""
+        return [self.pretrain_iters] if 0 < self.pretrain_iters < self.max_iters else []
+
+    def end_stage(self, step: int, best_state: dict[str, Tensor], optimizers: list[torch.optim.Optimizer]) -> None:
+        """Stage switch: student and teacher <- the best-on-validation stage-1 student, fresh SGD momentum."""
+        self.load_state_dict(best_state)
         self.teacher.load_state_dict(self.student.state_dict())
         for opt in optimizers:
             opt.state.clear()
 
-    def update(self, batch: dict[str, Tensor], step: int, optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
-        """The default update; after the last pre-training iteration, switch to self-training."""
-        logs = super().update(batch, step, optimizers)
-        if step + 1 == self.pretrain_iters:
-            self.start_self_training(optimizers)
-        return logs
-
     def after_step(self, step: int) -> None:
         if step >= self.pretrain_iters:
-            ema_update(self.teacher, self.student, self.cfg.ema_decay, step)
+            ema_update(self.teacher, self.student, self.ema_decay(), step)

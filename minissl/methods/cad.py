@@ -115,6 +115,7 @@ def donor_index(conf: Tensor, boxes: Tensor) -> Tensor:
 
 @dataclass
 class CADArgs:
+    ema_horizon: float = 1 / 300  # fraction of the run: EMA 0.99 over 30,000 iterations (ABD ACDC; CAD has no code)
     tau_start: float = 0.70  # GUESS: confidence threshold at the start (DTE)
     tau_end: float = 0.95  # GUESS: threshold at the end of the ramp
     size_start: float = 1 / 16  # GUESS: largest displaced box at the start, fraction of the image
@@ -170,5 +171,5 @@ class CAD(Method):
                 "tau": torch.tensor(tau), "a_max": torch.tensor(a_max)}
 
     def after_step(self, step: int) -> None:
-        ema_update(self.teacher, self.student, self.cfg.ema_decay, step)
-        ema_update(self.peer_teacher, self.peer, self.cfg.ema_decay, step)
+        ema_update(self.teacher, self.student, self.ema_decay(), step)
+        ema_update(self.peer_teacher, self.peer, self.ema_decay(), step)

@@ -141,6 +141,7 @@ def mirror_targets(p: Tensor, params: Tensor) -> Tensor:
 
 @dataclass
 class ERSRArgs:
+    ema_horizon: float = 1 / 100  # fraction of the run: EMA 0.99 over 10,000 iterations (ERSR train.py)
     threshold: float = 0.6  # tau: binarises the teacher map for the fit and the refined map
     fill_base: float = 0.6  # inside the ellipse: max(P, fill_base + (1 - d)^fill_power)
     fill_power: float = 2.0
@@ -237,4 +238,4 @@ class ERSR(Method):
                 "kept": keep.float().mean(), "fit_ok": valid.float().mean()}
 
     def after_step(self, step: int) -> None:
-        ema_update(self.teacher, self.student, self.cfg.ema_decay, step)
+        ema_update(self.teacher, self.student, self.ema_decay(), step)

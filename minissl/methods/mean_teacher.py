@@ -42,6 +42,7 @@ from .base import Method, ema_update, make_teacher, register
 
 @dataclass
 class MeanTeacherArgs:
+    ema_horizon: float = 1 / 300  # fraction of the run: EMA 0.99 over 30,000 iterations (SSL4MIS MT 2D)
     noise_std: float = 0.1  # std of the Gaussian input noise
     noise_clip: float = 0.2  # the noise is clipped to [-clip, clip]
     eval_teacher: bool = False  # evaluate the EMA teacher instead of the student
@@ -74,7 +75,7 @@ class MeanTeacher(Method):
         return {"loss": sup + w * unsup, "sup": sup, "unsup": unsup, "w": torch.tensor(w)}
 
     def after_step(self, step: int) -> None:
-        ema_update(self.teacher, self.student, self.cfg.ema_decay, step)
+        ema_update(self.teacher, self.student, self.ema_decay(), step)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

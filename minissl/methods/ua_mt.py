@@ -91,6 +91,7 @@ def predictive_entropy(probs: Tensor, eps: float = 1e-6) -> Tensor:
 
 @dataclass
 class UAMTArgs(MeanTeacherArgs):
+    ema_horizon: float = 1 / 60  # fraction of the run: EMA 0.99 over 6,000 iterations (UA-MT, LA)
     mc_passes: int = 8  # T: noisy dropout passes of the teacher for the uncertainty
     threshold_rampup: float = 1.0  # the entropy threshold ramps 0.75 -> 1.0 ln C over this fraction of the run
     ssl4mis_constants: bool = False  # official ln 2 threshold and 2 sum(mask) normaliser whatever C
