@@ -150,30 +150,6 @@ def consistency_mse(logits: torch.Tensor, target_probs: torch.Tensor,
     return sq_err.sum() / (logits.shape[1] * stats.weight_sum.sum().clamp_min(EPS))
 
 
-def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Temperature sharpening of class probabilities along dim 1: ``p_c^(1/T) / sum_k p_k^(1/T)``.
-
-    T < 1 pushes each voxel's distribution towards its argmax (T -> 0: one-hot), T = 1 returns it
-    unchanged. Computed as ``softmax(log(p) / T)``, which is exact and stays finite for tiny p.
-
-    Args:
-        probs: (B, C, *S) probabilities (each voxel sums to 1 over C).
-        temperature: T > 0.
-
-    Returns:
-        (B, C, *S) sharpened probabilities; gradients flow unless the caller detaches.
-
-    Example:
-        >>> sharpen(torch.tensor([[0.6, 0.4]]), 0.5)  # 0.36 / 0.52, 0.16 / 0.52
-        tensor([[0.6923, 0.3077]])
-    """
-    if not temperature > 0:
-        raise ValueError(f"sharpen: expected temperature > 0, got {temperature}")
-    if probs.dim() < 2:
-        raise ValueError(f"sharpen: expected probs of shape (B, C, *S), got {tuple(probs.shape)}")
-    return torch.softmax(probs.clamp_min(torch.finfo(probs.dtype).tiny).log() / temperature, dim=1)
-
-
 def copy_paste_loss(logits: torch.Tensor, target: torch.Tensor,
                     gt_region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BCP's ``mix_loss`` of one copy-paste batch, split into its ground-truth and pseudo-label regions.

@@ -154,22 +154,6 @@ def test_gradients_flow_to_logits_only():
     assert torch.autograd.gradcheck(lambda x: losses.dice_ce_loss(x, target[:1, :2, :2], squared=True), (z,))
 
 
-def test_sharpen_by_hand():
-    p = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]]).reshape(3, 2, 1)  # (B, C, S) voxels as batch rows
-    # T = 0.5 squares: 0.36 / (0.36 + 0.16), 0.16 / 0.52; a tie stays a tie; 0.81 / 0.82, 0.01 / 0.82
-    expected = torch.tensor([[0.36 / 0.52, 0.16 / 0.52], [0.5, 0.5], [0.81 / 0.82, 0.01 / 0.82]]).reshape(3, 2, 1)
-    torch.testing.assert_close(losses.sharpen(p, 0.5), expected)
-    torch.testing.assert_close(losses.sharpen(p, 1.0), p)
-    q = torch.tensor([0.5, 0.3, 0.2]).reshape(1, 3, 1, 1)  # T = 0.1: p^10 / sum p^10, dominated by 0.5^10
-    s = losses.sharpen(q, 0.1)
-    z = 0.5 ** 10 + 0.3 ** 10 + 0.2 ** 10
-    torch.testing.assert_close(s.flatten(), torch.tensor([0.5 ** 10 / z, 0.3 ** 10 / z, 0.2 ** 10 / z]))
-    assert float(s[0, 0]) > 0.99
-    assert torch.isfinite(losses.sharpen(torch.tensor([[1.0, 0.0]]), 0.1)).all()  # zeros stay finite
-    with pytest.raises(ValueError, match="sharpen: expected temperature > 0, got 0"):
-        losses.sharpen(p, 0)
-
-
 def test_bad_input():
     logits, target, _ = _data()
     with pytest.raises(ValueError, match="expected reduction 'mean', 'sum' or 'none', got 'avg'"):

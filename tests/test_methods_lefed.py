@@ -117,3 +117,11 @@ def test_consistency_trains_both_decoders_with_constant_weight():
 def test_bad_args():
     with pytest.raises(ValueError, match="lefed: passes must be >= 1, got 0"):
         make(passes=0)
+
+
+def test_official_recipe_steps_every_sixth_of_the_run_in_3d_only():
+    spec = replace(phantoms.SUITES["atrium"], patch_size=(8, 8, 8))
+    method = LeFeD(load_config(method="lefed", max_iters=600, width=4, depth=2, recipe="official"), spec)
+    assert [round(method.lr_factor(s), 6) for s in (0, 99, 100, 200, 599)] == [1.0, 1.0, 0.1, 0.01, 1e-5]
+    with pytest.raises(ValueError, match="method 'lefed' has no official 2D recipe"):
+        LeFeD(load_config(method="lefed", max_iters=10, recipe="official"), phantoms.SUITES["cardiac"])

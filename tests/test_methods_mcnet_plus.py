@@ -101,3 +101,13 @@ def test_bad_args():
         make(num_decoders=4)
     with pytest.raises(ValueError, match="mcnet_plus: temperature must be > 0, got 0"):
         make(temperature=0.0)
+
+
+def test_official_recipe_is_constant_sgd_in_2d_and_3d():
+    for spatial in ((16, 16), (8, 8, 8)):
+        suite = "cardiac" if len(spatial) == 2 else "atrium"
+        spec = replace(phantoms.SUITES[suite], patch_size=spatial)
+        method = MCNetPlus(load_config(method="mcnet_plus", max_iters=100, width=4, depth=2, recipe="official"), spec)
+        assert method.recipe.optimizer == "sgd" and method.recipe.lr == 0.01
+        assert [method.lr_factor(s) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert make().lr_factor(50) < 1.0  # the shared recipe decays (poly)

@@ -55,8 +55,9 @@ Where the official code differs, and what minissl does:
       decoders, as the code;
     * a consistency ramp, a sharpening temperature (0.05) and an EMA decay are parsed or computed but
       unused; minissl has none of them (``cons_weight`` is a constant, 1 as the code);
-    * the learning rate drops x0.1 every 2500 of 15000 iterations (``official_recipes``: the 'step'
-      schedule every 1/6 of the run); an iteration there is also one batch with 3 optimiser steps;
+    * SGD 0.01 (momentum 0.9, weight decay 1e-4) whose rate drops x0.1 every 2500 of 15000 iterations
+      (``official_recipes``, 3D only: the 'step' schedule every 1/6 of the run; the shared recipe
+      decays it by poly); an iteration there is also one batch with 3 optimiser steps;
     * the deep-supervision weights exist for a 4-level VNet; with ``depth`` < 4 minissl uses the first
       ``depth + 1`` (full resolution first; the UNet has at most 4 levels).
 """
@@ -70,6 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nets import UNet
+from ..recipes import Recipe
 from .base import Method, register
 
 DS_WEIGHTS = (0.8, 0.6, 0.4, 0.2, 0.1)  # deep supervision of decoder 1's stages, full resolution first
@@ -91,6 +93,8 @@ class LeFeD(Method):
     """Two differentiated decoders; their feature discrepancy is fed back into the encoder over K passes."""
 
     Args = LeFeDArgs
+    official_recipes = {3: Recipe("sgd", 0.01, 0.9, 1e-4, "step", step_every=2500 / 15000, step_gamma=0.1,
+                                  source="maxwell0027/LeFeD train.py")}
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)

@@ -41,11 +41,11 @@ Where the official code differs, and what minissl does:
       set) this equals the class-normalised ``losses.sharpen``; with ACDC's four classes the official
       target of a voxel no longer sums to 1 (a class with p <= 0.5 is never sharpened up). minissl uses
       ``losses.sharpen`` for every number of classes;
-    * the supervised loss is Dice only: in 3D the foreground-channel Dice with weight 0.5; in 2D a
-      squared Dice without the factor 2 (``1 - I / (P + T)`` = 0.5 + 0.5 x the usual squared Dice
-      loss) with weight 1. Both give the Dice gradient weight 0.5, which the shared
-      ``supervised_loss`` = 0.5 (CE + Dice) per decoder keeps; its 0.5 CE is computed but not added
-      by the official scripts;
+    * the supervised loss is Dice only: in 2D SSL4MIS's squared, batch-pooled Dice without its factor
+      2 (``1 - I / (P + T)`` = 0.5 + 0.5 x the shared Dice) with weight 1; in 3D the plain
+      foreground-channel Dice with weight 0.5. Either way the Dice enters with weight 0.5, as in the
+      shared ``supervised_loss`` = 0.5 (CE + Dice) that minissl applies to every decoder; the 0.5 CE
+      is computed but not added by the official scripts;
     * consistency weight: 3D ``1.0 * ramp(iter // 150, 40)`` (the first 6000 of 15000 iterations = 0.4
       of the run), 2D ``0.1 * ramp(iter // 150, 200)`` (the whole 30000). minissl uses the shared
       ``cfg.cons_weight`` (0.1) and ``cfg.rampup`` (0.4): ``--cons_weight 1.0`` gives the 3D values,
@@ -53,6 +53,8 @@ Where the official code differs, and what minissl does:
     * networks: a VNet with dropout (3D) and the SSL4MIS UNet (2D), whose linear/nearest decoders
       interpolate then apply a 3x3 conv (VNet) or a 1x1 conv then interpolate (UNet); minissl uses its
       UNet in 2D and 3D (1x1 conv then interpolation);
+    * the optimiser is SGD 0.01 (momentum 0.9, weight decay 1e-4) at a constant rate
+      (``official_recipes``); the shared recipe decays it (poly);
     * the best checkpoint is picked on the test volumes (3D) every 200 iterations after 800; minissl
       picks on the validation split (the protocol).
 """
@@ -67,6 +69,7 @@ from torch import Tensor
 from .. import losses
 from ..nets import UNet
 from ..nets.unet import UP_MODES
+from ..recipes import Recipe
 from .base import Method, register
 
 
@@ -116,6 +119,8 @@ class MCNetPlus(Method):
 
     Args = MCNetPlusArgs
     has_uncertainty = True
+    official_recipes = {2: Recipe("sgd", 0.01, 0.9, 1e-4, "constant", source="ycwu1997/MC-Net code/train_mcnet_2d.py"),
+                        3: Recipe("sgd", 0.01, 0.9, 1e-4, "constant", source="ycwu1997/MC-Net code/train_mcnet_3d.py")}
 
     def make_net(self, **kwargs) -> UNet:
         """The student: one UNet decoder per up-sampling mode (encoder and decoder 1 as every other method's)."""
