@@ -69,6 +69,10 @@ def test_disagreement_by_hand():
     pairs = sum(float((a - b).pow(2).sum()) for a in p for b in p)  # ordered pairs, i == j adds 0
     assert pairs == pytest.approx(2 * 3 ** 2 * (1 / 3))  # sum_{i != j} ||p_i - p_j||^2 = 2 D^2 u
     torch.testing.assert_close(disagreement([p[2], p[2], p[2]]), torch.zeros(1, 1))
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    u = disagreement([torch.softmax(v, 1) for v in z])  # (2, 4, 4)
+    assert float(mutual_consistency(z, 1.0)) == pytest.approx(2 * 3 ** 2 * float(u.mean()) / 3)  # T = 1: 2 D^2 u / C
 
 
 @pytest.mark.parametrize("spatial", [(16, 16), (8, 8, 8)])

@@ -23,8 +23,8 @@ Algorithm (per iteration):
     4. one SGD step.
 Evaluation uses decoder 1 (transposed convolution), as the official test scripts do.
 ``uncertainty(x)`` is the decoders' disagreement: the per-voxel variance of the D probability maps,
-summed over classes, ``u = (1/D) sum_d sum_c (p_dc - mean_d' p_d'c)^2``. It is the sharpening-free
-form of L_mc: ``sum_{i != j} ||p_i - p_j||^2 = 2 D^2 u``.
+summed over classes, ``u = (1/D) sum_d sum_c (p_dc - mean_d' p_d'c)^2``; it is L_mc without the
+sharpening, per voxel: ``sum_{i != j} ||p_i - p_j||^2 = 2 D^2 u``, so with T = 1, L_mc = 2 D^2 mean(u) / C.
 Schedule: the consistency weight ramps over ``cfg.rampup`` of the run (fraction of max_iters).
 
 Paper: Y. Wu, Z. Ge, D. Zhang, M. Xu, L. Zhang, Y. Xia, J. Cai, "Mutual consistency learning for
