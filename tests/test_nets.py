@@ -73,6 +73,24 @@ def test_stage_features_gates_and_feedback(spatial_dims, size):
         net.decode_stages(feats, 0, gates=ones[:1])
 
 
+def test_in_place_activations_give_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    net = UNet(1, 3, 2, width=4, depth=2, dropout=0.0, up_modes=("transpose", "linear"))
+    x = torch.randn(2, 1, 8, 8)
+    outs = {}
+    for inplace in (True, False):
+        for m in net.modules():
+            if isinstance(m, nn.LeakyReLU):
+                m.inplace = inplace
+        net.zero_grad()
+        y = sum(o.square().sum() for o in net.forward_all(x))
+        y.backward()
+        outs[inplace] = (y.detach(), [p.grad.clone() for p in net.parameters()])
+    torch.testing.assert_close(outs[True][0], outs[False][0])
+    for a, b in zip(outs[True][1], outs[False][1]):
+        torch.testing.assert_close(a, b)
+
+
 def test_bad_input():
     net = UNet(1, 2, 2, width=4, depth=3)
     with pytest.raises(ValueError, match=r"divisible by 2\*\*depth=8, got \(20, 16\)"):

@@ -37,11 +37,15 @@ def _layers(spatial_dims: int) -> tuple[type, type, type]:
 
 
 def conv_block(c_in: int, c_out: int, spatial_dims: int, dropout: float = 0.0) -> nn.Sequential:
-    """conv3x3-BN-LeakyReLU-Dropout-conv3x3-BN-LeakyReLU (SSL4MIS ``ConvBlock``; element-wise dropout)."""
+    """conv3x3-BN-LeakyReLU-Dropout-conv3x3-BN-LeakyReLU (SSL4MIS ``ConvBlock``; element-wise dropout).
+
+    The LeakyReLUs work in place on the BN outputs (BN's backward needs only its input), which keeps one
+    map fewer per activation for the backward pass: a third less activation memory, the same values.
+    """
     conv, _, norm = _layers(spatial_dims)
-    return nn.Sequential(conv(c_in, c_out, 3, padding=1), norm(c_out), nn.LeakyReLU(),
+    return nn.Sequential(conv(c_in, c_out, 3, padding=1), norm(c_out), nn.LeakyReLU(inplace=True),
                          nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
-                         conv(c_out, c_out, 3, padding=1), norm(c_out), nn.LeakyReLU())
+                         conv(c_out, c_out, 3, padding=1), norm(c_out), nn.LeakyReLU(inplace=True))
 
 
 def up_layer(c_in: int, c_out: int, spatial_dims: int, mode: str) -> nn.Module:
