@@ -1,7 +1,7 @@
 """``minissl bench methods | render``: the leaderboard under one protocol, resumable, kept as data.
 
 Every method runs on the same suite with the same labeled budget, iterations, augmentation, network
-and seeds; only the method differs. A run trains in ``<out>/<suite>/<method>-b<budget>-s<seed>`` (an
+and seeds; only the method differs. A run trains in ``<out>/<suite>/<method>-b<budget>-i<iters>-<recipe>-s<seed>`` (an
 interrupted one is resumed from its ``last.pt``); once finished, its small files are recorded under
 ``<results>/<suite>/b<budget>-i<iters>-<recipe>/<method>/seed<k>/`` (:mod:`minissl.results`). A run
 whose result folder is complete is not trained again, so a long leaderboard continues where it
@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .config import load_config
 from .data.sources import open_data
@@ -64,7 +64,7 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
             raise ValueError(f"{folder} holds a result with another configuration (fields {differ} differ); "
                              f"expected the same options, or another --results folder")
     else:
-        run_dir = Path(cfg.out_dir) / f"{method}-b{cfg.budget}-s{seed}"
+        run_dir = Path(cfg.out_dir) / f"{method}-{folder.parent.parent.name}-s{seed}"  # one folder per setting
         cfg.run_name = run_dir.name
         if not ((run_dir / "config.json").is_file() and Run(run_dir).finished):
             cfg.resume = (run_dir / LAST).exists()
@@ -77,6 +77,13 @@ def all_labels_budget(store: CaseStore) -> int:
     """The budget "all": every training patient with a label (unlabeled-only cases stay unlabeled)."""
     train = store.split("train")
     return len({p for p, has in zip(store.patients(train), store.has_label(train)) if has})
+
+
+def not_applicable(spec: Any) -> dict[str, str]:
+    """The registered methods that cannot train on a suite of ``spec``, with the reason."""
+    from .methods import METHODS
+
+    return {name: why for name, cls in sorted(METHODS.items()) if (why := cls.applies_to(spec)) is not None}
 
 
 def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budget: Optional[str] = None,
@@ -94,13 +101,16 @@ def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budg
         n_budget = all_labels_budget(store)
     else:
         n_budget = int(budget) if budget else None
-    rows = []
+    rows, skipped = [], not_applicable(store.spec)
     for method in methods:
+        if method in skipped:
+            print(f"[bench] {suite} {method}: not applicable ({skipped[method]})", flush=True)
+            continue
         for seed in seeds:
             print(f"[bench] {suite} {method} seed {seed}", flush=True)
             rows.append(run_one(suite, method, seed, n_budget, iters, Path(out), data_root, overrides, store=store,
                                 results=results))
-    text = render_leaderboard(rows)
+    text = render_leaderboard(rows, not_applicable=sorted(skipped))
     print(text)
     return text
 
@@ -114,7 +124,10 @@ def render(results: str = "results", docs: str = "docs/results", check: bool = F
     Returns:
         The tables written, or with ``check`` the ones that differ.
     """
-    tables = render_all(results, docs)
+    from .data.phantoms import SUITES
+
+    tables = render_all(results, docs, not_applicable={name: sorted(not_applicable(spec))
+                                                       for name, spec in SUITES.items()})
     if check:
         return [p for p, text in tables.items() if not p.is_file() or p.read_text() != text]
     for path, text in tables.items():

@@ -231,7 +231,7 @@ def cmd_demo(tokens: Sequence[str]) -> int:
                                 description="Supervised baseline vs a semi-supervised method on an embedded suite.")
     p.add_argument("--suite", default="fetal_head")
     p.add_argument("--method", default=None, help="semi-supervised method (default: bcp)")
-    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="iterations of each run (default 600, a short run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo")
     args = p.parse_args(tokens)

@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import csv
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .results import ResultRow
+from .data.sources import open_data
+from .results import ResultRow, load
 from .stats import mean_std, paired_interval
 
 MAX_GAIN, MAX_MOVE, MIN_GAP = 2.0, 0.5, 10.0  # Dice points
@@ -130,12 +132,44 @@ def render(c: Convergence) -> str:
     return "\n".join(lines)
 
 
+def runs(results: str | Path, suite: str, iters: int, budget: int, seeds: Sequence[int],
+         method: str = "supervised", recipe: str = "shared") -> list[ResultRow]:
+    """The recorded runs of ``method`` on ``suite`` at ``iters`` iterations and ``budget`` labeled cases."""
+    return [r for r in load(results) if (r.suite, r.method, r.recipe, r.iters, r.budget) ==
+            (suite, method, recipe, iters, budget) and r.seed in seeds]
+
+
+def converge(suite: str, iters: int, seeds: Sequence[int] = (0, 1, 2, 3, 4), all_labels: bool = True,
+             out: str = "runs/bench", results: str = "results", data_root: Optional[str] = None,
+             overrides: Sequence[str] = ()) -> tuple[Convergence, dict[str, list[ResultRow]]]:
+    """Train the missing supervised runs (N and 2N at the suite's default budget, all labels at N) and check.
+
+    Args:
+        suite: the suite (its name in the results; ``data_root`` opens another folder under that name).
+        iters: N.
+        overrides: further ``--key value`` options of every run.
+
+    Returns:
+        The check and its runs, ``{"budget, N": rows, "budget, 2N": rows, "all labels, N": rows}``.
+    """
+    from .bench import all_labels_budget, bench_methods
+
+    store = open_data(data_root or suite)
+    budget, full = int(store.spec.default_budget), all_labels_budget(store)
+    plan = {f"{budget} labeled, N={iters}": (iters, None, budget),
+            f"{budget} labeled, 2N={2 * iters}": (2 * iters, None, budget)}
+    if all_labels:
+        plan[f"all {full} labeled, N={iters}"] = (iters, "all", full)
+    groups = {}
+    for label, (n_iters, budget_arg, n_labeled) in plan.items():
+        bench_methods(suite, ["supervised"], seeds, budget_arg, n_iters, out, data_root, overrides, results)
+        groups[label] = runs(results, store.spec.name, n_iters, n_labeled, seeds)
+    rows = list(groups.values())
+    return check(rows[0], rows[1], rows[2] if all_labels else ()), groups
+
+
 def main(tokens: Sequence[str]) -> int:
     """``minissl bench converge``: train what is missing, print the check; 1 when not converged."""
-    from .bench import all_labels_budget, bench_methods
-    from .data.sources import open_data
-    from .results import load
-
     p = argparse.ArgumentParser(prog="minissl bench converge", description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="cardiac")
     p.add_argument("--iters", type=int, required=True, help="N: compared with 2N")
@@ -144,17 +178,7 @@ def main(tokens: Sequence[str]) -> int:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--results", default="results")
     args, rest = p.parse_known_args(tokens)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    runs = [(args.iters, None), (2 * args.iters, None)] + ([] if args.no_all else [(args.iters, "all")])
-    for iters, budget in runs:
-        bench_methods(args.suite, ["supervised"], seeds, budget, iters, args.out, None, rest, args.results)
-    store = open_data(args.suite)
-    budget, full = int(store.spec.default_budget), all_labels_budget(store)
-
-    def pick(iters: int, n_labeled: int) -> list[ResultRow]:
-        return [r for r in load(args.results) if (r.suite, r.method, r.recipe, r.iters, r.budget) ==
-                (args.suite, "supervised", "shared", iters, n_labeled) and r.seed in seeds]
-
-    c = check(pick(args.iters, budget), pick(2 * args.iters, budget), () if args.no_all else pick(args.iters, full))
+    c, _ = converge(args.suite, args.iters, [int(s) for s in args.seeds.split(",")], not args.no_all, args.out,
+                    args.results, overrides=rest)
     print(render(c))
     return 0 if c.converged else 1

@@ -484,6 +484,31 @@ def selection_figure(steps: Sequence[int], val: Sequence[float], test: Sequence[
     return fig
 
 
+def convergence_figure(groups: Mapping[str, Sequence[ResultRow]]) -> Figure:
+    """Validation curves of recorded runs: per group the seed mean (thick) and each seed (thin).
+
+    Args:
+        groups: ``{label: rows}``, e.g. the budget at N and 2N and all labels at N
+            (:func:`minissl.convergence.converge`).
+    """
+    from .convergence import val_curve
+
+    fig = Figure(figsize=(6.5, 3.5))
+    ax = fig.subplots()
+    for label, rows in groups.items():
+        curves = [val_curve(r) for r in rows]
+        if not curves:
+            continue
+        mean = np.mean([v for _, v in curves], axis=0)
+        line, = ax.plot(curves[0][0], mean, lw=2, label=f"{label} ({len(rows)} seeds)")
+        for steps, vals in curves:
+            ax.plot(steps, vals, lw=0.6, alpha=0.4, color=line.get_color())
+    ax.set(xlabel="iteration", ylabel="validation Dice (points)", title="supervised baseline: validation curves")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------- reports
 
 def _show_slice(label: np.ndarray) -> Optional[int]:

@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 
 from minissl import bench, cli, engine, results
+from minissl.config import load_config
+from minissl.methods import get_method
+from minissl.run import Run
 
 FIXTURE = Path(__file__).parent / "data" / "results_fixture"
 
@@ -12,7 +15,7 @@ def test_run_is_recorded_and_read_back_not_retrained(tiny_stores, tmp_path, monk
     over = ["--width", "4", "--depth", "2", "--batch_size", "4", "--labeled_bs", "2", "--val_every", "2"]
     store, runs, res = str(tiny_stores["fetal_head"]), tmp_path / "runs", tmp_path / "results"
     first = bench.run_one("fetal_head", "supervised", 0, None, 2, runs, store, over, results=res)
-    assert (runs / "fetal_head" / "supervised-b2-s0" / "metrics.json").is_file()
+    assert (runs / "fetal_head" / "supervised-b2-i2-shared-s0" / "metrics.json").is_file()
     assert first.path == res / "fetal_head" / "b2-i2-shared" / "supervised" / "seed0"
     assert results.is_complete(first.path) and first.hc_error_mm is not None and 0 < first.cpu_s_per_iter
 
@@ -29,6 +32,10 @@ def test_run_is_recorded_and_read_back_not_retrained(tiny_stores, tmp_path, monk
         bench.run_one("fetal_head", "supervised", 0, None, 2, runs, store, over + ["--width", "8"], results=res)
     text = bench.bench_methods("fetal_head", ["supervised"], [0], None, 2, str(runs), store, over, str(res))
     assert "| supervised | 1 | " in text and "**fetal_head**: 2 labeled, 2 iterations, shared recipe" in text
+    monkeypatch.undo()  # another length in the same run folder: trained as its own run, not read back
+    longer = bench.run_one("fetal_head", "supervised", 0, None, 4, runs, store, over, results=res)
+    assert longer.iters == 4 and longer.path.parent.parent.name == "b2-i4-shared"
+    assert Run(runs / "fetal_head" / "supervised-b2-i4-shared-s0").metrics["best_step"] in (2, 4)
 
 
 def test_bench_render_writes_and_checks_the_tables(tmp_path, capsys):
@@ -56,3 +63,14 @@ def test_budget_all_counts_only_training_patients_with_labels(tiny_stores, tmp_p
     with h5py.File(root / "cases" / f"{train[0]}.h5", "a") as f:  # an unlabeled-only training case
         del f["label"]
     assert bench.all_labels_budget(open_data(root)) == len(train) - 1
+
+
+def test_methods_that_do_not_apply_are_named_not_run():
+    from minissl.bench import not_applicable
+    from minissl.data.phantoms import SUITES
+
+    cardiac, fetal = not_applicable(SUITES["cardiac"]), not_applicable(SUITES["fetal_head"])
+    assert "ersr" in cardiac and "2D binary suite" in cardiac["ersr"]
+    assert "ersr" not in fetal and "supervised" not in cardiac
+    with pytest.raises(ValueError, match="ersr: does not apply to suite 'cardiac': expected a 2D binary suite"):
+        get_method("ersr")(load_config(method="ersr", max_iters=10), SUITES["cardiac"])

@@ -173,6 +173,20 @@ def test_killed_build_recovers_and_announces_only_a_compile(fresh_state, tiny_cs
     assert capsys.readouterr().err == ""
 
 
+def test_identical_sources_at_another_path_reuse_the_build(fresh_state, tiny_csrc, tmp_path, monkeypatch, capsys):
+    """Another checkout (or virtual environment) of the same sources must not re-compile: torch's loader
+    versions a build by its source paths, so minissl compiles a copy kept in the build folder."""
+    path = _build._build()
+    assert _build.build_info()["compiled"] and (Path(path).parent / "csrc" / "ops.cpp").is_file()
+    other = tmp_path / "checkout2" / "csrc"
+    shutil.copytree(tiny_csrc, other)
+    monkeypatch.setattr(_build, "CSRC", other)
+    _build._state["compiled"] = False
+    capsys.readouterr()
+    assert _build._build() == path and not _build.build_info()["compiled"]
+    assert "compiling" not in capsys.readouterr().err
+
+
 def test_no_ext_forces_reference(fresh_state, monkeypatch):
     monkeypatch.setenv("MINISSL_NO_EXT", "1")
     monkeypatch.setattr(_build, "_build", lambda: pytest.fail("MINISSL_NO_EXT=1 must not build"))

@@ -143,8 +143,16 @@ class Method(nn.Module):
     official_recipes: ClassVar[dict[int, Recipe]] = {}  # spatial_dims -> the official code's recipe (2: ACDC, 3: LA)
     has_uncertainty: ClassVar[bool] = False  # True: ``uncertainty(x)`` gives a voxel-wise map
 
+    @classmethod
+    def applies_to(cls, spec: Any) -> Optional[str]:
+        """None when the method can train on a suite of this spec, else why not (e.g. "2D binary suites only")."""
+        return None
+
     def __init__(self, cfg: Config, spec: Any):
         super().__init__()
+        reason = self.applies_to(spec)
+        if reason is not None:
+            raise ValueError(f"{self.name}: does not apply to suite {getattr(spec, 'name', '?')!r}: {reason}")
         self.cfg, self.spec = cfg, spec
         self.args = resolve_args(self.Args, cfg.method_args, self.name)
         self.num_classes = int(spec.num_classes)

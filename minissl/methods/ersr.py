@@ -160,11 +160,15 @@ class ERSR(Method):
 
     Args = ERSRArgs
 
+    @classmethod
+    def applies_to(cls, spec) -> Optional[str]:
+        if spec.spatial_dims == 2 and spec.num_classes == 2:
+            return None
+        return f"expected a 2D binary suite (fetal_head), got spatial_dims={spec.spatial_dims}, " \
+               f"num_classes={spec.num_classes}"
+
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
-        if self.spatial_dims != 2 or self.num_classes != 2:
-            raise ValueError(f"ersr: expected a 2D binary suite (fetal_head), got spatial_dims={self.spatial_dims}, "
-                             f"num_classes={self.num_classes}")
         self.teacher = make_teacher(self.student)
         self.register_buffer("score_history", torch.full((self.args.score_window,), math.nan))
 

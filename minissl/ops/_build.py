@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -248,6 +249,22 @@ def cuda_build_blocker() -> Optional[str]:
     return None
 
 
+def _snapshot(folder: Path, srcs: list[Path]) -> tuple[list[Path], Path]:
+    """Copy ``csrc`` into the build folder once and return the sources and include folder there.
+
+    torch's JIT loader re-compiles whenever the source *paths* change, so two checkouts (or two virtual
+    environments) with identical sources would rebuild each other's cache in turn; compiling the copy
+    (the folder is per content hash) gives every checkout the same paths. Called under the build lock.
+    """
+    local = folder / "csrc"
+    if not local.is_dir():
+        tmp = folder / f"csrc.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(CSRC, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so"))
+        os.replace(tmp, local)
+    return [local / s.relative_to(CSRC) if s.is_relative_to(CSRC) else s for s in srcs], local
+
+
 def _compile(name: str, srcs: list[Path], cuda: bool, what: str) -> tuple[str, Path, bool]:
     """Build (or load from the cache) one extension; returns its path, its folder and whether it compiled."""
     from torch.utils import cpp_extension
@@ -257,6 +274,7 @@ def _compile(name: str, srcs: list[Path], cuda: bool, what: str) -> tuple[str, P
     folder.mkdir(parents=True, exist_ok=True)
     with build_lock(folder):
         compiling = not any(folder.glob(f"{name}*.so"))  # the folder is per source hash: a .so is a cache hit
+        srcs, include = _snapshot(folder, srcs)
         if compiling:
             print(f"minissl: compiling the {what} (first use, about 1-2 minutes)...", file=sys.stderr, flush=True)
         start = time.perf_counter()
@@ -266,7 +284,7 @@ def _compile(name: str, srcs: list[Path], cuda: bool, what: str) -> tuple[str, P
             extra_cflags=flags["cflags"],
             extra_cuda_cflags=flags["cuda_cflags"],
             extra_ldflags=flags["ldflags"],
-            extra_include_paths=[str(CSRC)],
+            extra_include_paths=[str(include)],
             build_directory=str(folder),
             with_cuda=cuda,
             is_python_module=False,
