@@ -13,7 +13,7 @@ Command::
 
 Output (``minissl.data.store``)::
 
-    OUT_DIR/suite.json                          suite "hc18": 2D, 2 classes, patch 224x224
+    OUT_DIR/suite.json                          suite "hc18": 2D, 2 classes, images zoomed to 224x224
     OUT_DIR/cases/000_HC.h5                     image float32 (Y, X) in [0, 1], label uint8 {0, 1}
     OUT_DIR/splits/{train,val,test}.txt         by exam: 70% / 10% / 20% of the exams
     OUT_DIR/splits/labeled_<n>_seed<k>.txt      n = 10% and 20% of the training exams, k = 0-4
@@ -29,7 +29,10 @@ Choices:
 * Spacing (pixel size, pixel size) in mm from the CSV; metadata ``pixel_size_mm``, ``hc_mm`` (the
   CSV's reference head circumference), ``patient_id`` = the exam (``010_HC`` and ``010_2HC`` are
   exam ``010``).
-* Image: grey level / 255 (RGB PNGs are converted to grey by pillow's "L" mode).
+* Image: grey level / 255 (RGB PNGs are converted to grey by pillow's "L" mode), stored at its own
+  800x540 grid; training zooms whole images to 224x224 (``zoom``: image linear, label nearest) and
+  prediction zooms back, as HC18 methods resize the image: a 224-pixel window at native resolution
+  would hold only part of a head that spans 300-600 pixels.
 * Splits: HC18 has no standard semi-supervised split (ERSR, the reference method, does not publish
   its lists). Rule: the exam ids, sorted, permuted with seed 0; the first 20% are test, the next
   10% val, the rest train (``_common.seeded_split``). Two images of one exam always share a split.
@@ -55,7 +58,7 @@ else:  # run as a script: _common.py sits beside this file
     import _common as common
 
 NAME = "prepare_hc18"
-VERSION = 1
+VERSION = 2
 EXPECTED_IMAGES = 999
 PERCENTS = (10, 20)
 CLASSES = ("background", "head")
@@ -185,7 +188,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, budget_percents: Sequen
         common.write_suite(
             root, splits, wanted, converter=NAME, digest=digest, options=options, classes=CLASSES,
             split_rule="exams sorted, seeded permutation (seed 0): 20% test, 10% val, 70% train", patient_of=exam,
-            name="hc18", spatial_dims=2, patch_size=(224, 224), default_budget=min(wanted.values()) if wanted else 1,
+            name="hc18", spatial_dims=2, patch_size=(224, 224), zoom=True, default_budget=min(wanted.values()) if wanted else 1,
             default_iters=10000, description="HC18 fetal head ultrasound, filled head ellipse, by exam")
         print(f"HC18: {len(exam)} images of {len(set(exam.values()))} exams; train/val/test images "
               f"{common.split_sizes(splits)}; labeled lists for {wanted} x seeds 0-4")

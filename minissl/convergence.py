@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .data.sources import open_data
-from .results import ResultRow, load
+from .results import ResultRow, load, val_curve
 from .stats import mean_std, paired_interval
 
 MAX_GAIN, MAX_MOVE, MIN_GAP = 2.0, 0.5, 10.0  # Dice points
@@ -60,16 +60,6 @@ class Convergence:
         """Criteria 1 and 2 both hold."""
         upper = self.gain[2]
         return upper is not None and upper < MAX_GAIN and self.val_move < MAX_MOVE
-
-
-def val_curve(row: ResultRow) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, validation Dice in points) of a recorded run."""
-    if row.path is None:
-        raise ValueError(f"{row.suite} {row.method} seed {row.seed}: expected a recorded result folder, got none")
-    with open(row.path / "val_curve.csv", newline="") as f:
-        pts = [(int(r["step"]), 100 * float(r["val_dice"])) for r in csv.DictReader(f)]
-    steps, vals = (np.array(v) for v in zip(*pts)) if pts else (np.zeros(0), np.zeros(0))
-    return steps, vals
 
 
 def late_move(rows: Sequence[ResultRow], iters: int, tail: float = 0.2) -> float:

@@ -40,13 +40,13 @@ import torch
 import torch.distributed as dist
 
 from . import evaluate as evaluation
-from . import metrics
+from . import metrics, runtime
 from .atomic import write_text_atomic
 from .config import SAFE_OVERRIDES, Config, resolve_args
 from .data import datasets, sources
-from .data.store import CaseStore
+from .data.store import Budget, CaseStore
 from .inference import predict_case
-from .methods import Method, get_method
+from .methods import METHODS, Method, get_method
 from .ops import _build
 from .run import BEST, LAST, STAGE_BEST, Run, load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 
@@ -63,7 +63,8 @@ def resolve(cfg: Config, store: CaseStore) -> Config:
     spec = store.spec
     max_iters = cfg.max_iters or int(spec.default_iters)
     budget = cfg.budget or int(spec.default_budget)
-    name = cfg.run_name or f"{spec.name}-{cfg.method}-b{budget}-s{cfg.seed}"
+    kind = "" if cfg.budget_kind == "cases" else cfg.budget_kind.replace(":", "")
+    name = cfg.run_name or f"{spec.name}-{cfg.method}-b{budget}{kind}-s{cfg.seed}"
     val_every = cfg.val_every or max(max_iters // 10, 1)
     return replace(cfg, max_iters=max_iters, budget=budget, run_name=name, val_every=val_every)
 
@@ -136,14 +137,14 @@ class _Log:
 
 
 @torch.no_grad()
-def validate(method: Method, cases: list, spec: Any, device: torch.device) -> float:
-    """Mean foreground Dice over the validation cases (what checkpoints are chosen on)."""
+def validate(method: Method, cases: list, spec: Any, device: torch.device, task: Optional[int] = None) -> float:
+    """Mean foreground Dice over the validation cases (what checkpoints are chosen on); ``task``: of one suite."""
     was_training = method.training
     method.eval()
     scores = []
     for case in cases:
-        pred = predict_case(method.predict, case.image, spec.spatial_dims, spec.patch_size, device=device,
-                            zoom=spec.zoom)
+        pred = predict_case(evaluation.predictor(method, task, spec.num_classes), case.image, spec.spatial_dims,
+                            spec.patch_size, device=device, zoom=spec.zoom)
         for c in range(1, spec.num_classes):
             scores.append(metrics.dice(pred == c, case.label == c))
     method.train(was_training)
@@ -250,9 +251,16 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     cfg = replace(cfg).validate()
     check_device(cfg.device)
     method_cls = get_method(cfg.method)
+    if cfg.suites and not getattr(method_cls, "multi_task", False):
+        raise ValueError(f"--suites: method {cfg.method!r} trains one task; several suites need a task-prompted "
+                         f"method ({', '.join(n for n, m in METHODS.items() if getattr(m, 'multi_task', False))})")
     resolve_args(method_cls.Args, cfg.method_args, cfg.method)  # a misspelled option fails before any data work
     store = store if store is not None else sources.open_data(cfg.data_source)
     cfg = resolve(cfg, store)
+    if cfg.budget_kind != "cases" and store.spec.spatial_dims == 3 and not method_cls.uses_label_mask:
+        able = sorted(n for n, m in METHODS.items() if m.uses_label_mask)
+        raise ValueError(f"--budget_kind {cfg.budget_kind}: method {cfg.method!r} does not mask unannotated slices "
+                         f"in its losses (3D suite {store.spec.name!r}); expected --budget_kind cases or one of {able}")
     labeled = store.labeled(cfg.budget, cfg.seed)  # resolved once, passed down
     sources.check_store(store, labeled)  # every split and case, before anything is created
     spec = store.spec
@@ -270,6 +278,8 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     device = ddp.device
     seed_everything(cfg.seed)  # the same seed on every rank: identical initial weights
     method = method_cls(cfg, spec).to(device)
+    runtime.speed_up(method, spec.spatial_dims, device)  # same results, faster (MINISSL_PLAIN_STEP=1: off)
+    rss_built = runtime.reset_peak_rss()  # peak memory counts from here (metrics: peak_rss_mb)
     if ckpt is not None:
         _check_resume(ckpt.get("config", {}), cfg, method.resolved_args(), run_dir)
     optimizers = method.optimizers()
@@ -282,7 +292,8 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     run = Run.create(run_dir, cfg, extra) if ddp.main else None
     if run is not None:  # the labeled cases of this run (any budget), kept beside it, never in the data
         write_text_atomic(run_dir / "labeled.txt", "".join(c + "\n" for c in labeled))
-    val_cases = [store.read(i) for i in store.split("val")]
+    val_sets = [(t if cfg.suites else None, sub.spec, [sub.read(i) for i in sub.split("val")])
+                for t, sub in datasets.tasks(store)]  # per suite: each with its prompt (Config.suites)
 
     start, best_val, best_step, rows, stage_best = 0, -1.0, -1, [], -1.0
     stage_ends, stage_path = set(method.stage_ends()), run_dir / STAGE_BEST
@@ -298,7 +309,8 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     # supervised methods draw only the labeled stream: the same labeled images per step as the others
     # rank r > 0 draws its own batches (seed + 7919 r); rank 0 draws those of a single-process run
     batches = datasets.make_train_loader(store, labeled, seed=cfg.seed + 7919 * ddp.rank, batch_size=cfg.batch_size,
-                                         labeled_bs=cfg.labeled_bs, unlabeled=method.semi_supervised, start=start)
+                                         labeled_bs=cfg.labeled_bs, unlabeled=method.semi_supervised, start=start,
+                                         budget=Budget(cfg.budget, cfg.seed, cfg.budget_kind), fill=method.fill_labels)
 
     def checkpoint(step: int) -> dict:
         return {"step": step, "method": method.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
@@ -333,18 +345,22 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
             stopping = ddp.any(stop.requested)
             ends_stage = it in stage_ends
             if (it % cfg.val_every == 0 or it == cfg.max_iters or ends_stage) and ddp.main:
-                val = validate(method, val_cases, spec, device)
+                val = float(np.mean([validate(method, cases, sp, device, t) for t, sp, cases in val_sets]))
                 row = (row or {"step": it}) | {"val_dice": val}
                 if val > best_val:
                     best_val, best_step = val, it
                     save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val}, best_path)
                 if stage_ends and val > stage_best:
                     stage_best = val
-                    save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val}, stage_path)
-            if ends_stage:  # the next stage starts from this stage's best-on-validation weights
+                    save_checkpoint({"step": it, "method": method.state_dict(), "val_dice": val,
+                                     "optimizers": [o.state_dict() for o in optimizers]}, stage_path)
+            if ends_stage:  # the next stage starts from this stage's best-on-validation weights and optimiser state
                 if ddp.world > 1:
                     dist.barrier()
-                method.end_stage(it, load_checkpoint(stage_path, map_location=device)["method"], optimizers)
+                stage = load_checkpoint(stage_path, map_location=device)
+                for opt, st in zip(optimizers, stage["optimizers"]):  # the optimisers of that same step
+                    opt.load_state_dict(st)
+                method.end_stage(it, stage["method"], optimizers)
                 stage_best = -1.0
             if row is not None:
                 log.add(row)
@@ -370,12 +386,13 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     # test once, with the checkpoint chosen on validation
     load_state(method, load_checkpoint(best_path, map_location=device), best_path)
     method.eval()
-    test_cases = [store.read(i) for i in store.split("test")]
-    test_rows = evaluation.evaluate(method.predict, test_cases, spec, device=device)
+    test_rows = evaluation.evaluate_split(method, store, "test", device=device)
     evaluation.write_rows(test_rows, run_dir / "test_cases.csv", run_dir / "test_cases.json")
     summary = evaluation.summarise(test_rows)
     run.write_metrics({"best_step": best_step, "best_val_dice": best_val, "seconds_per_iter": sec_per_iter,
-                       "cpu_seconds_per_iter": cpu_per_iter, "test": summary})
+                       "cpu_seconds_per_iter": cpu_per_iter, "test": summary,
+                       "test_per_class": evaluation.summarise(test_rows, by_class=True),
+                       "peak_rss_mb": runtime.peak_rss_mb() - rss_built, "rss_built_mb": rss_built})
     return RunResult(run_dir, cfg, best_step, best_val, summary, test_rows, sec_per_iter)
 
 

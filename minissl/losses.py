@@ -150,8 +150,8 @@ def consistency_mse(logits: torch.Tensor, target_probs: torch.Tensor,
     return sq_err.sum() / (logits.shape[1] * stats.weight_sum.sum().clamp_min(EPS))
 
 
-def copy_paste_loss(logits: torch.Tensor, target: torch.Tensor,
-                    gt_region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def copy_paste_loss(logits: torch.Tensor, target: torch.Tensor, gt_region: torch.Tensor,
+                    mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BCP's ``mix_loss`` of one copy-paste batch, split into its ground-truth and pseudo-label regions.
 
     For R = the GT region and R = its complement, ``(Dice_R + CE_R) / 2`` with each term normalised over
@@ -162,13 +162,15 @@ def copy_paste_loss(logits: torch.Tensor, target: torch.Tensor,
         logits: (B, C, *S) student logits of one mixed batch.
         target: (B, *S) int64 mixed target (ground truth in the GT region, pseudo-labels elsewhere).
         gt_region: (B, *S) {0, 1} float map of the ground-truth region.
+        mask: optional (B, *S) voxel weight multiplying both regions (0 where the label is unknown).
 
     Returns:
         (gt, pl): the loss over the GT region and over the pseudo-label region, scalars.
     """
     kw = dict(lambda_dice=0.5, lambda_ce=0.5, squared=True, batch=True, smooth=1e-10)
-    gt = dice_ce_loss(logits, target, gt_region, **kw)
-    pl = dice_ce_loss(logits, target, 1.0 - gt_region, **kw)
+    known = torch.ones_like(gt_region) if mask is None else mask  # (B, *S)
+    gt = dice_ce_loss(logits, target, gt_region * known, **kw)
+    pl = dice_ce_loss(logits, target, (1.0 - gt_region) * known, **kw)
     return gt, pl
 
 

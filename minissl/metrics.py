@@ -20,9 +20,11 @@ ever drops out of a mean and no NaN is produced:
 * exactly one empty: dice 0, jaccard 0, hd95 = asd = the diagonal of the image extent,
   ``sqrt(sum_i (shape_i * spacing_i)**2)``, the worst distance the image allows.
 
-Head circumference (HC18): ``hc_error_mm`` fits an ellipse to each mask with ``minissl.ops.fit_ellipse``
-and returns ``|HC(pred) - HC(gt)|`` in mm (Ramanujan II, ``minissl.ops.head_circumference``); a mask
-whose fit is invalid (empty, too few boundary points) counts as circumference 0.
+Head circumference (HC18): ``hc_difference_mm`` fits an ellipse to each mask with ``minissl.ops.fit_ellipse``
+and returns the signed difference ``HC(pred) - HC(gt)`` in mm (Ramanujan II,
+``minissl.ops.head_circumference``; positive = the prediction is too large), ``hc_error_mm`` its absolute
+value: the challenge's "DF" and "ADF". A mask whose fit is invalid (empty, too few boundary points) counts
+as circumference 0.
 """
 from __future__ import annotations
 
@@ -140,8 +142,8 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int,
     return {c: binary_metrics(pred == c, gt == c, spacing) for c in range(1, num_classes)}
 
 
-def hc_error_mm(pred_mask: np.ndarray, gt_mask: np.ndarray, pixel_size: float) -> float:
-    """Absolute head-circumference error |HC(pred) - HC(gt)| in mm of two (H, W) binary masks.
+def hc_difference_mm(pred_mask: np.ndarray, gt_mask: np.ndarray, pixel_size: float) -> float:
+    """Signed head-circumference difference HC(pred) - HC(gt) in mm of two (H, W) binary masks.
 
     Each HC comes from an ellipse fitted with ``minissl.ops.fit_ellipse`` and the Ramanujan II perimeter
     (``minissl.ops.head_circumference``) at ``pixel_size`` mm per pixel; an invalid fit counts as HC 0.
@@ -150,8 +152,15 @@ def hc_error_mm(pred_mask: np.ndarray, gt_mask: np.ndarray, pixel_size: float) -
 
     pred_mask, gt_mask = _pair(pred_mask, gt_mask)
     if pred_mask.ndim != 2:
-        raise ValueError(f"hc_error_mm expected (H, W) masks, got shape {pred_mask.shape}")
+        raise ValueError(f"head circumference expected (H, W) masks, got shape {pred_mask.shape}")
+    if not pixel_size > 0:
+        raise ValueError(f"pixel_size must be a positive number of mm, got {pixel_size}")
     masks = torch.from_numpy(np.stack([pred_mask, gt_mask]).astype(np.uint8))   # (2, H, W)
     params, valid = ops.fit_ellipse(masks)                                       # (2, 5), (2,)
     hc = ops.head_circumference(params, float(pixel_size)) * valid.to(torch.float64)  # (2,)
-    return float(abs(hc[0] - hc[1]))
+    return float(hc[0] - hc[1])
+
+
+def hc_error_mm(pred_mask: np.ndarray, gt_mask: np.ndarray, pixel_size: float) -> float:
+    """Absolute head-circumference error |HC(pred) - HC(gt)| in mm (``abs`` of :func:`hc_difference_mm`)."""
+    return abs(hc_difference_mm(pred_mask, gt_mask, pixel_size))

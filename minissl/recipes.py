@@ -100,6 +100,15 @@ def lr_factor(recipe: Recipe, step: int, max_iters: int) -> float:
     return 1.0
 
 
+def stage_lr_factor(recipe: Recipe, step: int, max_iters: int, stage_start: int) -> float:
+    """``lr_factor`` run anew from ``stage_start``: the schedule (warm-up included) covers the steps
+    before it, then starts again over the rest of the run (a method whose official code trains its
+    stages with separate schedules: SPCL's pre-training and fine-tuning, M&N's transition)."""
+    if 0 < stage_start < max_iters and step >= stage_start:
+        return lr_factor(recipe, step - stage_start, max_iters - stage_start)
+    return lr_factor(recipe, step, stage_start if 0 < stage_start < max_iters else max_iters)
+
+
 def horizon_of(decay: float, iters: int) -> float:
     """The EMA horizon of ``decay`` in a run of ``iters`` iterations, as a fraction of the run: 1 / ((1 - d) iters)."""
     if not 0 <= decay < 1 or iters < 1:

@@ -22,7 +22,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .results import ResultRow, load
+from .results import ResultRow, load, val_curve
 from .stats import mean_std, paired_interval, verdict
 
 ArrayLike = Any  # numpy array or torch tensor
@@ -194,10 +194,52 @@ def render_summary(rows: Sequence[ResultRow], baseline: str = "supervised") -> s
     return "\n".join(lines) + "\n"
 
 
+def class_means(result: ResultRow) -> dict[str, dict[str, float]]:
+    """Per foreground class, the mean over test cases of each metric of a recorded run
+    (its ``test_cases.csv``): ``{class: {"dice", "jaccard", "hd95", "asd"}}``, classes in table order."""
+    import csv
+
+    if result.path is None:
+        raise ValueError(f"class_means: the result {result.method} seed {result.seed} has no folder")
+    with open(Path(result.path) / "test_cases.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    by_class: dict[str, list[dict[str, str]]] = {}
+    for r in table:
+        by_class.setdefault(r["class"], []).append(r)
+    return {c: {m: float(np.mean([float(r[m]) for r in rs])) for m in ("dice", "jaccard", "hd95", "asd")}
+            for c, rs in by_class.items()}
+
+
+def render_per_class(rows: Sequence[ResultRow]) -> str:
+    """Markdown table of Dice % and HD95 per foreground class (ACDC: RV, MYO, LV), one line per method,
+    mean ± std (ddof 1) over seeds of each run's per-class test mean; "" when the suite has one class.
+
+    Args:
+        rows: results of one suite and setting (as :func:`render_leaderboard`), each with its folder.
+    """
+    means = [(r, class_means(r)) for r in rows]
+    classes = list(dict.fromkeys(c for _, m in means for c in m))
+    if len(classes) < 2:
+        return ""
+    units = "/".join(sorted({r.hd95_unit for r in rows}))
+    head = ["method", "seeds"] + [f"{c} Dice %" for c in classes] + [f"{c} HD95 {units}" for c in classes]
+    lines = ["Per class:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_method: dict[str, list[dict[str, dict[str, float]]]] = {}
+    for r, m in sorted(means, key=lambda rm: (rm[0].method, rm[0].seed)):
+        by_method.setdefault(r.method, []).append(m)
+    for method, ms in by_method.items():
+        cells = [method, str(len(ms))]
+        cells += [_pm([100 * m[c]["dice"] for m in ms], 2) if all(c in m for m in ms) else "-" for c in classes]
+        cells += [_pm([m[c]["hd95"] for m in ms], 2) if all(c in m for m in ms) else "-" for c in classes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render_all(root: str | Path = "results", docs: str | Path = "docs/results",
                baseline: str = "supervised",
                not_applicable: Optional[Mapping[str, Sequence[str]]] = None) -> dict[Path, str]:
-    """Every leaderboard of a results folder: ``{docs/<suite>-<setting>.md: markdown}``.
+    """Every leaderboard of a results folder: ``{docs/<suite>-<setting>.md: markdown}``, followed by the
+    per-class table (:func:`render_per_class`) for suites of several foreground classes.
 
     Args:
         root: the results folder.
@@ -209,8 +251,12 @@ def render_all(root: str | Path = "results", docs: str | Path = "docs/results",
     for r in load(root):
         groups.setdefault((r.suite, r.setting), []).append(r)
     skip = not_applicable or {}
-    return {Path(docs) / f"{suite}-{setting}.md": render_leaderboard(rs, baseline, skip.get(suite, ()))
-            for (suite, setting), rs in groups.items()}
+    tables = {}
+    for (suite, setting), rs in groups.items():
+        per_class = render_per_class(rs)
+        tables[Path(docs) / f"{suite}-{setting}.md"] = render_leaderboard(rs, baseline, skip.get(suite, ())) + (
+            "\n" + per_class if per_class else "")
+    return tables
 
 
 def selection_table(steps: Sequence[int], val: Sequence[float], test: Sequence[float]) -> str:
@@ -468,6 +514,30 @@ def schedule_figure(schedules: Mapping[str, Callable[[int], float]], max_iters: 
     return fig
 
 
+def embedding_figure(features: Mapping[str, ArrayLike], labels: ArrayLike, label_name: str = "label") -> Figure:
+    """Feature vectors projected on their first two principal components, one panel per set, points
+    coloured by a label (e.g. SPCL's slice-position partition, before and after pre-training).
+
+    Args:
+        features: ``{title: (N, D) features}``, the same N items in every set.
+        labels: (N,) integer label of each item.
+        label_name: the colour bar's title.
+    """
+    labels = _np(labels)
+    fig = Figure(figsize=(3.6 * len(features), 3.2))
+    for (title, f), ax in zip(features.items(), fig.subplots(1, len(features), squeeze=False)[0]):
+        f = _np(f).astype(np.float64)
+        if f.ndim != 2 or len(f) != len(labels):
+            raise ValueError(f"embedding_figure {title!r}: expected ({len(labels)}, D) features, got {f.shape}")
+        centred = f - f.mean(0)
+        xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T  # (N, 2) principal coordinates
+        dots = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="viridis", s=12)
+        ax.set(title=title, xticks=[], yticks=[])
+        fig.colorbar(dots, ax=ax, label=label_name)
+    fig.tight_layout()
+    return fig
+
+
 def selection_figure(steps: Sequence[int], val: Sequence[float], test: Sequence[float]) -> Figure:
     """Validation and test Dice of the same checkpoints, with the checkpoint each split would choose."""
     table = selection_table(steps, val, test)  # validates the lengths
@@ -491,8 +561,6 @@ def convergence_figure(groups: Mapping[str, Sequence[ResultRow]]) -> Figure:
         groups: ``{label: rows}``, e.g. the budget at N and 2N and all labels at N
             (:func:`minissl.convergence.converge`).
     """
-    from .convergence import val_curve
-
     fig = Figure(figsize=(6.5, 3.5))
     ax = fig.subplots()
     for label, rows in groups.items():

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .atomic import write_text_atomic
@@ -71,8 +72,12 @@ class ResultRow:
 
 
 def setting_name(budget: int, iters: int, recipe: str = DEFAULT_RECIPE) -> str:
-    """``b<budget>-i<iters>-<recipe>``, the folder that keeps one leaderboard's runs together."""
-    return f"b{int(budget)}-i{int(iters)}-{recipe}"
+    """``b<budget>-i<iters>-<recipe>``, the folder that keeps one leaderboard's runs together.
+
+    A recipe lent by another method (``official:bcp``) is written ``official-bcp``: a ``:`` cannot be
+    checked out on every file system.
+    """
+    return f"b{int(budget)}-i{int(iters)}-{recipe.replace(':', '-')}"
 
 
 def result_dir(root: str | os.PathLike, suite: str, budget: int, iters: int, method: str, seed: int,
@@ -218,6 +223,16 @@ def read_row(folder: str | os.PathLike) -> ResultRow:
                      path=folder)
 
 
+def val_curve(row: ResultRow) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, validation Dice in points) of a recorded run."""
+    if row.path is None:
+        raise ValueError(f"{row.suite} {row.method} seed {row.seed}: expected a recorded result folder, got none")
+    with open(row.path / "val_curve.csv", newline="") as f:
+        pts = [(int(r["step"]), 100 * float(r["val_dice"])) for r in csv.DictReader(f)]
+    steps, vals = (np.array(v) for v in zip(*pts)) if pts else (np.zeros(0), np.zeros(0))
+    return steps, vals
+
+
 def load(root: str | os.PathLike = "results") -> list[ResultRow]:
     """Every result under ``root``, sorted by suite, setting, method and seed.
 
@@ -230,4 +245,4 @@ def load(root: str | os.PathLike = "results") -> list[ResultRow]:
 
 
 __all__ = ["DEFAULT_RECIPE", "FILES", "ResultRow", "differences", "is_complete", "load", "missing", "provenance",
-           "read_row", "record", "result_dir", "setting_name"]
+           "read_row", "record", "result_dir", "setting_name", "val_curve"]

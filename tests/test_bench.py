@@ -18,6 +18,7 @@ def test_run_is_recorded_and_read_back_not_retrained(tiny_stores, tmp_path, monk
     assert (runs / "fetal_head" / "supervised-b2-i2-shared-s0" / "metrics.json").is_file()
     assert first.path == res / "fetal_head" / "b2-i2-shared" / "supervised" / "seed0"
     assert results.is_complete(first.path) and first.hc_error_mm is not None and 0 < first.cpu_s_per_iter
+    assert first.peak_rss_mb is not None and first.peak_rss_mb >= 0  # the leaderboard's peak-memory column
 
     def no_training(cfg, **kw):
         raise AssertionError("a finished run must be read back")

@@ -166,6 +166,33 @@ def test_la_end_to_end(tmp_path, capsys):
     assert case.meta["spacing_from_header"] == 1
 
 
+def test_converted_la_and_acdc_are_scored_in_mm_per_class_as_medpy(tmp_path):
+    """LA: Dice, Jaccard, HD95, ASD with the NRRD voxel spacing (mm), equal to medpy with voxelspacing;
+    ACDC: one row per RV / MYO / LV, distances in mm from the NIfTI header."""
+    from medpy.metric import binary as mb
+
+    from minissl.evaluate import case_rows
+
+    write_la(tmp_path / "la_raw", prepare_la.UAMT_TRAIN[:3] + prepare_la.UAMT_TEST[:1])
+    la = open_data(prepare_la.prepare(tmp_path / "la_raw", tmp_path / "la", margin=2, min_size=12, budgets=(1,)))
+    case = la.read(prepare_la.UAMT_TEST[0])
+    pred = np.roll(case.label, 2, axis=2)  # shifted 2 voxels (1.25 mm) along X
+    (row,) = case_rows(pred, case, la.spec)
+    gt, p = case.label == 1, pred == 1
+    assert row["unit"] == "mm" and row["class"] == "left atrium"
+    assert row["dice"] == pytest.approx(mb.dc(p, gt)) and row["jaccard"] == pytest.approx(mb.jc(p, gt))
+    assert row["hd95"] == pytest.approx(mb.hd95(p, gt, voxelspacing=(1.25, 0.625, 0.625)))
+    assert row["asd"] == pytest.approx(mb.asd(p, gt, voxelspacing=(1.25, 0.625, 0.625)))
+    assert row["hd95"] == pytest.approx(1.25)  # 2 voxels of 0.625 mm, not 2 voxels
+
+    write_acdc(tmp_path / "acdc_raw", [11, 99])
+    acdc = open_data(prepare_acdc.prepare(tmp_path / "acdc_raw", tmp_path / "acdc", budgets=(1,)))
+    frame = acdc.read("patient011_frame01")
+    rows = case_rows(np.where(frame.label == 2, 0, frame.label), frame, acdc.spec)  # MYO missed
+    assert [(r["class"], r["unit"]) for r in rows] == [("RV", "mm"), ("MYO", "mm"), ("LV", "mm")]
+    assert rows[0]["dice"] == 1.0 and rows[1]["dice"] == 0.0 and rows[2]["hd95"] == 0.0
+
+
 def test_la_header_without_spacing_gets_default(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "la"
     write_la(raw, [prepare_la.UAMT_TRAIN[0], prepare_la.UAMT_TEST[0]], with_spacing=False)
@@ -245,6 +272,7 @@ def test_pancreas_end_to_end(tmp_path, capsys):
     store = check_store(out, {1: 1, 2: 2})
     assert store.split("test") == ["PANCREAS_0001"] and len(store.split("val")) == 1
     assert store.spec.patch_size == (96, 96, 96) and store.spec.spatial_dims == 3
+    assert store.spec.target_spacing == (1.0, 1.0, 1.0)  # minissl predict resamples inputs to it
     a, b = store.read("PANCREAS_0002"), store.read("PANCREAS_0003")
     # (5, 28, 30) at (2.0, 0.7, 0.7) mm -> zoom (2, 0.7, 0.7) -> (10, 20, 21); zoom keeps the end voxel
     # centres, so the spacing reached is old x (n - 1) / (m - 1)
@@ -315,6 +343,7 @@ def test_hc18_end_to_end(tmp_path, capsys):
     assert json.loads((out / "suite.json").read_text())["standard_budgets"] == {"10%": 1, "50%": 4}
     where = {c: s for s in ("train", "val", "test") for c in store.split(s)}
     assert where["010_HC"] == where["010_2HC"]
+    assert store.spec.zoom  # whole images zoomed to the 224 x 224 patch, never a 224 window of an 800 x 540 image
     case = store.read("004_HC")
     assert case.image.shape == (60, 80) and case.spacing == (0.14, 0.14)
     assert case.meta["patient_id"] == "004" and case.meta["hc_mm"] == 154.0
@@ -440,6 +469,73 @@ def test_psfh_bad_label_value_names_file_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"label_mha/00002\.mha: expected label values \[0, 1, 2\], got \[5\]"):
         prepare_psfh.prepare(raw, out)
     no_leftovers(out)
+
+
+# ----------------------------------------------------------------------------- every converter: damaged raw folders
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+LA_DIR = "2018LA_Seg_Training Set/" + prepare_la.UAMT_TRAIN[1]
+PANCREAS_LABELS = "TCIA_pancreas_labels-02-05-2017"
+DAMAGED = {  # name: (converter, write the raw folder, damage it, the error expected)
+    "acdc missing label": (prepare_acdc, lambda raw: write_acdc(raw, [11, 99]),
+                           lambda raw: (raw / "training/patient099/patient099_frame04_gt.nii.gz").unlink(),
+                           r"patient099_frame04_gt\.nii\.gz: missing NIfTI label"),
+    "la truncated image": (prepare_la, lambda raw: write_la(raw, prepare_la.UAMT_TRAIN[:2]),
+                           lambda raw: _truncate(raw / LA_DIR / "lgemri.nrrd"),
+                           rf"{LA_DIR}/lgemri\.nrrd: could not read NRRD image"),
+    "pancreas missing label": (prepare_pancreas, lambda raw: write_pancreas(raw, [1, 2]),
+                               lambda raw: (raw / PANCREAS_LABELS / "label0002.nii.gz").unlink(),
+                               r"label0002\.nii\.gz: missing label of .*PANCREAS_0002"),
+    "pancreas truncated label": (prepare_pancreas, lambda raw: write_pancreas(raw, [1, 2]),
+                                 lambda raw: _truncate(raw / PANCREAS_LABELS / "label0002.nii.gz"),
+                                 r"label0002\.nii\.gz: could not read NIfTI label"),
+    "hc18 missing annotation": (prepare_hc18, lambda raw: write_hc18(raw, HC18_STEMS[:3]),
+                                lambda raw: (raw / "training_set/001_HC_Annotation.png").unlink(),
+                                r"001_HC_Annotation\.png: missing PNG annotation"),
+    "hc18 truncated image": (prepare_hc18, lambda raw: write_hc18(raw, HC18_STEMS[:3]),
+                             lambda raw: _truncate(raw / "training_set/001_HC.png"),
+                             r"001_HC\.png: could not read PNG image: OSError: image file is truncated"),
+    "hc18 image listed but absent": (prepare_hc18, lambda raw: write_hc18(raw, HC18_STEMS[:3]),
+                                     lambda raw: (raw / "training_set/002_HC.png").unlink(),
+                                     r"002_HC\.png: missing image listed in .*training_set_pixel_size_and_HC\.csv"),
+    "hc18 bad csv row": (prepare_hc18, lambda raw: write_hc18(raw, HC18_STEMS[:3]),
+                         lambda raw: (raw / prepare_hc18.CSV_NAME).write_text(
+                             "filename,pixel size(mm),head circumference (mm)\n000_HC.png,abc,150\n"),
+                         r"pixel_size_and_HC\.csv, line 2: expected numbers for pixel size and HC, got 'abc'"),
+    "psfh missing label": (prepare_psfh, lambda raw: write_psfh(raw, 3),
+                           lambda raw: (raw / "label_mha/00002.mha").unlink(),
+                           r"label_mha/00002\.mha: missing label for image .*image_mha/00002\.mha"),
+    "psfh truncated image": (prepare_psfh, lambda raw: write_psfh(raw, 3),
+                             lambda raw: _truncate(raw / "image_mha/00003.mha"),
+                             r"image_mha/00003\.mha: could not read MHA image"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGED))
+def test_damaged_raw_folder_names_file_and_problem_and_leaves_nothing(tmp_path, name):
+    converter, write, damage, message = DAMAGED[name]
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write(raw)
+    damage(raw)
+    with pytest.raises(ValueError, match=message):
+        converter.prepare(raw, out)
+    no_leftovers(out)
+
+
+def test_damaged_rebuild_keeps_the_earlier_output_whole(tmp_path):
+    """A forced rebuild that fails half-way leaves the earlier conversion exactly as it was."""
+    raw, out = tmp_path / "raw", tmp_path / "psfh"
+    write_psfh(raw, 4)
+    prepare_psfh.prepare(raw, out)
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    _truncate(raw / "image_mha" / "00004.mha")
+    with pytest.raises(ValueError, match=r"image_mha/00004\.mha: could not read MHA image"):
+        prepare_psfh.prepare(raw, out, force=True)
+    after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".psfh.")]
 
 
 # ----------------------------------------------------------------------------- shared rules

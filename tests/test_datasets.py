@@ -21,7 +21,7 @@ def test_batch_shapes_and_dtypes(roots, name):
     it = datasets.make_train_loader(st, st.labeled(2, 0), seed=0, batch_size=5, labeled_bs=2)
     b = next(it)
     P = spec.patch_size
-    assert set(b) == {"x_l", "y_l", "x_u"}
+    assert set(b) == {"x_l", "y_l", "x_u", "meta_l", "meta_u"}
     assert b["x_l"].shape == (2, 1, *P) and b["x_l"].dtype == torch.float32
     assert b["y_l"].shape == (2, *P) and b["y_l"].dtype == torch.int64
     assert b["x_u"].shape == (3, 1, *P) and b["x_u"].dtype == torch.float32

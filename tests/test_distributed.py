@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from minissl import engine
 from minissl.config import load_config
 
-DDP_METHODS = ["mean_teacher", "mcnet_plus", "lefed"]  # lefed: 3 optimiser steps per iteration (inner passes)
+DDP_METHODS = ["mean_teacher", "c3s3", "medl",  # c3s3: two optimisers of different sizes
+               "mcnet_plus", "lefed"]  # lefed: 3 optimiser steps per iteration (inner passes)
 
 
 def _free_port() -> int:
@@ -41,8 +42,9 @@ def _worker(rank, world, port, root, out, method):
                       labeled_bs=2, max_iters=4, val_every=2, progress=False)
     res = engine.train(cfg)
     # results go through files: a queue would deadlock (the child flushes while the parent joins)
-    np.savez(f"{out}/rank{rank}.npz", main=res is not None, weights=torch.stack(seen["weights"]).numpy(),
-             grad=torch.stack(seen["grad"]).numpy())
+    pad = torch.nn.utils.rnn.pad_sequence  # optimisers of different sizes: rows zero-padded to the longest
+    np.savez(f"{out}/rank{rank}.npz", main=res is not None, weights=pad(seen["weights"], batch_first=True).numpy(),
+             grad=pad(seen["grad"], batch_first=True).numpy())
     torch.distributed.destroy_process_group()
 
 

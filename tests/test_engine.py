@@ -35,9 +35,9 @@ def test_run_folder_and_protocol(tiny_stores, tmp_path, monkeypatch):
     calls = []
     real = engine.evaluation.evaluate
 
-    def spy(model, cases, spec, device="cpu"):
+    def spy(model, cases, spec, device="cpu", **kw):
         calls.append([c.id for c in cases])
-        return real(model, cases, spec, device=device)
+        return real(model, cases, spec, device=device, **kw)
 
     monkeypatch.setattr(engine.evaluation, "evaluate", spy)
     res = engine.train(tiny_cfg(tiny_stores["fetal_head"], tmp_path, method="mean_teacher"))

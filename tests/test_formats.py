@@ -104,3 +104,23 @@ def test_corrupt_nrrd_names_the_file(tmp_path):
     (tmp_path / "x.nrrd").write_bytes(b"NRRD0004\ntype: float\n")
     with pytest.raises(ValueError, match=r"could not read .*x\.nrrd"):
         read_image(tmp_path / "x.nrrd")
+
+
+def test_spacing_is_read_in_minissl_order(tmp_path):
+    """Voxel sizes (mm) come back (Z, Y, X) like the array, from each format's header; a PNG has none."""
+    xyz = np.zeros((6, 5, 4), np.float32)  # (X, Y, Z)
+    nib.save(nib.Nifti1Image(xyz, np.diag([0.5, 0.7, 2.0, 1.0])), str(tmp_path / "a.nii.gz"))
+    nrrd.write(str(tmp_path / "a.nrrd"), xyz, {"space": "left-posterior-superior",
+                                               "space directions": np.diag([0.5, 0.7, 2.0])})
+    nrrd.write(str(tmp_path / "b.nrrd"), xyz, {"spacings": [0.5, 0.7, 2.0]})
+    nrrd.write(str(tmp_path / "c.nrrd"), xyz)
+    img = sitk.GetImageFromArray(xyz.T.copy())
+    img.SetSpacing((0.5, 0.7, 2.0))
+    sitk.WriteImage(img, str(tmp_path / "a.mha"))
+    write_case(tmp_path / "a.h5", Case("a", xyz.T.copy(), None, (2.0, 0.7, 0.5)))
+    for name in ("a.nii.gz", "a.nrrd", "b.nrrd", "a.mha", "a.h5"):
+        f = read_image(tmp_path / name)
+        assert f.image.shape == (4, 5, 6) and f.spacing == pytest.approx((2.0, 0.7, 0.5)), name
+    assert read_image(tmp_path / "c.nrrd").spacing is None
+    Image.fromarray(np.zeros((5, 6), np.uint8)).save(tmp_path / "a.png")
+    assert read_image(tmp_path / "a.png").spacing is None

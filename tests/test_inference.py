@@ -1,4 +1,5 @@
-"""predict_probs / predict_case: 2D slice-wise with resizing, 3D sliding window vs MONAI."""
+"""predict_probs / predict_case: zoomed to the patch and back, or sliding windows vs MONAI (2D and 3D);
+predict_files: the input's format, geometry and the run's resampling."""
 import numpy as np
 import pytest
 import torch
@@ -29,12 +30,28 @@ def test_2d_slicewise_equals_batched_forward():
 def test_2d_resizes_to_patch_and_back():
     net = _net(2)
     img = np.random.default_rng(1).standard_normal((20, 28)).astype(np.float32)
-    probs = predict_probs(net, img, 2, (16, 16))
+    probs = predict_probs(net, img, 2, (16, 16), zoom=True)
     with torch.no_grad():
         x = F.interpolate(torch.from_numpy(img)[None, None], size=(16, 16), mode="bilinear")
         logits = F.interpolate(net.eval()(x), size=(20, 28), mode="bilinear")
     np.testing.assert_allclose(probs, torch.softmax(logits, 1)[0].numpy(), atol=1e-6)
-    assert predict_case(net, img, 2, (16, 16)).shape == (20, 28)
+    assert predict_case(net, img, 2, (16, 16), zoom=True).shape == (20, 28)
+
+
+@pytest.mark.parametrize("shape", [(20, 28), (3, 20, 28), (10, 12)])
+def test_2d_native_resolution_runs_slide_windows_as_monai(shape):
+    """A run trained on native-resolution crops (zoom False) is predicted with windows at native
+    resolution, slice by slice, not with the slice squeezed into one patch (a scale the net never saw)."""
+    net = _net(2).eval()
+    image = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    probs = predict_probs(net, image, 2, (16, 16), batch_size=3, overlap=0.5)
+    slices = image.reshape(-1, *shape[-2:])
+    with torch.no_grad():
+        ref = torch.stack([sliding_window_inference(torch.from_numpy(sl)[None, None], (16, 16), 3,
+                                                    lambda x: torch.softmax(net(x), 1), overlap=0.5,
+                                                    mode="constant")[0] for sl in slices], 1)   # (C, N, Y, X)
+    assert probs.shape == (3, *shape)
+    np.testing.assert_allclose(probs, ref.reshape(3, *shape).numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("shape,overlap", [((12, 20, 18), 0.5), ((6, 10, 30), 0.25), ((8, 8, 8), 0.0)])
@@ -154,3 +171,76 @@ def test_predict_files_normalises_as_the_run_s_data(tmp_path, intensity):
     (out,) = predict_files(two_classes, spec, [tmp_path / "v.nii"], tmp_path / "m")
     threshold = {"minmax": (volume.min() + volume.max()) / 2, "zscore": volume.mean(), "none": 0.5}[intensity]
     assert np.array_equal(np.asarray(nib.load(str(out)).dataobj), volume > threshold)
+
+
+def _erode5(x):
+    """A scale-sensitive 'network': class 1 where a 5x5-pixel erosion of (x > 0.5) keeps the pixel, so a bar
+    narrower than 5 pixels vanishes. (B, 1, H, W) -> (B, 2, H, W)."""
+    p = -F.max_pool2d(-(x > 0.5).float(), 5, stride=1, padding=2)       # (B, 1, H, W)
+    return torch.cat([0.5 - p, p - 0.5], dim=1)
+
+
+def _bars(scale):
+    """(Y, X) image of 32 x 32 mm at ``scale`` px per mm: a 8 mm wide and a 3 mm wide vertical bar."""
+    image = np.zeros((32 * scale, 32 * scale), np.float32)
+    image[4 * scale:28 * scale, 4 * scale:12 * scale] = 1.0     # x 4-12 mm
+    image[4 * scale:28 * scale, 20 * scale:23 * scale] = 1.0    # x 20-23 mm
+    return image
+
+
+def _check_bars(mask, scale):
+    assert mask[16 * scale, 8 * scale] == 1                     # the wide bar survives the 5 mm erosion
+    assert not mask[:, 18 * scale:].any()                       # the 3 mm bar is narrower than 5 px at 1 mm
+
+
+def test_predict_files_resamples_to_the_run_s_spacing_and_back(tmp_path):
+    """A run whose store was resampled to 1 mm gets a 0.5 mm NIfTI (and a PNG with --spacing) at 1 mm: the
+    3 mm bar disappears as it would in training; without the resampling it is 6 px wide and would survive."""
+    import dataclasses
+
+    import nibabel as nib
+    from PIL import Image
+
+    from minissl.data.phantoms import SUITES
+    from minissl.inference import predict_files
+
+    spec = dataclasses.replace(SUITES["fetal_head"], patch_size=(32, 32), intensity="none", target_spacing=(1.0, 1.0))
+    fine = _bars(2)                                                 # (64, 64) at 0.5 mm
+    affine = np.diag([0.5, 0.5, 1.0, 1.0])
+    affine[:3, 3] = (7.0, -3.0, 2.0)
+    nib.save(nib.Nifti1Image(fine.T[..., None].copy(), affine), str(tmp_path / "fine.nii.gz"))  # (X, Y, 1)
+    Image.fromarray((fine * 255).astype(np.uint8)).save(tmp_path / "fine.png")
+    with pytest.raises(ValueError, match=r"fine\.png: the run's images were resampled to \(1\.0, 1\.0\) mm .* "
+                                         r"--spacing"):
+        predict_files(_erode5, spec, [tmp_path / "fine.png"], tmp_path / "m")
+    nii, png = predict_files(_erode5, spec, [tmp_path / "fine.nii.gz", tmp_path / "fine.png"], tmp_path / "m",
+                             spacing=(0.5, 0.5))                    # the PNG takes --spacing, the NIfTI its own
+    out = nib.load(str(nii))
+    assert out.shape == (64, 64, 1) and np.allclose(out.affine, affine)
+    nii_mask = np.asarray(out.dataobj)[..., 0].T                      # (Y, X)
+    _check_bars(nii_mask, 2)
+    with Image.open(png) as im:
+        png_mask = np.asarray(im)
+    assert png_mask.shape == (64, 64)
+    np.testing.assert_array_equal(png_mask, nii_mask)
+    native = predict_case(_erode5, fine, 2, (32, 32))                  # the same file without resampling
+    assert native[:, 36:].any()                                       # keeps the thin bar: a different answer
+
+
+def test_zoomed_run_predicts_a_png_of_another_size_at_the_patch_scale(tmp_path):
+    """An SSL4MIS-style run (slices zoomed to the patch) sees a 64 x 64 PNG zoomed to 32 x 32 and the mask
+    comes back at 64 x 64: the thin bar (6 px, 3 px after the zoom) disappears."""
+    import dataclasses
+
+    from PIL import Image
+
+    from minissl.data.phantoms import SUITES
+    from minissl.inference import predict_files
+
+    spec = dataclasses.replace(SUITES["fetal_head"], patch_size=(32, 32), zoom=True)
+    Image.fromarray((_bars(2) * 255).astype(np.uint8)).save(tmp_path / "scan.png")
+    (png,) = predict_files(_erode5, spec, [tmp_path / "scan.png"], tmp_path / "m")
+    with Image.open(png) as im:
+        mask = np.asarray(im)
+    assert mask.shape == (64, 64)
+    _check_bars(mask, 2)

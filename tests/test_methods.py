@@ -26,8 +26,11 @@ from minissl.metrics import dice
 from minissl import ops
 from minissl.methods import METHODS, get_method
 from minissl.methods.base import labeled_unlabeled_mixes
+from minissl.methods.mn import pseudo_count
 
-HOME = {"ersr": "fetal_head"}  # method -> suite of its learning test (default cardiac)
+HOME = {"ersr": "fetal_head", "mn": "atrium"}  # method -> suite of its learning test (default cardiac)
+ARGS = {"mn": {"pretext": "none"}}  # method -> options of its generic tests (M&N's pretext has its own tests)
+UNSUP_STEP = {"spcl": 0}  # method -> step whose unlabeled part is checked (default the last): SPCL's pre-training
 ITERS = 40
 
 
@@ -35,6 +38,7 @@ def build(name, root):
     store = open_data(root)
     cfg = load_config(method=name, data_root=str(root), width=8, depth=2, batch_size=4, labeled_bs=2,
                       max_iters=ITERS, lr=0.03, rampup=0.1, cons_weight=1.0, progress=False,
+                      method_args=ARGS.get(name, {}),
                       ema_decay=0.99)  # the published horizons are under one step of a 40-step run
     torch.manual_seed(0)
     return store, get_method(name)(cfg, store.spec)
@@ -57,20 +61,25 @@ def test_method_learns_and_uses_unlabeled_images(name, tiny_stores):
                                         unlabeled=method.semi_supervised)
     batch = next(loader)  # one fixed batch: the supervised loss must fall on it
     d0 = train_dice(method, batch)
-    parts = [method.update(batch, step, opts) for step in range(ITERS)]
+    parts = []
+    for step in range(ITERS):
+        parts.append(method.update(batch, step, opts))
+        if step + 1 in method.stage_ends():  # as the engine does, with the live state as the stage's best
+            method.end_stage(step + 1, method.state_dict(), opts)
     sup = [p["sup"] for p in parts]
     assert all(np.isfinite(p["loss"]) for p in parts)
     assert np.mean(sup[-5:]) < 0.8 * np.mean(sup[:5]), sup
     assert train_dice(method, batch) > d0 + 0.1
     if not method.semi_supervised:
         return
-    out = method.training_step(batch, step=ITERS - 1)
+    step = UNSUP_STEP.get(name, ITERS - 1)
+    out = method.training_step(batch, step=step)
     assert {"loss", "sup", "unsup"} <= set(out)
     assert out["unsup"].item() > 0
     params = [p for p in method.student.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out["unsup"], params, allow_unused=True)
     assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
-    out2 = method.training_step(batch | {"x_u": batch["x_u"].flip(-1)}, step=ITERS - 1)
+    out2 = method.training_step(batch | {"x_u": batch["x_u"].flip(-1)}, step=step)
     assert not torch.isclose(out["unsup"], out2["unsup"])
 
 
@@ -80,12 +89,23 @@ def documented_weights(method, step):
     ramp = method.cfg.cons_weight * math.exp(-5 * (1 - min(t / method.cfg.rampup, 1.0)) ** 2)
     if method.name == "bcp":  # u_weight 0.5 after the labeled-only stage, no ramp
         return 1.0, 0.0 if step < method.pretrain_iters else 0.5
+    if method.name == "label_propagation":  # model A's labels enter with u_weight 1 after model A's stage
+        return 1.0, 0.0 if step < method.first_iters else 1.0
     if method.name == "m3hl":  # no ramp: the unlabeled part enters with weight 1
         return 1.0, 1.0
     if method.name == "unimatch":  # the medical code's total "/ 2", no ramp
         return 0.5, 0.5
     if method.name == "lefed":  # constant consistency weight 1, no ramp (the deep supervision is in sup)
         return 1.0, method.args.cons_weight
+    if method.name == "spcl":  # the meta-label loss alone while pre-training, then the supervised loss alone
+        return (0.0, 1.0) if step < method.pretrain_iters else (1.0, 0.0)
+    if method.name == "mn":  # the 3D model's parts weighted by their volumes: n_l / B and n_p / B (B = 2 here)
+        n_p = pseudo_count(step, method.max_iters, method.args.transition, 2)
+        return (2 - n_p) / 2, n_p / 2
+    if method.name == "versemi":  # every term with weight 1, no ramp (the official code applies none)
+        return 1.0, 1.0
+    if method.name in ("c3s3", "medl"):  # c3s3: ramped competition + contrast as they enter; medl: L_u, weight 1
+        return 1.0, 1.0
     return 1.0, ramp
 
 
@@ -94,7 +114,8 @@ def test_loss_weights_follow_the_documented_schedule(name, tiny_stores):
     suite = HOME.get(name, "cardiac")
     store = open_data(tiny_stores[suite])
     cfg = load_config(method=name, data_root=str(tiny_stores[suite]), width=8, depth=2, batch_size=4,
-                      labeled_bs=2, max_iters=40, rampup=0.8, cons_weight=2.0, progress=False)
+                      labeled_bs=2, max_iters=40, rampup=0.8, cons_weight=2.0, progress=False,
+                      method_args=ARGS.get(name, {}))
     torch.manual_seed(0)
     method = get_method(name)(cfg, store.spec)
     batch = next(datasets.make_train_loader(store, store.labeled(2, 0), seed=0, batch_size=4, labeled_bs=2))

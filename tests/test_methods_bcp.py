@@ -1,4 +1,4 @@
-"""BCP's parts: 1.0 / 0.5 region weights, the labeled-only pre-training stage, the stage switch.
+"""BCP's parts: 1.0 / 0.5 region weights, the labeled-only pre-training stage, the stage switch per recipe.
 
 The bidirectional mixes are ``labeled_unlabeled_mixes`` (tests/test_methods.py), the region loss is
 ``losses.copy_paste_loss`` (tests/test_losses.py).
@@ -14,10 +14,11 @@ from minissl.data import phantoms
 from minissl.methods.bcp import BCP
 
 
-def make(spatial=(12, 12), iters=8, **args):
+def make(spatial=(12, 12), iters=8, recipe="shared", **args):
     suite = "cardiac" if len(spatial) == 2 else "atrium"
     spec = replace(phantoms.SUITES[suite], patch_size=spatial)
-    cfg = load_config(method="bcp", max_iters=iters, width=4, depth=2, progress=False, method_args=args)
+    cfg = load_config(method="bcp", max_iters=iters, width=4, depth=2, progress=False, recipe=recipe,
+                      method_args=args)
     torch.manual_seed(0)
     return BCP(cfg, spec)
 
@@ -70,20 +71,31 @@ def test_pretrain_stage_is_labeled_only():
     assert losses[0] == losses[1]
 
 
-def test_stage_switch_starts_from_the_given_best_state_with_fresh_momentum():
-    method = make()
+@pytest.mark.parametrize("spatial,recipe,args,kept", [
+    ((12, 12), "shared", {}, False),  # the shared recipe clears the momentum
+    ((12, 12), "official", {}, True),  # ACDC script: the stage-1 optimiser state is restored
+    ((8, 12, 12), "official", {}, False),  # LA script: a new optimiser
+    ((12, 12), "shared", {"keep_momentum": True}, True),
+    ((12, 12), "official", {"keep_momentum": False}, False),
+])
+def test_stage_switch_starts_from_the_given_best_state(spatial, recipe, args, kept):
+    method = make(spatial, recipe=recipe, **args)
     assert method.stage_ends() == [2]  # pretrain 0.25 of 8 iterations
     opts = method.optimizers()
     best = {k: v.clone() for k, v in method.state_dict().items()}  # "the best stage-1 state": the initial one
+    b = batch(spatial) | {"y_l": torch.randint(0, method.num_classes, (4, *spatial))}
     for step in range(2):
-        method.update(batch(), step, opts)
-    assert opts[0].state  # momentum buffers exist
+        method.update(b, step, opts)
+    momentum = [s["momentum_buffer"].clone() for s in opts[0].state.values()]
+    assert momentum  # momentum buffers exist
     assert not all(torch.equal(best["student." + k], v) for k, v in method.student.state_dict().items())
     method.end_stage(2, best, opts)
     student, teacher = method.student.state_dict(), method.teacher.state_dict()
     assert all(torch.equal(student[k], best["student." + k]) for k in student)
     assert all(torch.equal(student[k], teacher[k]) for k in student)
-    assert not opts[0].state  # momentum cleared
+    after = [s["momentum_buffer"] for s in opts[0].state.values()]
+    assert (len(after) == len(momentum) and all(torch.equal(a, m) for a, m in zip(after, momentum))) if kept \
+        else after == []
     assert all(not p.requires_grad for p in method.teacher.parameters())
 
 

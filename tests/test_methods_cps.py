@@ -49,12 +49,17 @@ def test_unsup_gradient_into_the_student_is_its_own_ce_only():
     assert sum(float(g.abs().sum()) for g in peer_grads) > 0
 
 
-def test_two_differently_initialised_networks_in_one_optimiser():
-    method = make()
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_initialisation_as_ssl4mis_and_both_networks_in_one_optimiser(spatial_dims):
+    method = make(spatial_dims=spatial_dims)
     assert not torch.allclose(method.student.encoder[0][0].weight, method.peer.encoder[0][0].weight)
-    w = method.peer.decoders[0].blocks[0][0].weight.detach()  # conv 8 -> 4 channels, 3x3
-    fan_in, fan_out = 8 * 9, 4 * 9  # xavier-normal std = sqrt(2 / (fan_in + fan_out))
-    assert float(w.std()) == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.2)
+    w = [net.decoders[0].blocks[0][0].weight.detach() for net in (method.student, method.peer)]  # conv 8 -> 4
+    k = 3 ** spatial_dims
+    fan_in, fan_out = 8 * k, 4 * k
+    kaiming, xavier = (2 / fan_in) ** 0.5, (2 / (fan_in + fan_out)) ** 0.5  # normal stds
+    default = (1 / (3 * fan_in)) ** 0.5  # PyTorch's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    want = (kaiming, xavier) if spatial_dims == 3 else (default, default)  # SSL4MIS 3D script / 2D script
+    assert [float(x.std()) for x in w] == pytest.approx(want, rel=0.2)
     opt_params = {id(p) for g in method.optimizers()[0].param_groups for p in g["params"]}
     assert {id(p) for p in method.peer.parameters()} <= opt_params
     assert {id(p) for p in method.student.parameters()} <= opt_params

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from minissl.nets import UNet
+from minissl.nets.unet import Dropout
 
 
 @pytest.mark.parametrize("spatial_dims,size", [(2, (32, 24)), (3, (8, 16, 8))])
@@ -25,7 +26,7 @@ def test_layers_follow_ssl4mis():
     net = UNet(up_modes=("linear",))                          # SSL4MIS UNet: 16..256 channels, bilinear
     assert sum(p.numel() for p in net.parameters()) == 1_813_474
     block = net.encoder[0]
-    assert [type(m) for m in block] == [nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU, nn.Dropout,
+    assert [type(m) for m in block] == [nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU, Dropout,  # an nn.Dropout
                                         nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU]
     assert [b[3].p for b in net.encoder] == [0.05, 0.1, 0.2, 0.3, 0.5]
     assert [b[3].p for b in UNet(depth=2).encoder] == [0.2, 0.3, 0.5]

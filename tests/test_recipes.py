@@ -1,11 +1,13 @@
 """Recipes: schedules as fractions of the run, optimisers, the EMA horizon, the official-recipe lookup,
 the shared supervised loss by hand, and the engine's stage switch from the best-on-validation state."""
+import csv
+import json
 import math
 
 import pytest
 import torch
 
-from minissl import engine, losses
+from minissl import bench, engine, losses, results
 from minissl.config import load_config
 from minissl.data import phantoms
 from minissl.methods import METHODS, get_method
@@ -125,30 +127,40 @@ def test_sharpen_by_hand():
         losses.sharpen(p, 0.0)
 
 
-def test_engine_switches_stage_from_the_best_on_validation_state(tiny_stores, tmp_path, monkeypatch):
+@pytest.mark.parametrize("suite,recipe,kept", [("cardiac", "shared", False), ("cardiac", "official", True),
+                                               ("atrium", "official", False)])
+def test_engine_switches_stage_from_the_best_on_validation_state(tiny_stores, tmp_path, monkeypatch, suite, recipe,
+                                                                 kept):
     """BCP through the engine: validation scores 0.5, 0.9, 0.1 at iterations 1-3 (the labeled stage
-    ends after 3), so stage 2 must start from the weights after iteration 2, not the last ones."""
+    ends after 3), so stage 2 must start from the weights after iteration 2, not the last ones, and the
+    optimiser from its state after iteration 2 (official ACDC recipe: momentum kept) or afresh (shared
+    recipe, official LA recipe: momentum cleared)."""
     scores = iter([0.5, 0.9, 0.1] + [0.2] * 10)
     monkeypatch.setattr(engine, "validate", lambda *a, **k: next(scores))
-    states, switched = {}, {}
+    states, moments, switched = {}, {}, {}
     cls = get_method("bcp")
     real_update, real_end = cls.update, cls.end_stage
+
+    def momentum(opts):
+        return [v["momentum_buffer"].clone() for v in opts[0].state_dict()["state"].values()]
 
     def update(self, batch, step, opts):
         out = real_update(self, batch, step, opts)
         states[step + 1] = {k: v.clone() for k, v in self.state_dict().items()}
+        moments[step + 1] = momentum(opts)
         return out
 
     def end_stage(self, step, best_state, opts):
         switched["step"], switched["state"] = step, best_state
         real_end(self, step, best_state, opts)
         switched["student"] = {k: v.clone() for k, v in self.student.state_dict().items()}
+        switched["momentum"] = momentum(opts)
 
     monkeypatch.setattr(cls, "update", update)
     monkeypatch.setattr(cls, "end_stage", end_stage)
-    cfg = load_config(method="bcp", data_root=str(tiny_stores["cardiac"]), out_dir=str(tmp_path), width=4,
+    cfg = load_config(method="bcp", data_root=str(tiny_stores[suite]), out_dir=str(tmp_path), width=4,
                       depth=2, batch_size=4, labeled_bs=2, max_iters=12, val_every=1, progress=False,
-                      method_args={"pretrain": 0.25})
+                      recipe=recipe, method_args={"pretrain": 0.25})
     engine.train(cfg)
     assert switched["step"] == 3
     want = states[2]
@@ -156,3 +168,95 @@ def test_engine_switches_stage_from_the_best_on_validation_state(tiny_stores, tm
     assert all(torch.equal(v, want["student." + k]) for k, v in switched["student"].items())
     assert not all(torch.equal(states[3][k], want[k]) for k in want)
     assert math.isfinite(sum(float(v.float().sum()) for v in switched["student"].values()))
+    if kept:  # the momentum of the best step (2), not of the last one (3)
+        assert len(switched["momentum"]) == len(moments[2]) > 0
+        assert all(torch.equal(a, b) for a, b in zip(switched["momentum"], moments[2]))
+        assert not all(torch.equal(a, b) for a, b in zip(moments[3], moments[2]))
+    else:
+        assert switched["momentum"] == []
+
+
+SSL4MIS = "HiLab-git/SSL4MIS code/train_"
+POLY, CONST = ("sgd", 0.01, 0.9, 1e-4, "poly", 0.0), ("sgd", 0.01, 0.9, 1e-4, "constant", 0.0)
+OFFICIAL = {  # (method, spatial dims) -> (optimizer, lr, momentum, weight decay, schedule, step_every), source
+    ("supervised", 2): (POLY, SSL4MIS + "fully_supervised_2D.py"),
+    ("supervised", 3): (POLY, SSL4MIS + "fully_supervised_3D.py"),
+    ("mean_teacher", 2): (POLY, SSL4MIS + "mean_teacher_2D.py"),
+    ("mean_teacher", 3): (POLY, SSL4MIS + "mean_teacher_3D.py"),
+    ("ua_mt", 2): (POLY, SSL4MIS + "uncertainty_aware_mean_teacher_2D.py"),
+    ("ua_mt", 3): (("sgd", 0.01, 0.9, 1e-4, "step", 2500 / 6000),
+                   "yulequan/UA-MT code/train_LA_meanteacher_certainty_unlabel.py"),
+    ("cps", 2): (POLY, SSL4MIS + "cross_pseudo_supervision_2D.py"),
+    ("cps", 3): (POLY, SSL4MIS + "cross_pseudo_supervision_3D.py"),
+    ("unimatch", 2): (POLY, "LiheYoung/UniMatch more-scenarios/medical/unimatch.py"),
+    ("unimatch", 3): None,  # the medical code is 2D only
+    ("bcp", 2): (CONST, "DeepMed-Lab-ECNU/BCP code/ACDC_BCP_train.py"),
+    ("bcp", 3): (("sgd", 0.01, 0.9, 1e-4, "step", 1 / 6), "DeepMed-Lab-ECNU/BCP code/LA_BCP_train.py"),
+    ("m3hl", 2): (CONST, "PHPJava666/M3HL code/ACDC_M3HL_train.py"),
+    ("m3hl", 3): (("sgd", 0.01, 0.9, 1e-4, "step", 1 / 6), "PHPJava666/M3HL code/LA_M3HL_train.py"),
+    ("cad", 2): None,  # no code released
+    ("cad", 3): None,
+    ("ersr", 2): (POLY, "BioMedIA-repo/ERSR train.py"),
+    ("ersr", 3): None,  # a 2D method
+}
+
+
+@pytest.mark.parametrize("name,dims", sorted(OFFICIAL))
+def test_official_recipe_of_each_method(name, dims):
+    cfg = load_config(method=name, recipe="official")
+    if OFFICIAL[name, dims] is None:
+        with pytest.raises(ValueError, match=f"method '{name}' has no official {dims}D recipe"):
+            resolve_recipe(cfg, name, dims)
+        return
+    values, source = OFFICIAL[name, dims]
+    got = resolve_recipe(cfg, name, dims)
+    assert (got.optimizer, got.lr, got.momentum, got.weight_decay, got.schedule, got.step_every) == \
+        pytest.approx(values) and got.source == source
+    assert got.step_gamma == 0.1 and got.warmup == 0.0
+
+
+@pytest.mark.parametrize("name,suite,recipe,want", [
+    ("mean_teacher", "cardiac", "official", {0: 1.0, 600: 0.5 ** 0.9, 1199: (1 / 1200) ** 0.9}),
+    ("ua_mt", "atrium", "official", {499: 1.0, 500: 0.1, 1000: 0.01, 1199: 0.01}),  # x0.1 every 5/12 of the run
+    ("m3hl", "cardiac", "official", {0: 1.0, 600: 1.0, 1199: 1.0}),
+    ("m3hl", "atrium", "official", {199: 1.0, 200: 0.1, 1000: 1e-5, 1199: 1e-5}),  # x0.1 every 1/6 of the run
+    ("bcp", "cardiac", "official", {0: 1.0, 300: 1.0, 1199: 1.0}),
+    ("bcp", "cardiac", "shared", {299: (1 - 299 / 1200) ** 0.9, 300: 0.75 ** 0.9}),  # one poly, not restarted
+    # LA: full rate in stage 1 (300 of 1200), then x0.1 every 1/6 of stage 2 (150), counted from the switch
+    ("bcp", "atrium", "official", {0: 1.0, 299: 1.0, 300: 1.0, 449: 1.0, 450: 0.1, 600: 0.01, 1199: 1e-5}),
+    ("supervised", "atrium", "official:bcp", {149: 1.0, 200: 0.1}),  # no stage: the period counts from step 0
+])
+def test_method_lr_factor_follows_its_recipe(name, suite, recipe, want):
+    cfg = load_config(method=name, recipe=recipe, max_iters=1200, width=4, depth=2)
+    method = get_method(name)(cfg, phantoms.SUITES[suite])
+    assert {s: method.lr_factor(s) for s in want} == pytest.approx(want, rel=1e-9)
+
+
+def test_bench_official_pairs_each_method_with_supervised_on_its_recipe(tiny_stores, tmp_path):
+    over = ["--width", "4", "--depth", "2", "--batch_size", "4", "--labeled_bs", "2", "--val_every", "2"]
+    store, runs, res = str(tiny_stores["cardiac"]), tmp_path / "runs", tmp_path / "results"
+    shared = bench.run_one("cardiac", "supervised", 0, None, 4, runs, store, over, results=res)
+    text = bench.bench_methods("cardiac", ["supervised", "m3hl", "cad", "ersr"], [0], None, 4, str(runs), store,
+                               over, str(res), recipe="official")
+    setting = res / "cardiac" / "b2-i4-official-m3hl"
+    got = {p.relative_to(res).as_posix() for p in res.glob("cardiac/*/*/seed0")}
+    assert got == {"cardiac/b2-i4-shared/supervised/seed0", "cardiac/b2-i4-official/m3hl/seed0",
+                   "cardiac/b2-i4-official-m3hl/supervised/seed0"}
+    config = json.loads((setting / "supervised" / "seed0" / "config.json").read_text())
+    assert config["recipe"] == "official:m3hl" and results.read_row(setting / "supervised" / "seed0") != shared
+
+    def last_lr(run):
+        with open(runs / "cardiac" / run / "log.csv", newline="") as f:
+            return float(list(csv.DictReader(f))[-1]["lr"])
+
+    assert last_lr("supervised-b2-i4-official-m3hl-s0") == 0.01  # M3HL's ACDC recipe: constant
+    assert last_lr("supervised-b2-i4-shared-s0") == pytest.approx(0.01 * (1 / 4) ** 0.9)  # shared: poly at step 3 of 4
+    assert {p.name for p in (runs / "cardiac").iterdir()} == {"supervised-b2-i4-shared-s0", "m3hl-b2-i4-official-s0",
+                                                             "supervised-b2-i4-official-m3hl-s0"}
+    assert "**cardiac**: 2 labeled, 4 iterations, official:m3hl recipe" in text
+    assert "| supervised | 1 | " in text and "| m3hl | 1 | " in text
+    assert "No official 2D recipe: cad." in text and "Not applicable to cardiac: ersr." in text
+    with pytest.raises(ValueError, match="expected a method with an official 2D recipe besides supervised, "
+                                         r"got \['supervised', 'cad'\]"):
+        bench.bench_methods("cardiac", ["supervised", "cad"], [0], None, 4, str(runs), store, over, str(res),
+                            recipe="official")

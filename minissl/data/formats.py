@@ -14,7 +14,9 @@ suffix             library     what is kept in the mask file
 Arrays are in minissl's order, (Y, X) or (Z, Y, X): NIfTI data (X, Y, Z) are transposed (pynrrd and
 SimpleITK give C order already). Colour PNGs are converted to grey (pillow's "L" mode); 16-bit PNGs
 keep their values. Trailing NIfTI axes of length 1 ((X, Y, Z, 1)) are dropped on reading and put
-back on writing. A 4D image with more than one volume, a multi-component (vector) MHA or a
+back on writing. ``ImageFile.spacing`` is the voxel size in mm in minissl's order (NIfTI voxel sizes,
+NRRD ``space directions`` norms or ``spacings``, SimpleITK spacing, the store's ``spacing``), None for
+a PNG or a NRRD without either (no physical size). A 4D image with more than one volume, a multi-component (vector) MHA or a
 detached NRRD header (.nhdr) is refused with a ``ValueError`` naming the file.
 """
 from __future__ import annotations
@@ -43,12 +45,14 @@ class ImageFile:
         shape: the array shape as stored (before dropping trailing axes of length 1, in minissl order).
         header: the format's own description (nibabel image, NRRD header, SimpleITK image, PIL info,
             store Case).
+        spacing: mm per axis of ``image`` ((Y, X) or (Z, Y, X)), or None when the file gives none.
     """
 
     path: Path
     image: np.ndarray
     shape: tuple[int, ...]
     header: Any
+    spacing: tuple[float, ...] | None = None
 
 
 def suffix(path: str | os.PathLike) -> str:
@@ -92,6 +96,7 @@ def read_image(path: str | os.PathLike) -> ImageFile:
                 raise ValueError(str(e)) from e
             xyz = np.asanyarray(header.dataobj)  # (X, Y[, Z, ...]), scaling applied
             stored, data = xyz.T, _squeeze(xyz).T  # (..., Z, Y, X), (Z, Y, X) or (Y, X)
+            spacing = tuple(float(z) for z in header.header.get_zooms()[:data.ndim])[::-1]
         elif kind == ".nrrd":
             import nrrd
 
@@ -100,6 +105,7 @@ def read_image(path: str | os.PathLike) -> ImageFile:
             except nrrd.NRRDError as e:
                 raise ValueError(str(e)) from e
             data = stored
+            spacing = _nrrd_spacing(header, data.ndim)
         elif kind in (".mha", ".mhd"):
             import SimpleITK as sitk
 
@@ -107,6 +113,7 @@ def read_image(path: str | os.PathLike) -> ImageFile:
             if header.GetNumberOfComponentsPerPixel() != 1:
                 raise ValueError(f"expected one component per pixel, got {header.GetNumberOfComponentsPerPixel()}")
             stored = data = sitk.GetArrayFromImage(header)  # (Z, Y, X)
+            spacing = tuple(float(v) for v in header.GetSpacing())[::-1]
         elif kind == ".png":
             from PIL import Image
 
@@ -114,9 +121,11 @@ def read_image(path: str | os.PathLike) -> ImageFile:
                 grey = im if im.mode in ("L", "I", "I;16", "F") else im.convert("L")
                 stored = data = np.asarray(grey)
                 header = dict(im.info)
+            spacing = None
         else:
             header = read_case(path)
             stored = data = header.image
+            spacing = tuple(header.spacing)
     except (OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"could not read {path}: {e}") from e
     data = np.asarray(data)
@@ -124,7 +133,21 @@ def read_image(path: str | os.PathLike) -> ImageFile:
         raise ValueError(f"{path}: expected a 2D or 3D single-channel image, got an array of shape {data.shape}")
     if not np.isfinite(data).all():
         raise ValueError(f"{path}: expected finite intensities, got NaN or Inf values")
-    return ImageFile(path, data.astype(np.float32), tuple(np.shape(stored)), header)
+    if spacing is not None and (len(spacing) != data.ndim or not all(np.isfinite(v) and v > 0 for v in spacing)):
+        raise ValueError(f"{path}: expected {data.ndim} positive voxel sizes, got {spacing}")
+    return ImageFile(path, data.astype(np.float32), tuple(np.shape(stored)), header, spacing)
+
+
+def _nrrd_spacing(header: dict, ndim: int) -> tuple[float, ...] | None:
+    """mm per axis in C order from a NRRD header (``space directions`` norms, else ``spacings``), or None."""
+    if header.get("space directions") is not None:
+        rows = [np.asarray(r, dtype=np.float64) for r in header["space directions"]]
+        sizes = [float(np.linalg.norm(r)) for r in rows if np.all(np.isfinite(r))]  # NaN rows: non-spatial axes
+    elif header.get("spacings") is not None:
+        sizes = [float(v) for v in header["spacings"]]
+    else:
+        return None
+    return tuple(sizes[::-1]) if len(sizes) == ndim else None
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, like: ImageFile) -> Path:

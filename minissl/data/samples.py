@@ -65,7 +65,7 @@ from scipy import ndimage as ndi
 from . import phantoms
 from .store import Case, SuiteSpec, write_case, write_store
 
-VERSION = 1
+VERSION = 2
 GENERATOR_PREFIX = "minissl.data.samples."  # suite.json 'generator' of the folders written here
 
 
@@ -134,6 +134,7 @@ SUITES: dict[str, SuiteSpec] = {  # n_train / n_val / n_test of the real files; 
     "brain_tissue": SuiteSpec(
         name="brain_tissue", spatial_dims=2, num_classes=3, patch_size=(144, 128), n_train=100, n_val=20, n_test=30,
         default_budget=7, default_iters=300, class_names=("background", "grey matter", "white matter"),
+        target_spacing=(BRAIN_MM, BRAIN_MM),
         description="2D axial T1 slices of the MNI152 2009a template with BG/GM/WM from its tissue maps (1.5 mm)"),
 }
 
@@ -334,8 +335,10 @@ class _Builder:
         self.patients: list[str] = []  # of the training cases
         self.unlabeled: list[str] = []
         self.dropped = 0
+        self.rules: dict[str, str] = {}  # source -> its split rule, in words
 
     def add(self, split: str, case: Case) -> None:
+        self.rules[case.meta["source"]] = case.meta["split_rule"]
         if split != "train" and (case.label is None or not case.label.any()):
             self.dropped += 1
             return
@@ -348,7 +351,8 @@ class _Builder:
 
     def finish(self, extra: dict) -> SuiteSpec:
         """Write suite.json (counts of this build; default budget 10 % of the labeled training
-        patients, at least 1) and the split and labeled lists (default budget and twice it)."""
+        patients, at least 1; ``split_rule``: the rule of each source image) and the split and
+        labeled lists (default budget and twice it)."""
         n = {k: len(v) for k, v in self.splits.items()}
         skip = set(self.unlabeled)
         n_labeled = len({p for c, p in zip(self.splits["train"], self.patients) if c not in skip})
@@ -357,7 +361,8 @@ class _Builder:
         budget = max(1, round(0.1 * n_labeled))
         spec = replace(self.spec, n_train=n["train"], n_val=n["val"], n_test=n["test"], default_budget=budget)
         budgets = [k for k in (budget, 2 * budget) if k <= n_labeled]
-        write_store(self.root, spec, self.splits, extra | {"dropped_empty_val_test_tiles": self.dropped},
+        write_store(self.root, spec, self.splits,
+                    extra | {"split_rule": self.rules, "dropped_empty_val_test_tiles": self.dropped},
                     budgets=budgets, patients=self.patients, unlabeled=self.unlabeled)
         return spec
 

@@ -40,7 +40,8 @@ def open_data(source: str | os.PathLike, budget_rule: str = "first") -> CaseStor
             its parent or its ``data/`` folder), the name of an embedded suite (``phantoms.SUITES``,
             generated into ``phantoms.cache_dir()`` on first use) or of a real sample suite
             (``samples.SUITES``, converted by ``minissl data fetch <name>``). An existing folder wins
-            over a suite of the same name.
+            over a suite of the same name. Several of these, comma-separated, open one
+            ``datasets.TaskStore`` (one task per suite, ``Config.suites``).
         budget_rule: labeled-budget rule of an SSL4MIS layout: "first" (SSL4MIS) or "random".
 
     Returns:
@@ -51,6 +52,10 @@ def open_data(source: str | os.PathLike, budget_rule: str = "first") -> CaseStor
             suite not fetched yet (the message gives the command), or a store whose ``suite.json`` is
             unreadable or incomplete (the message names the file and field).
     """
+    if "," in str(source):  # several suites trained together, one task each
+        from .datasets import TaskStore
+
+        return TaskStore([open_data(s.strip(), budget_rule) for s in str(source).split(",")])
     path = Path(source)
     if (path / "suite.json").is_file():
         return H5Store(path)
@@ -94,6 +99,12 @@ def check_store(store: CaseStore, labeled: Sequence[str] = (), remember: bool = 
         ValueError: ``"<store>: N problem(s) ..."`` followed by one line per problem, each naming
             the list, file or case.
     """
+    from .datasets import TaskStore
+
+    if isinstance(store, TaskStore):  # several suites: each is checked (and remembered) on its own
+        for name, sub in zip(store.names, store.stores):
+            check_store(sub, [c.partition("/")[2] for c in labeled if c.partition("/")[0] == name], remember)
+        return
     problems: list[str] = []
     splits: dict[str, list[str]] = {}
     for name in SPLITS:

@@ -27,7 +27,8 @@ ACDC (SSL4MIS ``acdc_data_processing.py``; ``root`` may also be its parent or it
   slice at 256x256 and zoomed back to their native size, where the metrics are computed. Native-
   resolution training is the explicit option ``ACDCStore(root, zoom=False)`` (random 256x256
   windows, smaller slices padded), e.g. ``engine.train(cfg, store=ACDCStore(root, zoom=False))``;
-  prediction still resizes each slice to 256x256 (see ``minissl.inference``).
+  prediction then slides 256x256 windows over each slice at its native resolution (see
+  ``minissl.inference``).
 * Images are min-max normalised per volume by SSL4MIS (``spec.intensity == "minmax"``).
 
 LA (UA-MT / MC-Net / BCP ``la_heart_processing.py``; ``root`` may also hold ``2018LA_Seg_Training Set/``)::

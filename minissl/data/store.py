@@ -10,7 +10,9 @@ Layout of a store root::
     <root>/splits/labeled_<n>_seed<k>.txt  the labeled subset of `train` for budget n and seed k
 
 Budgets count **patients** (cases that share the `patient_id` attribute are labeled together; in the
-embedded suites one case is one patient). Whoever writes a store (a suite builder, a converter) writes
+embedded suites one case is one patient). A :class:`Budget` is ``(kind, n, seed)``: kind ``cases`` labels
+every slice of the n drawn patients; kind ``slices:k`` draws the same patients but annotates only every
+k-th slice along axis 0 (Z) of each of their volumes, from an offset drawn per case. Whoever writes a store (a suite builder, a converter) writes
 the labeled lists of its standard budgets for seeds 0-4 (``write_store(..., budgets=...)``); any other
 budget is drawn by the same deterministic rule when asked for and never written into the data folder.
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import zlib
 from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -78,6 +82,9 @@ class SuiteSpec:
             (``minissl predict``): "minmax" (each image scaled to [0, 1] by its min and max, or a
             fixed division such as /255 that does the same), "zscore" ((x - mean) / std per image or
             volume) or "none" (used as they are).
+        target_spacing: mm per axis of a training image ((Y, X) or (Z, Y, X)) when the store resampled
+            every image to one spacing (Pancreas-CT 1 mm, brain_tissue 1.5 mm); ``minissl predict``
+            resamples inputs to it and the mask back. None: images kept their own spacing.
     """
 
     name: str
@@ -93,6 +100,7 @@ class SuiteSpec:
     description: str = ""
     zoom: bool = False
     intensity: str = "minmax"
+    target_spacing: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -119,6 +127,10 @@ class SuiteSpec:
             fail("zoom", "true or false")
         if self.intensity not in INTENSITIES:
             fail("intensity", f"one of {INTENSITIES}")
+        ts = self.target_spacing
+        if ts is not None and not (isinstance(ts, tuple) and len(ts) == self.spatial_dims and all(
+                isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in ts)):
+            fail("target_spacing", f"None or {self.spatial_dims} positive mm values")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -129,8 +141,8 @@ class SuiteSpec:
         """Build from a dict, ignoring unknown keys (suite.json carries extra ones)."""
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        for k in ("patch_size", "class_names"):
-            if k in kw:
+        for k in ("patch_size", "class_names", "target_spacing"):
+            if k in kw and not (k == "target_spacing" and kw[k] is None):
                 if not isinstance(kw[k], (list, tuple)):
                     raise ValueError(f"suite spec field {k!r}: expected a list, got {kw[k]!r}")
                 kw[k] = tuple(kw[k])
@@ -275,6 +287,56 @@ def labeled_list_problems(ids: Sequence[str], train: Sequence[str], where: str) 
     if bad := sorted(set(ids) - set(train)):
         out.append(f"{where}: expected training case ids, got ids not in train: {bad[:5]}")
     return out
+
+
+BUDGET_KINDS = "cases or slices:<k> (k >= 1)"  # what a budget kind may be
+
+
+def slice_step(kind: str) -> int:
+    """The annotation step k of a budget kind: 0 for ``cases``, k for ``slices:<k>``.
+
+    Raises:
+        ValueError: ``kind`` is neither ``cases`` nor ``slices:<k>`` with an integer k >= 1.
+    """
+    if kind == "cases":
+        return 0
+    found = re.fullmatch(r"slices:([1-9][0-9]*)", str(kind))
+    if found is None:
+        raise ValueError(f"budget kind: expected {BUDGET_KINDS}, got {kind!r}")
+    return int(found.group(1))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A labeled budget ``(kind, n, seed)``.
+
+    Attributes:
+        n: labeled patients, drawn by ``CaseStore.labeled(n, seed)`` for either kind.
+        seed: the draw's seed (patients, and the first annotated slice of each case).
+        kind: ``cases`` (every slice of a labeled case is annotated) or ``slices:<k>`` (every k-th slice
+            along axis 0 of each labeled (Z, Y, X) case, starting at an offset in ``[0, min(k, Z))``
+            drawn from ``(seed, crc32(case id))``, so at least one slice per case is annotated).
+    """
+
+    n: int
+    seed: int = 0
+    kind: str = "cases"
+
+    def __post_init__(self) -> None:
+        slice_step(self.kind)
+
+    @property
+    def step(self) -> int:
+        """k of ``slices:<k>``; 0 for ``cases``."""
+        return slice_step(self.kind)
+
+    def annotated(self, case_id: str, n_slices: int) -> np.ndarray:
+        """(n_slices,) bool: the annotated slices (axis 0) of the labeled case ``case_id``."""
+        k = self.step
+        if k == 0:
+            return np.ones(n_slices, dtype=bool)
+        offset = int(np.random.default_rng([self.seed, zlib.crc32(case_id.encode())]).integers(min(k, n_slices)))
+        return np.arange(n_slices) % k == offset
 
 
 def choose_labeled(case_ids: Sequence[str], patients: Sequence[str], budget: int, seed: int) -> list[str]:

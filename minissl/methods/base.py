@@ -5,7 +5,9 @@ training loop (``minissl.engine``) calls, per iteration::
 
     logs = method.update(batch, step)   # default: zero_grad -> training_step -> backward -> step -> after_step
 
-``batch`` is ``{'x_l': (Bl, 1, *S), 'y_l': (Bl, *S) int64, 'x_u': (Bu, 1, *S)}``. A method with an
+``batch`` is ``{'x_l': (Bl, 1, *S), 'y_l': (Bl, *S) int64, 'x_u': (Bu, 1, *S)}``, plus ``'label_mask':
+(Bl, *S)`` (1 where ``y_l`` is ground truth) under a sparse-slice budget; no ``label_mask`` means every
+labeled voxel is ground truth, and the losses on ``y_l`` take it as their voxel weight. A method with an
 unusual update (several optimisers, inner passes, alternating models) overrides ``update``; the
 engine stays the same. ``predict(x)`` returns the logits used for evaluation.
 
@@ -26,6 +28,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -91,7 +94,8 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 def labeled_unlabeled_mixes(x_l: Tensor, y_l: Tensor, x_u: Tensor, pseudo: Tensor, *, paste_labeled: bool,
-                            boxes: Optional[Tensor] = None, blocks: Optional[Tensor] = None) -> list[list[Tensor]]:
+                            boxes: Optional[Tensor] = None, blocks: Optional[Tensor] = None,
+                            label_mask: Optional[Tensor] = None) -> list[list[Tensor]]:
     """The two copy-paste mixes of labeled and unlabeled halves (BCP's bidirectional, M3HL's mutual mix).
 
     Each batch splits into a half ``a`` (first n rows) and ``b`` (next n rows). With R the region
@@ -108,19 +112,24 @@ def labeled_unlabeled_mixes(x_l: Tensor, y_l: Tensor, x_u: Tensor, pseudo: Tenso
             pseudo-labels of those images.
         paste_labeled: whether the labeled image of the first mix fills the region.
         boxes: (n, 2*sd) int64 boxes, or blocks: (n, *G) bool block masks (exactly one).
+        label_mask: optional (2n, *S) float, 1 where ``y_l`` is ground truth (a sparse-slice budget).
 
     Returns:
-        ``[x (n, 1, *S), target (n, *S) int64, gt_region (n, *S) float]`` for X_1, then for X_2.
+        ``[x (n, 1, *S), target (n, *S) int64, gt_region (n, *S) float]`` for X_1, then for X_2; with
+        ``label_mask`` each list ends with ``known (n, *S)``: ``label_mask`` on labeled content, 1 elsewhere.
     """
     if not (x_l.shape[0] == y_l.shape[0] == x_u.shape[0] == pseudo.shape[0]) or x_l.shape[0] % 2 or not x_l.shape[0]:
         raise ValueError(f"labeled_unlabeled_mixes: expected x_l, y_l, x_u, pseudo with the same positive even "
                          f"number of rows, got {x_l.shape[0]}, {y_l.shape[0]}, {x_u.shape[0]}, {pseudo.shape[0]}")
     (l_a, l_b), (y_a, y_b), (u_a, u_b), (pl_a, pl_b) = (t.chunk(2) for t in (x_l, y_l, x_u, pseudo))
     one, zero = torch.ones_like(y_a, dtype=x_l.dtype), torch.zeros_like(y_a, dtype=x_l.dtype)  # (n, *S)
-    pairs = [([u_a, pl_a, zero], [l_a, y_a, one]), ([l_b, y_b, one], [u_b, pl_b, zero])]  # (outside, inside)
+    k_a, k_b = (one, one) if label_mask is None else label_mask.to(x_l.dtype).chunk(2)  # (n, *S) each
+    pairs = [([u_a, pl_a, zero, one], [l_a, y_a, one, k_a]),
+             ([l_b, y_b, one, k_b], [u_b, pl_b, zero, one])]  # (outside, inside)
     if not paste_labeled:
         pairs = [(inside, outside) for outside, inside in pairs]
-    return [ops.mix(outside, inside, boxes=boxes, blocks=blocks) for outside, inside in pairs]
+    mixes = [ops.mix(outside, inside, boxes=boxes, blocks=blocks) for outside, inside in pairs]
+    return mixes if label_mask is not None else [m[:3] for m in mixes]
 
 
 @dataclass
@@ -142,6 +151,7 @@ class Method(nn.Module):
     semi_supervised: ClassVar[bool] = True  # False: the loader gives no unlabeled images
     official_recipes: ClassVar[dict[int, Recipe]] = {}  # spatial_dims -> the official code's recipe (2: ACDC, 3: LA)
     has_uncertainty: ClassVar[bool] = False  # True: ``uncertainty(x)`` gives a voxel-wise map
+    uses_label_mask: ClassVar[bool] = False  # True: its losses on y_l take batch['label_mask'] (3D sparse slices)
 
     @classmethod
     def applies_to(cls, spec: Any) -> Optional[str]:
@@ -200,20 +210,34 @@ class Method(nn.Module):
         return []
 
     def end_stage(self, step: int, best_state: dict[str, Tensor], optimizers: list[torch.optim.Optimizer]) -> None:
-        """Called by the engine after iteration ``step`` ends a stage, with the stage's best-on-validation state."""
+        """Called by the engine after iteration ``step`` ends a stage, with the stage's best-on-validation state
+        and the optimisers restored to their state at that same iteration."""
 
     def cons_weight(self, step: int) -> float:
         """``cfg.cons_weight`` times the sigmoid ramp-up over ``cfg.rampup`` of the run."""
         return self.cfg.cons_weight * sigmoid_rampup(self.progress(step), self.cfg.rampup)
 
     # --- the training protocol
-    def supervised_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+    def supervised_loss(self, logits: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """SSL4MIS's supervised loss ``0.5 (CE + Dice)``.
 
         Dice is SSL4MIS's ``DiceLoss``: per class ``1 - (2 sum p y + 1e-5) / (sum p^2 + sum y^2 + 1e-5)``
         with the sums pooled over the whole batch, averaged over all classes (background included).
+        ``mask`` (B, *S) is the voxel weight of both terms (``batch['label_mask']``: 0 removes a voxel
+        whose label is unknown).
         """
-        return losses.dice_ce_loss(logits, y, lambda_dice=0.5, lambda_ce=0.5, squared=True, batch=True)
+        return losses.dice_ce_loss(logits, y, mask, lambda_dice=0.5, lambda_ce=0.5, squared=True, batch=True)
+
+    def fill_labels(self, label: np.ndarray) -> np.ndarray:
+        """The label to train on for a sparsely annotated case (``--budget_kind slices:k``), before training.
+
+        Args:
+            label: (Z, Y, X) uint8, ``data.datasets.IGNORE`` on the voxels whose label is hidden.
+
+        Returns:
+            (Z, Y, X) uint8, ``IGNORE`` where still unknown; by default ``label`` unchanged.
+        """
+        return label
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         """Return ``{'loss': total, <part>: value, ...}`` for one batch."""

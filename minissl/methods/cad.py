@@ -44,9 +44,19 @@ GUESSES (none is from the paper):
     * the donor is another image of the unlabeled batch (ABD displaces between two views of one image),
       the one most confident on that box (ABD picks the donor patch by confidence and KL similarity);
       with a single unlabeled image the donor is the image itself (no displacement);
-    * two students, each with its own EMA teacher (decay ``ema_decay``); confidence and pseudo-labels
-      from the mean of the two teachers; CPS with hard argmax targets; every unlabeled term uses
-      0.5 (CE + Dice); no displacement of labeled images (ABD-I) and no CPS on the un-displaced images.
+    * two students, each with its own EMA teacher; confidence and pseudo-labels from the mean of the
+      two teachers; CPS with hard argmax targets; every unlabeled term uses the shared supervised loss
+      0.5 (CE + Dice); no displacement of labeled images (ABD-I) and no CPS on the un-displaced images;
+    * the teachers make the confidence maps in training mode, as the whole method is during training:
+      dropout on and BatchNorm batch statistics (the EMA teachers of UA-MT, BCP and M3HL's code also
+      run in training mode; ERSR's in eval mode);
+    * the EMA horizon: ABD's 0.99 over its 30,000 self-training iterations (``code/train_ACDC_BCP.py``),
+      ``ema_horizon`` = 1/300 of the run, with the shared ``ema_update`` (warm-up, buffers copied).
+
+Recipe: the shared one only. Neither CAD nor a training script exists, so there is no official recipe
+(``--recipe official`` is refused); ABD's ACDC scripts would give SGD 0.01 with poly decay
+(``train_ACDC_Cross_Teaching.py``) or a constant rate (``train_ACDC_BCP.py``).
+
 Reported parts: ``sup`` (both students), ``unsup`` (MT + CPS terms before ``w``), ``w``, ``tau``, ``a_max``.
 
 Paper: W. Xiao, Z. Xu, G. Liang, Y. Deng, Y. Xiao, CAD (Confidence-Aware adaptive Displacement),
@@ -115,7 +125,7 @@ def donor_index(conf: Tensor, boxes: Tensor) -> Tensor:
 
 @dataclass
 class CADArgs:
-    ema_horizon: float = 1 / 300  # fraction of the run: EMA 0.99 over 30,000 iterations (ABD ACDC; CAD has no code)
+    ema_horizon: float = 1 / 300  # GUESS: 0.99 over 30,000 iterations (ABD code/train_ACDC_BCP.py; CAD has no code)
     tau_start: float = 0.70  # GUESS: confidence threshold at the start (DTE)
     tau_end: float = 0.95  # GUESS: threshold at the end of the ramp
     size_start: float = 1 / 16  # GUESS: largest displaced box at the start, fraction of the image

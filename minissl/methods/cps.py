@@ -39,10 +39,16 @@ Where the codes differ, and what minissl follows:
       confirms that bias on the very images that carry labels, and on the tiny phantom of the learning
       test (weight 1 after 10 % of 40 iterations) the student collapsed to background (Dice 0), while
       the unlabeled-only version learned (Dice 0.72).
-    * Initialisation: TorchSemiSeg draws two Kaiming-normal inits; SSL4MIS uses Kaiming-normal for
-      model 1 and Xavier-normal for model 2. minissl keeps the library's default init for the student
-      (as every other method, so the comparison with ``supervised`` is fair) and gives the peer the
-      Xavier-normal init of SSL4MIS's model 2.
+    * Initialisation: TorchSemiSeg draws two Kaiming-normal inits. SSL4MIS's 3D script gives model 1
+      Kaiming-normal and model 2 Xavier-normal conv weights (BatchNorm weight 1, bias 0; transposed
+      convolutions keep their default); its 2D script builds both networks with the default init (two
+      draws). minissl follows SSL4MIS: two default draws in 2D, Kaiming / Xavier in 3D.
+    * The code steps two SGD optimisers; minissl one over both networks (the same update, see above).
+
+Recipe: the shared one by default; ``--recipe official`` gives SSL4MIS's
+(``code/train_cross_pseudo_supervision_2D.py``, ``_3D.py``): SGD 0.01, momentum 0.9, weight decay 1e-4,
+poly over the run for both networks, the shared recipe's values (the 3D script trains on BraTS 2019:
+SSL4MIS has no LA script). No EMA (the scripts' ``ema_decay`` is unused).
 """
 from __future__ import annotations
 
@@ -52,14 +58,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses
+from ..recipes import Recipe
 from .base import Method, register
 
 
-def xavier_init(net: nn.Module) -> nn.Module:
-    """SSL4MIS's ``xavier_normal_init_weight``: Xavier-normal conv weights, BatchNorm weight 1 and bias 0."""
+def normal_init(net: nn.Module, kind: str) -> nn.Module:
+    """SSL4MIS's ``kaiming_normal_init_weight`` / ``xavier_normal_init_weight`` (``kind``: kaiming | xavier):
+    normal conv weights (transposed convolutions untouched), BatchNorm weight 1 and bias 0."""
+    init = {"kaiming": nn.init.kaiming_normal_, "xavier": nn.init.xavier_normal_}[kind]
     for m in net.modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            nn.init.xavier_normal_(m.weight)
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            init(m.weight)
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -87,13 +96,22 @@ class CPSArgs:
 
 @register("cps")
 class CPS(Method):
-    """Two differently initialised networks, each trained on the other's hard pseudo-labels."""
+    """Two networks of different initial weights, each trained on the other's hard pseudo-labels."""
 
     Args = CPSArgs
+    official_recipes = {
+        2: Recipe("sgd", 0.01, 0.9, 1e-4, "poly",
+                  source="HiLab-git/SSL4MIS code/train_cross_pseudo_supervision_2D.py"),
+        3: Recipe("sgd", 0.01, 0.9, 1e-4, "poly",
+                  source="HiLab-git/SSL4MIS code/train_cross_pseudo_supervision_3D.py"),
+    }
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
-        self.peer = xavier_init(self.make_net())
+        self.peer = self.make_net()  # 2D: a second default draw, as SSL4MIS's 2D script
+        if self.spatial_dims == 3:  # SSL4MIS's 3D script: Kaiming-normal model 1, Xavier-normal model 2
+            normal_init(self.student, "kaiming")
+            normal_init(self.peer, "xavier")
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]

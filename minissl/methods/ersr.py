@@ -23,7 +23,7 @@ Algorithm (per iteration):
     2. dual-score filter: keep the most regular maps (``regularity_score``, ``select_regular``);
     3. ellipse fit and refinement of the kept maps -> hard pseudo-labels Y and symmetry axes;
     4. the two mirrored images per validly fitted sample (``mirror_images``);
-    5. one student pass on [x_u kept; x_left; x_right]; the three MSEs; SGD; EMA update (decay 0.99).
+    5. one student pass on [x_u kept; x_left; x_right]; the three MSEs; SGD; EMA update (``ema_horizon``).
 The student is evaluated (as in the code). The published recipe ramps k(t) and w(t) over the whole
 10k-iteration run with weight 1.0: ``keep_rampup = 1.0`` here, ``--cons_weight 1.0 --rampup 1.0`` for w.
 
@@ -32,11 +32,19 @@ Paper: L. Zhou, Z. Chen, Y. Shen, J. Xu, P. Xuan, Y. Zhu, Y. Fang, C. Cong, L. W
 semi-supervised fetal head segmentation in ultrasound images", IEEE JBHI 2025, arXiv:2508.19815.
 Code: https://github.com/BioMedIA-repo/ERSR (``train.py``, ``utils/util.py``, ``utils/seletor.py``).
 
+Recipe: the shared one by default; ``--recipe official`` gives the code's SGD 0.01, momentum 0.9, weight
+decay 1e-4, poly ``(1 - t)^0.9`` over its 10,000 iterations (``train.py``, a ``LambdaLR``), the shared
+recipe's values. A 2D method: no 3D recipe. EMA: 0.99 over 10,000 iterations, ``ema_horizon`` = 1/100.
+
 Where minissl differs from the code, and why:
     * two-class softmax, p = softmax[:, 1] (the code: one sigmoid channel), so that ``predict`` gives the
       C >= 2 logits the evaluation expects; the MSEs are on the foreground probability;
-    * supervised loss 0.5 (Dice + CE) (``Method.supervised_loss``) instead of (DiceFocal + BCE) / 2;
-      no supervised warm-start checkpoint: the ramp of w(t) starts the run nearly supervised;
+    * supervised loss ``Method.supervised_loss`` (SSL4MIS's 0.5 (CE + Dice), squared batch-pooled Dice over
+      both classes) instead of (DiceFocal + BCE) / 2; no supervised warm-start checkpoint: the ramp of
+      w(t) starts the run nearly supervised;
+    * the EMA averages the BatchNorm running statistics with the weights (its ``state_dict`` loop); the
+      shared ``ema_update`` copies the student's. The teacher runs in eval mode, so its pseudo-labels use
+      those statistics: minissl's teacher normalises with the student's running statistics;
     * the filter's per-epoch score dictionary (keyed by batch position, reset every epoch, so the first
       batch of an epoch ranks only against itself) becomes a running window of the last
       ``score_window`` scores (64 ~ one HC18 10 % epoch of 8 unlabeled images x 10 iterations);
@@ -74,6 +82,7 @@ from torch import Tensor
 
 from .. import geometry, ops
 from ..data import transforms
+from ..recipes import Recipe
 from .base import Method, ema_update, make_teacher, register, sigmoid_rampup
 
 
@@ -141,7 +150,7 @@ def mirror_targets(p: Tensor, params: Tensor) -> Tensor:
 
 @dataclass
 class ERSRArgs:
-    ema_horizon: float = 1 / 100  # fraction of the run: EMA 0.99 over 10,000 iterations (ERSR train.py)
+    ema_horizon: float = 1 / 100  # 0.99 over 10,000 iterations (ERSR train.py, utils/get_argparser.py)
     threshold: float = 0.6  # tau: binarises the teacher map for the fit and the refined map
     fill_base: float = 0.6  # inside the ellipse: max(P, fill_base + (1 - d)^fill_power)
     fill_power: float = 2.0
@@ -159,6 +168,7 @@ class ERSR(Method):
     """Mean teacher with a dual-score filter, ellipse-refined pseudo-labels and mirror consistencies."""
 
     Args = ERSRArgs
+    official_recipes = {2: Recipe("sgd", 0.01, 0.9, 1e-4, "poly", source="BioMedIA-repo/ERSR train.py")}
 
     @classmethod
     def applies_to(cls, spec) -> Optional[str]:

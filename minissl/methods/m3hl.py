@@ -25,7 +25,7 @@ Algorithm (per iteration; no pre-training stage in the released scripts):
     2. per-sample block mask (``ops.block_grid``), the two mutual mixes with their targets and
        GT-region maps (``labeled_unlabeled_mixes``, BCP's two ``ops.mix`` calls with the region swapped);
     3. student on X_1 and X_2: logits, bottleneck, last feature; L_seg, L_high, L_low; SGD step;
-    4. EMA update of the teacher (decay 0.99).
+    4. EMA update of the teacher (``ema_horizon``).
 Note that the pairs (X_1, U_b) and (X_2, U_a) compare features of unrelated images (row k of one
 batch with row k of the other): that is what the code does, and minissl keeps it.
 
@@ -41,14 +41,22 @@ Where the official code differs, and what minissl does:
     * a ``consistency_weight`` sigmoid ramp is computed (and logged) but never used: the feature
       terms always have weight 1/2. minissl follows the code (``feat_weight = 0.5``, no ramp);
     * the EMA teacher is built from its own random initialisation (not a copy of the student) and
-      averaged with a constant 0.99, BatchNorm statistics included; minissl copies the student at
-      start and uses the shared ``ema_update``;
+      averaged with a constant 0.99 (no warm-up), BatchNorm statistics included; minissl copies the
+      student at start and uses the shared ``ema_update`` (warm-up, buffers copied) with
+      ``ema_horizon`` = 1/300: 0.99 over the ACDC script's 30,000 iterations (LA: 15,000, 1/150);
     * the LA script pools the bottleneck before the cosine, thresholds the softmax at 0.5 for
       pseudo-labels, and (bug) never writes the block mask, so it does not mix at all; minissl uses the
       ACDC recipe in 2D and 3D alike (4 x 4 x 4 blocks, as the LA script intends);
     * per-sample masks are drawn with ``random.sample`` over block positions; minissl draws them from
-      the method's generator so runs resume exactly.
-The paper's schedule is 30k iterations with a constant learning rate; there is no stage to convert.
+      the method's generator so runs resume exactly;
+    * validation every 200 iterations (LA: on the test volumes); minissl every ``val_every`` iterations
+      on its validation split.
+
+Recipe: the shared one by default; ``--recipe official`` gives the official scripts' SGD (0.01, momentum
+0.9, weight decay 1e-4) with their schedules: in 2D the ACDC script's constant rate over its 30,000
+iterations, in 3D the LA script's x0.1 every 2,500 of its 15,000 iterations (a step schedule with period
+1/6 of the run; the script reads ``args.self_max_iteration``, which its parser does not define: its
+option ``--max_iteration`` defaults to 15,000). There is no stage to convert.
 """
 from __future__ import annotations
 
@@ -59,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import losses, ops
+from ..recipes import Recipe
 from .base import Method, ema_update, labeled_unlabeled_mixes, make_teacher, register
 
 
@@ -82,7 +91,7 @@ def feature_losses(high_s: list[Tensor], low_s: list[Tensor], high_t: list[Tenso
 
 @dataclass
 class M3HLArgs:
-    ema_horizon: float = 1 / 300  # fraction of the run: EMA 0.99 over 30,000 iterations (M3HL ACDC script)
+    ema_horizon: float = 1 / 300  # 0.99 over 30,000 iterations (M3HL code/ACDC_M3HL_train.py)
     grid: int = 4  # blocks per spatial dim: 4 x 4 (2D), 4 x 4 x 4 (3D)
     mask_ratio: float = 0.5  # fraction of the blocks taken from the other image, per sample
     u_weight: float = 0.5  # loss weight of the pseudo-labelled region (the GT region has 1.0)
@@ -94,6 +103,11 @@ class M3HL(Method):
     """Mutual block-mask mix of labeled/unlabeled halves + high/low feature consistency with the EMA teacher."""
 
     Args = M3HLArgs
+    official_recipes = {
+        2: Recipe("sgd", 0.01, 0.9, 1e-4, "constant", source="PHPJava666/M3HL code/ACDC_M3HL_train.py"),
+        3: Recipe("sgd", 0.01, 0.9, 1e-4, "step", step_every=2500 / 15000, step_gamma=0.1,
+                  source="PHPJava666/M3HL code/LA_M3HL_train.py"),
+    }
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)

@@ -15,14 +15,25 @@ Algorithm (per iteration):
     2. teacher probabilities on ``x_u + n`` (no gradient);
     3. consistency MSE between the two softmaxes on the unlabeled images, weighted by ``w(t)``;
     4. SGD step on the student, then the EMA update of the teacher.
-SSL4MIS validates and tests the student; so does minissl by default (``eval_teacher=True``
-evaluates the teacher instead).
 
-Noise: ``n = clip(0.1 * N(0, 1), -0.2, 0.2)`` on the teacher's input only; the student sees the clean
-batch (SSL4MIS ``train_mean_teacher_2D.py``; the paper perturbs both inputs).
-Schedule: SSL4MIS ramps the weight 0 -> 0.1 over the whole 30k-iteration run (``rampup = 1.0``); the
-minissl default is ``rampup = 0.4`` so short CPU runs reach the full weight (``configs/`` holds the
-published recipe).
+Recipe: the shared one by default; ``--recipe official`` gives SSL4MIS's (``code/train_mean_teacher_2D.py``,
+``_3D.py``): SGD 0.01, momentum 0.9, weight decay 1e-4, poly ``(1 - t)^0.9`` over the run, the shared
+recipe's values (the 3D script trains on BraTS 2019: SSL4MIS has no LA script). EMA: 0.99 over the
+scripts' 30,000 iterations, ``ema_horizon`` = 1/300 of the run.
+
+Where the official code differs, and what minissl does:
+    * the 2D script sets the consistency loss to 0 for the first 1,000 iterations (1/30 of its run; the
+      3D script has no such gate); minissl has no gate, the ramp-up alone keeps the early weight small;
+    * its ramp takes the weight 0 -> 0.1 over the whole 30k-iteration run (``iter // 150`` up to 200,
+      ``rampup = 1.0``); minissl uses the shared ``cfg.cons_weight`` / ``cfg.rampup`` (``configs/`` holds
+      the published recipe);
+    * noise ``n = clip(0.1 N(0, 1), -0.2, 0.2)`` on the teacher's input only, the student sees the clean
+      batch, as in the code (the paper perturbs both inputs);
+    * the EMA averages the parameters and leaves the teacher's BatchNorm statistics to its own
+      training-mode passes; minissl's ``ema_update`` copies the student's buffers. The teacher runs in
+      training mode in both (batch statistics), so this matters only for ``eval_teacher=True``;
+    * SSL4MIS validates and tests the student; so does minissl by default (``eval_teacher=True``
+      evaluates the teacher instead).
 
 Paper: A. Tarvainen, H. Valpola, "Mean teachers are better role models: Weight-averaged consistency
 targets improve semi-supervised deep learning results", NeurIPS 2017, arXiv:1703.01780
@@ -37,12 +48,13 @@ import torch
 from torch import Tensor
 
 from .. import losses
+from ..recipes import Recipe
 from .base import Method, ema_update, make_teacher, register
 
 
 @dataclass
 class MeanTeacherArgs:
-    ema_horizon: float = 1 / 300  # fraction of the run: EMA 0.99 over 30,000 iterations (SSL4MIS MT 2D)
+    ema_horizon: float = 1 / 300  # 0.99 over 30,000 iterations (SSL4MIS code/train_mean_teacher_2D.py)
     noise_std: float = 0.1  # std of the Gaussian input noise
     noise_clip: float = 0.2  # the noise is clipped to [-clip, clip]
     eval_teacher: bool = False  # evaluate the EMA teacher instead of the student
@@ -53,6 +65,11 @@ class MeanTeacher(Method):
     """Student + EMA teacher, softmax-MSE consistency on noisy unlabeled images."""
 
     Args = MeanTeacherArgs
+    uses_label_mask = True
+    official_recipes = {
+        2: Recipe("sgd", 0.01, 0.9, 1e-4, "poly", source="HiLab-git/SSL4MIS code/train_mean_teacher_2D.py"),
+        3: Recipe("sgd", 0.01, 0.9, 1e-4, "poly", source="HiLab-git/SSL4MIS code/train_mean_teacher_3D.py"),
+    }
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
@@ -67,7 +84,7 @@ class MeanTeacher(Method):
         x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
         bl = x_l.shape[0]
         logits = self.student(torch.cat([x_l, x_u]))  # (Bl + Bu, C, *S)
-        sup = self.supervised_loss(logits[:bl], y_l)
+        sup = self.supervised_loss(logits[:bl], y_l, batch.get("label_mask"))
         with torch.no_grad():
             probs_t = torch.softmax(self.teacher(x_u + self.noise(x_u)), dim=1)  # (Bu, C, *S)
         unsup = losses.consistency_mse(logits[bl:], probs_t)

@@ -26,15 +26,22 @@ where the EMA model is never switched to eval; this is what makes the T passes d
 
 Schedules (fractions of ``max_iters``): the threshold ramps over the whole run
 (``threshold_rampup = 1.0``, official ``sigmoid_rampup(iter, max_iterations)``); the consistency weight
-uses the shared ``cfg.cons_weight`` / ``cfg.rampup`` (official: 0.1 ramped over ``iter // 150`` up to 200,
-i.e. the whole 30k run; minissl default 40 %).
+uses the shared ``cfg.cons_weight`` / ``cfg.rampup`` (official: 0.1 ramped over ``iter // 150``, up to 40 in
+the LA script and 200 in SSL4MIS's 2D one, i.e. over the whole run in both; minissl default 40 %).
+
+Recipe: the shared one by default; ``--recipe official`` gives, in 2D, SSL4MIS's
+``code/train_uncertainty_aware_mean_teacher_2D.py`` (SGD 0.01, momentum 0.9, weight decay 1e-4, poly over
+the run) and, in 3D, the UA-MT LA script ``code/train_LA_meanteacher_certainty_unlabel.py`` (the same SGD,
+the rate x0.1 every 2,500 of its 6,000 iterations: a step schedule with period 5/12 of the run).
+EMA: 0.99 over the LA script's 6,000 iterations, ``ema_horizon`` = 1/60 of the run (SSL4MIS's 2D script:
+0.99 over 30,000, 1/300).
 
 Paper: L. Yu, S. Wang, X. Li, C.-W. Fu, P.-A. Heng, "Uncertainty-aware Self-ensembling Model for
 Semi-supervised 3D Left Atrium Segmentation", MICCAI 2019, arXiv:1907.07034.
 Official code: https://github.com/yulequan/UA-MT (3D LA, binary) and https://github.com/HiLab-git/SSL4MIS
 ``code/train_uncertainty_aware_mean_teacher_2D/3D.py``.
 
-Where the code differs from the paper, and what minissl follows:
+Where the code differs from the paper or from minissl, and what minissl follows:
     * The paper writes the masked loss as ``sum m (p_s - p_t)^2 / sum m``; the code divides by
       ``2 sum m``, i.e. it averages over the C = 2 channels of the binary LA task. minissl divides by
       ``C sum m`` (``losses.consistency_mse`` with the mask as weight): identical to the code for
@@ -42,9 +49,19 @@ Where the code differs from the paper, and what minissl follows:
     * The threshold is ``(0.75 + 0.25 ramp) ln 2`` in the code, also in SSL4MIS's 4-class ACDC script
       (where ln 2 is half of the maximal entropy ln 4, and the loss is ``C / 2 = 2`` times the channel
       mean). minissl uses ``ln C``, the paper's "maximal uncertainty"; ``ssl4mis_constants=True``
-      reproduces the hard-coded ``ln 2`` and ``2 sum m`` for any C.
+      reproduces the hard-coded ``ln 2`` and ``2 sum m`` for any C. With ``ln C`` the bar starts at three
+      quarters of the maximal entropy and ends at the maximum, which only a uniform prediction reaches:
+      on a 4-class suite (``cardiac``) the mask keeps almost every voxel after the first few dozen
+      iterations (``mask_ratio`` of a default 600-iteration cardiac run, seed 0: 48 % at iteration 20,
+      87 % at 40, 96 % at 120, 99 % at 220), so there UA-MT is Mean Teacher by construction; with two
+      classes ``ln C = ln 2`` and the code's masking is unchanged.
+    * The LA script's supervised loss is CE + a foreground-only Dice (squared, pooled over the batch);
+      SSL4MIS's 2D script uses its ``DiceLoss`` over all classes, which minissl uses in 2D and 3D
+      (``Method.supervised_loss``).
     * The code runs T/2 passes of a doubled batch (same statistics); minissl runs one batch of T * Bu.
     * The student sees the clean ``x_u`` (only the teacher inputs are noisy), as in the code.
+    * The EMA averages the parameters only (the teacher's BatchNorm statistics are its own, unused: it
+      runs in training mode); minissl's ``ema_update`` copies the student's buffers.
 """
 from __future__ import annotations
 
@@ -55,6 +72,7 @@ import torch
 from torch import Tensor
 
 from .. import losses
+from ..recipes import Recipe
 from .base import register, sigmoid_rampup
 from .mean_teacher import MeanTeacher, MeanTeacherArgs
 
@@ -91,7 +109,7 @@ def predictive_entropy(probs: Tensor, eps: float = 1e-6) -> Tensor:
 
 @dataclass
 class UAMTArgs(MeanTeacherArgs):
-    ema_horizon: float = 1 / 60  # fraction of the run: EMA 0.99 over 6,000 iterations (UA-MT, LA)
+    ema_horizon: float = 1 / 60  # 0.99 over 6,000 iterations (UA-MT code/train_LA_meanteacher_certainty_unlabel.py)
     mc_passes: int = 8  # T: noisy dropout passes of the teacher for the uncertainty
     threshold_rampup: float = 1.0  # the entropy threshold ramps 0.75 -> 1.0 ln C over this fraction of the run
     ssl4mis_constants: bool = False  # official ln 2 threshold and 2 sum(mask) normaliser whatever C
@@ -102,6 +120,12 @@ class UAMT(MeanTeacher):
     """Mean Teacher whose consistency is masked by the teacher's Monte-Carlo uncertainty."""
 
     Args = UAMTArgs
+    official_recipes = {
+        2: Recipe("sgd", 0.01, 0.9, 1e-4, "poly",
+                  source="HiLab-git/SSL4MIS code/train_uncertainty_aware_mean_teacher_2D.py"),
+        3: Recipe("sgd", 0.01, 0.9, 1e-4, "step", step_every=2500 / 6000, step_gamma=0.1,
+                  source="yulequan/UA-MT code/train_LA_meanteacher_certainty_unlabel.py"),
+    }
 
     @torch.no_grad()
     def uncertainty(self, x_u: Tensor) -> Tensor:
@@ -120,7 +144,7 @@ class UAMT(MeanTeacher):
         x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
         bl = x_l.shape[0]
         logits = self.student(torch.cat([x_l, x_u]))  # (Bl + Bu, C, *S)
-        sup = self.supervised_loss(logits[:bl], y_l)
+        sup = self.supervised_loss(logits[:bl], y_l, batch.get("label_mask"))
         with torch.no_grad():
             probs_t = torch.softmax(self.teacher(x_u + self.noise(x_u)), dim=1)  # (Bu, C, *S)
             mask = (self.uncertainty(x_u) < self.threshold(step)).to(logits.dtype)  # (Bu, *S)

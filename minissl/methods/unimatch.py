@@ -37,9 +37,9 @@ Code: https://github.com/LiheYoung/UniMatch ``more-scenarios/medical``.
 Where the official medical code differs from the paper, and what minissl follows:
     * The paper uses CE on the unlabeled views; the medical code uses the masked Dice above only, and
       divides the total by 2 (``total_scale = 0.5``; with plain SGD that also halves the step of the
-      supervised term compared with every other method). minissl follows the medical code (for the
-      unlabeled terms; ``L_x`` is the library's shared ``0.5 (CE + Dice)``, whose Dice is per-sample
-      rather than batch-pooled).
+      supervised term compared with every other method). minissl follows the medical code; its
+      ``L_x`` is the shared ``Method.supervised_loss``, the same ``0.5 (CE + Dice)`` with the same
+      squared, batch-pooled ``DiceLoss`` as the code.
     * The code's partner images come from a second unlabeled loader and their pseudo-labels from an
       extra eval-mode pass; minissl rolls the unlabeled batch by one and reuses the (detached) weak
       predictions of the training pass, which saves a forward and a loader.
@@ -47,7 +47,14 @@ Where the official medical code differs from the paper, and what minissl follows
       perturbed unlabeled features alone (same loss, batch-norm statistics of that batch only).
     * Strong views: the code uses ColorJitter + blur (PIL, per image, in the loader); minissl uses
       ``transforms.strong`` (contrast, brightness, gamma, blur, noise) inside the step, 2D and 3D.
-Schedules: none of its own; the learning rate follows the engine (poly over ``max_iters``, as the code).
+    * The code validates and keeps the best epoch on the merged validation and test volumes
+      (``valtest.txt``); minissl selects on its validation split only.
+Schedules: none of its own (no ramp-up, no teacher).
+
+Recipe: the shared one by default; ``--recipe official`` gives the medical code's
+(``more-scenarios/medical/unimatch.py`` with ``configs/acdc.yaml``): SGD 0.01, momentum 0.9, weight decay
+1e-4, poly ``(1 - t)^0.9`` over the run (300 epochs), the shared recipe's values. There is no 3D script:
+no official 3D recipe.
 """
 from __future__ import annotations
 
@@ -59,6 +66,7 @@ from torch import Tensor
 from .. import losses, ops
 from ..data import transforms
 from ..ops import regions
+from ..recipes import Recipe
 from .base import Method, register
 
 
@@ -85,6 +93,9 @@ class UniMatch(Method):
     """Weak-to-strong consistency with two CutMix strong views and a feature-perturbed stream."""
 
     Args = UniMatchArgs
+    official_recipes = {
+        2: Recipe("sgd", 0.01, 0.9, 1e-4, "poly", source="LiheYoung/UniMatch more-scenarios/medical/unimatch.py"),
+    }
 
     def strong_views(self, x_u: Tensor, pseudo: Tensor, conf: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Two strong CutMix views with their pasted pseudo-labels and confidences.

@@ -36,6 +36,21 @@ def _layers(spatial_dims: int) -> tuple[type, type, type]:
         (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d)
 
 
+class Dropout(nn.Dropout):
+    """Element-wise dropout whose mask does not depend on the memory layout of its input.
+
+    ``nn.Dropout`` draws its mask in memory order, so a channels-last network (``minissl.runtime``) would
+    draw other masks than a contiguous one from the same seed. Here a channels-last input gets a mask
+    drawn in (B, C, *S) order, the one a contiguous input gets from ``nn.Dropout``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.is_contiguous():
+            return super().forward(x)
+        keep = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)  # (B, C, *S)
+        return x * keep.div_(1 - self.p)
+
+
 def conv_block(c_in: int, c_out: int, spatial_dims: int, dropout: float = 0.0) -> nn.Sequential:
     """conv3x3-BN-LeakyReLU-Dropout-conv3x3-BN-LeakyReLU (SSL4MIS ``ConvBlock``; element-wise dropout).
 
@@ -44,7 +59,7 @@ def conv_block(c_in: int, c_out: int, spatial_dims: int, dropout: float = 0.0) -
     """
     conv, _, norm = _layers(spatial_dims)
     return nn.Sequential(conv(c_in, c_out, 3, padding=1), norm(c_out), nn.LeakyReLU(inplace=True),
-                         nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+                         Dropout(dropout) if dropout > 0 else nn.Identity(),
                          conv(c_out, c_out, 3, padding=1), norm(c_out), nn.LeakyReLU(inplace=True))
 
 
