@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from minissl import engine
 from minissl.config import load_config
 
-DDP_METHODS = ["mean_teacher", "c3s3", "medl", "transmedseg", "versemi", "spcl", "mn",
-               "label_propagation"]  # c3s3, mn: two optimisers of different sizes; label_propagation: stages
+DDP_METHODS = ["mean_teacher", "c3s3", "medl", "mcnet_plus", "lefed", "transmedseg", "versemi", "spcl", "mn",
+               "label_propagation"]  # c3s3, mn: two optimisers; lefed: 3 steps per iteration; label_propagation: stages
 SUITE = {"mn": "atrium"}  # method -> suite of its run (default fetal_head)
 ARGS = {"mn": {"pretext": "none"}}  # M&N's natural-image pretext has its own tests
 

@@ -95,6 +95,8 @@ def documented_weights(method, step):
         return 1.0, 1.0
     if method.name == "unimatch":  # the medical code's total "/ 2", no ramp
         return 0.5, 0.5
+    if method.name == "lefed":  # constant consistency weight 1, no ramp (the deep supervision is in sup)
+        return 1.0, method.args.cons_weight
     if method.name == "spcl":  # the meta-label loss alone while pre-training, then the supervised loss alone
         return (0.0, 1.0) if step < method.pretrain_iters else (1.0, 0.0)
     if method.name == "mn":  # the 3D model's parts weighted by their volumes: n_l / B and n_p / B (B = 2 here)

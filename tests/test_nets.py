@@ -50,6 +50,48 @@ def test_gradients_reach_encoder():
     assert all(p.grad is not None for p in net.parameters())
 
 
+@pytest.mark.parametrize("spatial_dims,size", [(2, (16, 8)), (3, (8, 8, 4))])
+def test_stage_features_gates_and_feedback(spatial_dims, size):
+    net = UNet(1, 2, spatial_dims, width=4, depth=2, up_modes=("transpose", "linear")).eval()
+    x = torch.randn(2, 1, *size)
+    feats = net.encode(x)
+    logits, stages = net.decode_stages(feats, 1)
+    assert torch.equal(logits, net.decode(feats, 1)[0])
+    assert [s.shape for s in stages] == [f.shape for f in feats]  # stage k shaped like encoder level k
+    assert torch.equal(stages[-1], feats[-1])                     # the decoder starts from the bottleneck
+    ones = [torch.ones_like(f) for f in feats]
+    gated, gated_stages = net.decode_stages(feats, 1, gates=ones)  # skips * 1, bottleneck f + f * 1
+    doubled = net.decode_stages(feats[:-1] + [2 * feats[-1]], 1)
+    assert torch.allclose(gated, doubled[0]) and torch.allclose(gated_stages[-1], 2 * feats[-1])
+    zeros = [torch.zeros_like(f) for f in feats]
+    assert not torch.allclose(net.decode_stages(feats, 1, gates=zeros)[0], logits)  # zero gates drop the skips
+    assert all(torch.equal(a, b) for a, b in zip(net.encode(x, zeros), feats))
+    fed = net.encode(x, [torch.zeros_like(feats[0]) + 1.0] + zeros[1:])
+    assert torch.allclose(fed[0], feats[0] + 1.0) and not torch.allclose(fed[1], feats[1])  # deeper levels see it
+    with pytest.raises(ValueError, match="encode expected feedback for 3 levels, got 2"):
+        net.encode(x, zeros[:2])
+    with pytest.raises(ValueError, match="decode_stages expected gates for 3 levels, got 1"):
+        net.decode_stages(feats, 0, gates=ones[:1])
+
+
+def test_in_place_activations_give_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    net = UNet(1, 3, 2, width=4, depth=2, dropout=0.0, up_modes=("transpose", "linear"))
+    x = torch.randn(2, 1, 8, 8)
+    outs = {}
+    for inplace in (True, False):
+        for m in net.modules():
+            if isinstance(m, nn.LeakyReLU):
+                m.inplace = inplace
+        net.zero_grad()
+        y = sum(o.square().sum() for o in net.forward_all(x))
+        y.backward()
+        outs[inplace] = (y.detach(), [p.grad.clone() for p in net.parameters()])
+    torch.testing.assert_close(outs[True][0], outs[False][0])
+    for a, b in zip(outs[True][1], outs[False][1]):
+        torch.testing.assert_close(a, b)
+
+
 def test_bad_input():
     net = UNet(1, 2, 2, width=4, depth=3)
     with pytest.raises(ValueError, match=r"divisible by 2\*\*depth=8, got \(20, 16\)"):

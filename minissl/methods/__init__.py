@@ -7,3 +7,4 @@ from . import spcl, mn  # noqa: F401,E401
 from . import c3s3, medl  # noqa: F401,E401
 from . import label_propagation  # noqa: F401,E401
 from . import transmedseg, versemi  # noqa: F401,E401
+from . import mcnet_plus, lefed  # noqa: F401,E401
