@@ -1,6 +1,7 @@
 """LeFeD's parts: K inner passes per iteration, each fed the previous pass's discrepancy 1e-3 (F_2 - F_1);
 decoder 2 gated by the detached sigmoid of decoder 1's stages; the deep-supervision weights; the
-consistency reaching both decoders; evaluation by decoder 1 without feedback.
+consistency reaching both decoders; evaluation by decoder 1 without feedback; the 3D decoder passes
+recomputed in backward (the same loss, gradients and BatchNorm statistics).
 
 The UNet taps themselves (stage features, gates, encoder feedback) are tested in tests/test_nets.py.
 """
@@ -125,3 +126,29 @@ def test_official_recipe_steps_every_sixth_of_the_run_in_3d_only():
     assert [round(method.lr_factor(s), 6) for s in (0, 99, 100, 200, 599)] == [1.0, 1.0, 0.1, 0.01, 1e-5]
     with pytest.raises(ValueError, match="method 'lefed' has no official 2D recipe"):
         LeFeD(load_config(method="lefed", max_iters=10, recipe="official"), phantoms.SUITES["cardiac"])
+
+
+def test_checkpointed_3d_pass_equals_the_plain_pass():
+    plain, ckpt = make((8, 8, 8), checkpoint=False), make((8, 8, 8))
+    ckpt.load_state_dict(plain.state_dict())
+    calls = [0]
+    for d in ckpt.student.decoders:
+        d.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    b = batch((8, 8, 8), num_classes=2)
+    g = torch.Generator().manual_seed(2)
+    feedback = [1e-3 * torch.randn(4, 4 * 2 ** k, *(8 // 2 ** k,) * 3, generator=g) for k in range(3)]
+    results = []
+    for method in (plain, ckpt):
+        torch.manual_seed(3)  # the same encoder dropout masks
+        out, gap = method.pass_losses(b, feedback)
+        out["loss"].backward()
+        results.append((out, gap))
+    assert calls[0] == 2 * 2  # both decoder passes ran again in backward
+    (out_p, gap_p), (out_c, gap_c) = results
+    torch.testing.assert_close(out_c["loss"], out_p["loss"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(gap_c, gap_p, rtol=1e-5, atol=1e-8)
+    for (name, a), b_ in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(b_.grad, a.grad, rtol=1e-5, atol=1e-8, msg=name)
+    for (name, a), b_ in zip(plain.named_buffers(), ckpt.buffers()):  # running statistics moved once
+        torch.testing.assert_close(b_, a, rtol=1e-5, atol=0, msg=name)
+    assert all(m.momentum == 0.1 for m in ckpt.modules() if isinstance(m, torch.nn.BatchNorm3d))

@@ -1,5 +1,6 @@
 """MC-Net+'s parts: the mutual-consistency pairing with sharpened, detached targets (by hand), the
-decoders' disagreement map (by hand), the decoders, and the consistency over labeled and unlabeled rows.
+decoders' disagreement map (by hand), the decoders, the consistency over labeled and unlabeled rows, and
+the 3D decoder passes recomputed in backward (the same loss, gradients and BatchNorm statistics).
 
 ``losses.sharpen`` itself is worked out by hand in tests/test_losses.py.
 """
@@ -115,3 +116,25 @@ def test_official_recipe_is_constant_sgd_in_2d_and_3d():
         assert method.recipe.optimizer == "sgd" and method.recipe.lr == 0.01
         assert [method.lr_factor(s) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
     assert make().lr_factor(50) < 1.0  # the shared recipe decays (poly)
+
+
+def test_checkpointed_3d_step_equals_the_plain_step():
+    plain, ckpt = make((8, 8, 8), checkpoint=False), make((8, 8, 8))
+    ckpt.load_state_dict(plain.state_dict())
+    calls = [0]
+    for d in ckpt.student.decoders:
+        d.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    b = batch((8, 8, 8), num_classes=2)
+    outs = []
+    for method in (plain, ckpt):
+        torch.manual_seed(3)  # the same encoder dropout masks
+        out = method.training_step(b, step=5)
+        out["loss"].backward()
+        outs.append(out)
+    assert calls[0] == 2 * 3  # each of the three decoder passes ran again in backward
+    torch.testing.assert_close(outs[1]["loss"], outs[0]["loss"], rtol=1e-5, atol=0)
+    for (name, a), b_ in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(b_.grad, a.grad, rtol=1e-5, atol=1e-8, msg=name)
+    for (name, a), b_ in zip(plain.named_buffers(), ckpt.buffers()):  # running statistics moved once
+        torch.testing.assert_close(b_, a, rtol=1e-5, atol=0, msg=name)
+    assert all(m.momentum == 0.1 for m in ckpt.modules() if isinstance(m, torch.nn.BatchNorm3d))

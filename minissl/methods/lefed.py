@@ -32,6 +32,9 @@ Algorithm (per iteration, one batch of labeled and unlabeled images):
 learning rate once per iteration, so K steps share it). Evaluation: decoder 1, one pass, no feedback,
 as the official test script. ``inner_passes`` also returns, per pass and level, the channel mean of
 ``|F_2 - F_1|`` (the picture in the tutorial). Schedule: none; every weight is constant.
+Memory (3D): the 3D decoder passes are recomputed in backward to fit CPU memory (``nets.checkpointed``,
+BatchNorm statistics counted once; the same loss and gradients), so one step at 112x112x80, batch 4,
+width 16 stays within 8 GiB (``checkpoint = False`` turns it off).
 
 Paper: Q. Zeng, Y. Xie, Z. Lu, M. Lu, Y. Xia, "Discrepancy Matters: Learning from Inconsistent Decoder
 Features for Consistent Semi-supervised Medical Image Segmentation", arXiv:2309.14819 (2023); IEEE TMI
@@ -70,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nets import UNet
+from ..nets import UNet, checkpointed
 from ..recipes import Recipe
 from .base import Method, register
 
@@ -82,6 +85,7 @@ class LeFeDArgs:
     passes: int = 3  # K: forward/backward/step passes per batch, each fed the previous discrepancy
     feedback_scale: float = 1e-3  # e = scale * (F_2 - F_1)
     cons_weight: float = 1.0  # constant weight of MSE(softmax z_1, softmax z_2) (the code's ramp is unused)
+    checkpoint: bool = True  # 3D: recompute each decoder pass in backward (memory)
 
     def __post_init__(self):
         if self.passes < 1:
@@ -110,14 +114,24 @@ class LeFeD(Method):
         """One pass: logits z_1, z_2 (B, C, *S), side logits of decoder 1 (one per level, (B, C, *S)),
         and the detached discrepancy ``F_2 - F_1`` per level (shaped like the encoder features)."""
         feats = self.student.encode(x, feedback)  # (depth + 1) x (B, c_l, *S / 2**l)
-        z_1, stages_1 = self.student.decode_stages(feats, 0)
+        z_1, stages_1 = self.decode(feats, 0)
         gates = [torch.sigmoid(s.detach()) for s in stages_1]  # (B, c_l, *S / 2**l) each
-        z_2, stages_2 = self.student.decode_stages(feats, 1, gates=gates)
+        z_2, stages_2 = self.decode(feats, 1, gates)
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
         side = [F.interpolate(h(s), size=x.shape[2:], mode=mode, align_corners=True)
                 for h, s in zip(self.side, stages_1)]  # (depth + 1) x (B, C, *S)
         gap = [(s2 - s1).detach() for s1, s2 in zip(stages_1, stages_2)]  # (B, c_l, *S / 2**l) each
         return z_1, z_2, side, gap
+
+    def decode(self, feats: list[Tensor], index: int, gates: Optional[list[Tensor]] = None
+               ) -> tuple[Tensor, list[Tensor]]:
+        """``UNet.decode_stages`` of decoder ``index`` (logits (B, C, *S), stage features); in 3D training its
+        activations are recomputed in backward."""
+        def run(*f: Tensor) -> tuple[Tensor, list[Tensor]]:
+            return self.student.decode_stages(f, index, gates=gates)
+
+        use_ckpt = self.args.checkpoint and self.spatial_dims == 3 and torch.is_grad_enabled()
+        return checkpointed(run, *feats, net=self.student) if use_ckpt else run(*feats)
 
     def pass_losses(self, batch: dict[str, Tensor], feedback: Optional[list[Tensor]] = None
                     ) -> tuple[dict[str, Tensor], list[Tensor]]:

@@ -26,6 +26,9 @@ Evaluation uses decoder 1 (transposed convolution), as the official test scripts
 summed over classes, ``u = (1/D) sum_d sum_c (p_dc - mean_d' p_d'c)^2``; it is L_mc without the
 sharpening, per voxel: ``sum_{i != j} ||p_i - p_j||^2 = 2 D^2 u``, so with T = 1, L_mc = 2 D^2 mean(u) / C.
 Schedule: the consistency weight ramps over ``cfg.rampup`` of the run (fraction of max_iters).
+Memory (3D): the 3D decoder passes are recomputed in backward to fit CPU memory (``nets.checkpointed``,
+BatchNorm statistics counted once; the same loss and gradients), so one step at 112x112x80, batch 4,
+width 16 stays within 8 GiB (``checkpoint = False`` turns it off).
 
 Paper: Y. Wu, Z. Ge, D. Zhang, M. Xu, L. Zhang, Y. Xia, J. Cai, "Mutual consistency learning for
 semi-supervised medical image segmentation", Medical Image Analysis 81 (2022) 102530, arXiv:2109.09960;
@@ -67,7 +70,7 @@ import torch
 from torch import Tensor
 
 from .. import losses
-from ..nets import UNet
+from ..nets import UNet, checkpointed
 from ..nets.unet import UP_MODES
 from ..recipes import Recipe
 from .base import Method, register
@@ -105,6 +108,7 @@ def disagreement(probs: Sequence[Tensor]) -> Tensor:
 class MCNetPlusArgs:
     num_decoders: int = 3  # 3 = MC-Net+ (transpose, linear, nearest); 2 = MC-Net (transpose, linear)
     temperature: float = 0.1  # sharpening temperature T (both official scripts)
+    checkpoint: bool = True  # 3D: recompute each decoder pass in backward (memory)
 
     def __post_init__(self):
         if self.num_decoders not in (2, 3):
@@ -129,13 +133,22 @@ class MCNetPlus(Method):
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
         bl = x_l.shape[0]
-        logits = self.student.forward_all(torch.cat([x_l, x_u]))  # D x (Bl + Bu, C, *S)
+        feats = self.student.encode(torch.cat([x_l, x_u]))  # (depth + 1) x (Bl + Bu, c_l, *S / 2**l)
+        logits = [self.decode(feats, i) for i in range(len(self.student.decoders))]  # D x (Bl + Bu, C, *S)
         sup = sum(self.supervised_loss(z[:bl], y_l) for z in logits)
         unsup = mutual_consistency(logits, self.args.temperature)
         w = self.cons_weight(step)
         with torch.no_grad():
             spread = disagreement([torch.softmax(z, dim=1) for z in logits]).mean()
         return {"loss": sup + w * unsup, "sup": sup, "unsup": unsup, "w": torch.tensor(w), "disagreement": spread}
+
+    def decode(self, feats: Sequence[Tensor], index: int) -> Tensor:
+        """Logits (B, C, *S) of decoder ``index`` on the encoder features; in 3D training recomputed in backward."""
+        def run(*f: Tensor) -> Tensor:
+            return self.student.decode(f, index)[0]  # (B, C, *S)
+
+        use_ckpt = self.args.checkpoint and self.spatial_dims == 3 and torch.is_grad_enabled()
+        return checkpointed(run, *feats, net=self.student) if use_ckpt else run(*feats)
 
     @torch.no_grad()
     def decoder_probs(self, x: Tensor) -> list[Tensor]:
