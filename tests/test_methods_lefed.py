@@ -1,7 +1,7 @@
 """LeFeD's parts: K inner passes per iteration, each fed the previous pass's discrepancy 1e-3 (F_2 - F_1);
 decoder 2 gated by the detached sigmoid of decoder 1's stages; the deep-supervision weights; the
 consistency reaching both decoders; evaluation by decoder 1 without feedback; the 3D decoder passes
-recomputed in backward (the same loss, gradients and BatchNorm statistics).
+and the encoder pass recomputed in backward (the same loss, gradients and BatchNorm statistics).
 
 The UNet taps themselves (stage features, gates, encoder feedback) are tested in tests/test_nets.py.
 """
@@ -51,7 +51,7 @@ def record(method):
 
 @pytest.mark.parametrize("spatial,num_classes", [((16, 16), 4), ((8, 8, 8), 2)])
 def test_inner_passes_feed_the_discrepancy_back(spatial, num_classes):
-    method = make(spatial)
+    method = make(spatial, checkpoint=False)  # every recorded call is a forward call (no recomputation)
     opts = method.optimizers()
     steps = []
     real_step = opts[0].step
@@ -132,7 +132,7 @@ def test_checkpointed_3d_pass_equals_the_plain_pass():
     plain, ckpt = make((8, 8, 8), checkpoint=False), make((8, 8, 8))
     ckpt.load_state_dict(plain.state_dict())
     calls = [0]
-    for d in ckpt.student.decoders:
+    for d in (*ckpt.student.decoders, ckpt.student.encoder[0]):
         d.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     b = batch((8, 8, 8), num_classes=2)
     g = torch.Generator().manual_seed(2)
@@ -143,7 +143,7 @@ def test_checkpointed_3d_pass_equals_the_plain_pass():
         out, gap = method.pass_losses(b, feedback)
         out["loss"].backward()
         results.append((out, gap))
-    assert calls[0] == 2 * 2  # both decoder passes ran again in backward
+    assert calls[0] == 2 * 3  # the encoder and both decoder passes ran again in backward
     (out_p, gap_p), (out_c, gap_c) = results
     torch.testing.assert_close(out_c["loss"], out_p["loss"], rtol=1e-5, atol=0)
     torch.testing.assert_close(gap_c, gap_p, rtol=1e-5, atol=1e-8)

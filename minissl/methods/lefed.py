@@ -32,9 +32,10 @@ Algorithm (per iteration, one batch of labeled and unlabeled images):
 learning rate once per iteration, so K steps share it). Evaluation: decoder 1, one pass, no feedback,
 as the official test script. ``inner_passes`` also returns, per pass and level, the channel mean of
 ``|F_2 - F_1|`` (the picture in the tutorial). Schedule: none; every weight is constant.
-Memory (3D): the 3D decoder passes are recomputed in backward to fit CPU memory (``nets.checkpointed``,
-BatchNorm statistics counted once; the same loss and gradients), so one step at 112x112x80, batch 4,
-width 16 stays within 8 GiB (``checkpoint = False`` turns it off).
+Memory (3D): the 3D decoder passes (and the encoder pass) are recomputed in backward to fit CPU memory
+(``nets.checkpointed``, BatchNorm statistics counted once, the same dropout masks; the same loss and
+gradients), so one step at 112x112x80, batch 4, width 16 stays within 8 GiB (``checkpoint = False``
+turns it off).
 
 Paper: Q. Zeng, Y. Xie, Z. Lu, M. Lu, Y. Xia, "Discrepancy Matters: Learning from Inconsistent Decoder
 Features for Consistent Semi-supervised Medical Image Segmentation", arXiv:2309.14819 (2023); IEEE TMI
@@ -66,8 +67,9 @@ Where the official code differs, and what minissl does:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +87,7 @@ class LeFeDArgs:
     passes: int = 3  # K: forward/backward/step passes per batch, each fed the previous discrepancy
     feedback_scale: float = 1e-3  # e = scale * (F_2 - F_1)
     cons_weight: float = 1.0  # constant weight of MSE(softmax z_1, softmax z_2) (the code's ramp is unused)
-    checkpoint: bool = True  # 3D: recompute each decoder pass in backward (memory)
+    checkpoint: bool = True  # 3D: recompute the encoder and decoder passes in backward (memory)
 
     def __post_init__(self):
         if self.passes < 1:
@@ -113,25 +115,25 @@ class LeFeD(Method):
                      ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
         """One pass: logits z_1, z_2 (B, C, *S), side logits of decoder 1 (one per level, (B, C, *S)),
         and the detached discrepancy ``F_2 - F_1`` per level (shaped like the encoder features)."""
-        feats = self.student.encode(x, feedback)  # (depth + 1) x (B, c_l, *S / 2**l)
-        z_1, stages_1 = self.decode(feats, 0)
-        gates = [torch.sigmoid(s.detach()) for s in stages_1]  # (B, c_l, *S / 2**l) each
-        z_2, stages_2 = self.decode(feats, 1, gates)
+        student = self.student
+        feats = self.recomputed(lambda x: student.encode(x, feedback), x)  # (depth + 1) x (B, c_l, *S / 2**l)
+        z_1, stages_1 = self.recomputed(lambda *f: student.decode_stages(f, 0), *feats)
+
+        def second(*f: Tensor) -> tuple[Tensor, list[Tensor]]:
+            gates = [torch.sigmoid(s.detach()) for s in stages_1]  # (B, c_l, *S / 2**l) each
+            return student.decode_stages(f, 1, gates=gates)
+
+        z_2, stages_2 = self.recomputed(second, *feats)
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
         side = [F.interpolate(h(s), size=x.shape[2:], mode=mode, align_corners=True)
                 for h, s in zip(self.side, stages_1)]  # (depth + 1) x (B, C, *S)
         gap = [(s2 - s1).detach() for s1, s2 in zip(stages_1, stages_2)]  # (B, c_l, *S / 2**l) each
         return z_1, z_2, side, gap
 
-    def decode(self, feats: list[Tensor], index: int, gates: Optional[list[Tensor]] = None
-               ) -> tuple[Tensor, list[Tensor]]:
-        """``UNet.decode_stages`` of decoder ``index`` (logits (B, C, *S), stage features); in 3D training its
-        activations are recomputed in backward."""
-        def run(*f: Tensor) -> tuple[Tensor, list[Tensor]]:
-            return self.student.decode_stages(f, index, gates=gates)
-
+    def recomputed(self, fn: Callable[..., Any], *args: Tensor) -> Any:
+        """``fn(*args)`` (a pass of the student); in 3D training its activations are recomputed in backward."""
         use_ckpt = self.args.checkpoint and self.spatial_dims == 3 and torch.is_grad_enabled()
-        return checkpointed(run, *feats, net=self.student) if use_ckpt else run(*feats)
+        return checkpointed(fn, *args, net=self.student) if use_ckpt else fn(*args)
 
     def pass_losses(self, batch: dict[str, Tensor], feedback: Optional[list[Tensor]] = None
                     ) -> tuple[dict[str, Tensor], list[Tensor]]:
@@ -166,9 +168,9 @@ class LeFeD(Method):
             out["loss"].backward()
             for opt in optimizers:
                 opt.step()
-            feedback = [self.args.feedback_scale * g for g in gap]  # (B, c_l, *S / 2**l) each
             logs.append({k: float(v.detach()) for k, v in out.items()})
             maps.append([g.abs().mean(1) for g in gap])  # (B, *S / 2**l) each
+            feedback = [g.mul_(self.args.feedback_scale) for g in gap]  # (B, c_l, *S / 2**l) each, in place
         return logs, maps
 
     def update(self, batch: dict[str, Tensor], step: int, optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
