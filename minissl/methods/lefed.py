@@ -34,7 +34,7 @@ as the official test script. ``inner_passes`` also returns, per pass and level, 
 ``|F_2 - F_1|`` (the picture in the tutorial). Schedule: none; every weight is constant.
 Memory (3D): the 3D decoder passes (and the encoder pass) are recomputed in backward to fit CPU memory
 (``nets.checkpointed``, BatchNorm statistics counted once, the same dropout masks; the same loss and
-gradients), so one step at 112x112x80, batch 4, width 16 stays within 8 GiB (``checkpoint = False``
+gradients), so one pass at 112x112x80, batch 4, width 16 stays within 8 GiB (``checkpoint = False``
 turns it off).
 
 Paper: Q. Zeng, Y. Xie, Z. Lu, M. Lu, Y. Xia, "Discrepancy Matters: Learning from Inconsistent Decoder
