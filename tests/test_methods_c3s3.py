@@ -80,7 +80,7 @@ def test_training_step_loser_learns_and_documented_weights():
     got = [float(g) for g in torch.autograd.grad(out["loss"], parts)]
     w = 0.1 * math.exp(-5 * (1 - 0.2 / 0.5) ** 2)  # cons_weight 0.1, ramp over half of the 100 steps
     assert got == pytest.approx([1.0, 1.0, w, 1.0], rel=1e-5)
-    assert float(out["contrast"]) > 0
+    assert float(out["contrast"].detach()) > 0
 
 
 def test_two_optimisers_and_the_official_recipe():
