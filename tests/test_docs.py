@@ -120,3 +120,12 @@ def test_process_word_scan_finds_a_planted_word(tmp_path):
     text = '"""Fast.\n\nOn this machine."""\ntoday = 1  # measured Today\ny = f"{today} ok"\n'
     src.write_text(text, encoding="utf-8")
     assert find_in_text(src, PROCESS_WORDS) == [(3, "this machine"), (4, "Today")]
+
+
+def test_committed_tables_are_the_rendering_of_the_committed_results():
+    """docs/results/*.md are `minissl bench render` of results/: a new run recorded without its table, or
+    a table edited by hand, fails here."""
+    from minissl import bench
+
+    assert any((ROOT / "results").glob("*/*/*/seed*/metrics.json"))
+    assert bench.render(str(ROOT / "results"), str(ROOT / "docs" / "results"), check=True) == []
