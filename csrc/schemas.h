@@ -33,6 +33,14 @@ inline void define_ops(torch::Library& m) {
         "float fill_power, float decay) -> (Tensor, Tensor)");
   // Rasterised filled ellipses: params (B, 5), valid (B,) -> (B, height, width) uint8.
   m.def("ellipse_mask(Tensor params, Tensor valid, int height, int width) -> Tensor");
+  // Training-mode batch norm of a (B, C, *S) activation stored channels-last (B, *S, C) (or of a
+  // contiguous (M, C) matrix), with double-precision channel sums (CPU only: CUDA keeps the native one).
+  //   -> y (x's shape and strides), mean (C,), unbiased var (C,) (for the running statistics; the biased
+  //   one when M == 1), invstd (C,) = 1 / sqrt(biased var + eps)
+  m.def("batch_norm_rows(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Its gradient (grad_y with x's strides): -> grad_x (x's shape and strides), grad_weight (C,), grad_bias (C,).
+  m.def("batch_norm_rows_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd) -> "
+        "(Tensor, Tensor, Tensor)");
 }
 
 }  // namespace minissl

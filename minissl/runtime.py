@@ -12,15 +12,18 @@ The default, with the same results (bit for bit; ``tests/test_runtime.py``):
   only: 3D activations are large enough that the page faults matter less, while the heap kept between
   steps fragments (one LeFeD step at 112x112x80 peaked at 8.39 GiB with the setting, 5.75 without).
 
-Opt-in, faster but not the same to float tolerance (``MINISSL_CHANNELS_LAST=1``):
+Opt-in (``MINISSL_CHANNELS_LAST=1``), faster, not bit for bit but at least as close to the exact step:
 
 * **channels-last networks on the CPU.** oneDNN's convolutions with few channels at full resolution and
   max pooling run 2-3x faster on (B, *S, C)-ordered memory; the weights are stored that way and every
   convolution then returns channels-last activations (inputs and targets stay as they are; dropout
-  masks do not depend on the layout, :class:`minissl.nets.unet.Dropout`). But PyTorch's channels-last
-  batch norm on the CPU computes its statistics about 40x less precisely (relative error 3e-6 against
-  8e-8), and through the kinks of LeakyReLU this moves one step's gradients by up to 2e-3 of the largest
-  gradient (the plain step at 1 and 2 threads differs by 1e-5). In float64 both layouts agree to 1e-13.
+  masks do not depend on the layout, :class:`minissl.nets.unet.Dropout`). PyTorch's own channels-last CPU
+  batch norm sums its statistics in float32 (relative error 3e-6 against 8e-8 contiguous), which moved one
+  step's gradients by up to 1e-3 of the largest one; minissl's batch norm (:mod:`minissl.nets.norm`) sums
+  them in float64 instead: on a fixed 64x64 Mean Teacher step the gradients are then 9e-6 of the largest one
+  away from the float64 step, the plain float32 step's 2e-4. Not the default: with torch 2.13 oneDNN's
+  channels-last 1x1-convolution weight gradient (its AVX-512 kernel) crashed the C3S3 and MEDL steps
+  (segmentation fault), so the layout is not yet safe for every method (``docs/results.md``).
 
 ``MINISSL_PLAIN_STEP=1`` turns every setting off (``minissl bench step`` times the step each way).
 

@@ -236,3 +236,61 @@ def test_opcheck_on_non_contiguous_inputs(kernels):
     b = [torch.randn(2, 6, 8, generator=g)]
     torch.library.opcheck(torch.ops.minissl.mix.default, (a, b, torch.tensor([[1, 2, 4, 7], [0, 0, 6, 8]]), None),
                           test_utils=quick)
+
+
+# ---- batch_norm_rows ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(8, 16, 33, 31), (2, 5, 7, 6, 9), (3000, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_norm_rows_kernel_matches_reference(kernels, shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d, 2: torch.contiguous_format}[len(shape)]
+    x = (3 * torch.randn(shape, generator=g, dtype=dtype) + 7).contiguous(memory_format=fmt)
+    w, b = torch.rand(shape[1], generator=g, dtype=dtype) + 0.5, torch.randn(shape[1], generator=g, dtype=dtype)
+    dy = torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=fmt)
+    out = []
+    for fn in (torch.ops.minissl.batch_norm_rows, reference.batch_norm_rows):
+        y, mean, var, invstd = fn(x, w, b, 1e-5)
+        out.append((y, mean, var, invstd))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for got, want in zip(*out):
+        torch.testing.assert_close(got, want, **tol)
+    assert out[0][0].stride() == x.stride()  # y keeps the channels-last layout
+    _, mean, _, invstd = out[1]
+    got = torch.ops.minissl.batch_norm_rows_backward(dy, x, w, mean, invstd)
+    want = reference.batch_norm_rows_backward(dy, x, w, mean, invstd)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **tol)
+    assert got[0].stride() == x.stride()
+
+
+def test_batch_norm_rows_kernel_statistics_are_float64_precise(kernels):
+    """Where PyTorch's channels-last CPU batch norm loses digits (a mean large against the spread), the
+    kernel's float32 statistics stay within float32 rounding of the float64 ones."""
+    g = torch.Generator().manual_seed(1)
+    x = (2 * torch.randn(8, 16, 64, 64, generator=g) + 3).contiguous(memory_format=torch.channels_last)
+    exact = x.double().var((0, 2, 3), unbiased=True)  # (C,)
+    _, _, var, _ = ops.batch_norm_rows(x)
+    assert ((var.double() - exact).abs() / exact).max() < 3e-7  # float32 rounding of the result
+    native = torch.nn.BatchNorm2d(16, momentum=1.0).to(memory_format=torch.channels_last)
+    nn_bn = torch.nn.modules.batchnorm._BatchNorm.forward  # nn's own forward, not minissl's subclass
+    nn_bn(native, x)
+    assert ((native.running_var.double() - exact).abs() / exact).max() > 1e-6  # what the kernel fixes
+
+
+def test_batch_norm_rows_kernel_gradcheck_and_threads(kernels):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 5, 3, dtype=torch.float64, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(4, dtype=torch.float64, generator=g) + 0.5, torch.randn(4, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda *t: ops.batch_norm_rows(*t)[0],
+                                    tuple(t.clone().requires_grad_() for t in (x, w, b)))
+    big = torch.randn(5000, 8, generator=g)  # several row chunks: the sums must not depend on the threads
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.minissl.batch_norm_rows(big, None, None, 1e-5)
+        torch.set_num_threads(2)
+        two = torch.ops.minissl.batch_norm_rows(big, None, None, 1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from minissl.nets import UNet
+from minissl.nets.norm import BatchNorm2d
 from minissl.nets.unet import Dropout
 
 
@@ -26,8 +27,8 @@ def test_layers_follow_ssl4mis():
     net = UNet(up_modes=("linear",))                          # SSL4MIS UNet: 16..256 channels, bilinear
     assert sum(p.numel() for p in net.parameters()) == 1_813_474
     block = net.encoder[0]
-    assert [type(m) for m in block] == [nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU, Dropout,  # an nn.Dropout
-                                        nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU]
+    assert [type(m) for m in block] == [nn.Conv2d, BatchNorm2d, nn.LeakyReLU, Dropout,  # an nn.Dropout
+                                        nn.Conv2d, BatchNorm2d, nn.LeakyReLU]  # an nn.BatchNorm2d
     assert [b[3].p for b in net.encoder] == [0.05, 0.1, 0.2, 0.3, 0.5]
     assert [b[3].p for b in UNet(depth=2).encoder] == [0.2, 0.3, 0.5]
     net3 = UNet(spatial_dims=3, depth=2, width=4, dropout=0.1, up_modes="nearest")
@@ -108,3 +109,39 @@ def test_bad_input():
         net.decode(net.eval().encode(torch.zeros(1, 1, 8, 8)), 1)
     with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
         UNet(spatial_dims=1)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_on_channels_last_is_nn_batch_norm(dims, momentum):
+    """minissl's BatchNorm on a channels-last CPU activation (float64 sums) gives nn.BatchNorm's output,
+    gradients and running statistics; other inputs run nn.BatchNorm's own forward."""
+    from minissl.nets.norm import BatchNorm3d
+    torch.manual_seed(0)
+    ours = (BatchNorm2d if dims == 2 else BatchNorm3d)(5, momentum=momentum).double()
+    theirs = (torch.nn.BatchNorm2d if dims == 2 else torch.nn.BatchNorm3d)(5, momentum=momentum).double()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-1, 1)
+    theirs.load_state_dict(ours.state_dict())
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    for step in range(2):
+        x = (torch.randn(3, 5, *([4] * dims), dtype=torch.float64) * 2 + 1)
+        xs = [x.contiguous(memory_format=fmt).requires_grad_(), x.clone().requires_grad_()]
+        ys = [ours(xs[0]), theirs(xs[1])]
+        assert ys[0].is_contiguous(memory_format=fmt)
+        dy = torch.randn_like(x)
+        for y in ys:
+            y.backward(dy)
+        torch.testing.assert_close(ys[0], ys[1])
+        torch.testing.assert_close(xs[0].grad, xs[1].grad)
+        for a, b in ((ours.weight.grad, theirs.weight.grad), (ours.bias.grad, theirs.bias.grad),
+                     (ours.running_mean, theirs.running_mean), (ours.running_var, theirs.running_var)):
+            torch.testing.assert_close(a, b)
+        assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == step + 1
+    assert isinstance(ours, torch.nn.BatchNorm2d if dims == 2 else torch.nn.BatchNorm3d)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.eval()  # eval: running statistics, nn.BatchNorm's forward
+    x = torch.randn(2, 5, *([4] * dims), dtype=torch.float64)
+    torch.testing.assert_close(ours(x.contiguous(memory_format=fmt)), theirs.eval()(x))
+    with pytest.raises(ValueError, match="(?i)more than 1 value per channel"):
+        ours.train()(torch.randn(1, 5, *([1] * dims), dtype=torch.float64).contiguous(memory_format=fmt))

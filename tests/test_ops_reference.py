@@ -414,3 +414,57 @@ def test_mix_bad_input():
         ops.mix(a, [torch.ones(2, 8, 9)], boxes=box)
     with pytest.raises(ValueError, match=r"a\[0\] of shape \(2, \[C,\] \*S \(2 dims\)\), got \(3, 8, 8\)"):
         ops.mix([torch.zeros(3, 8, 8)], [torch.ones(3, 8, 8)], boxes=box)
+
+# ----------------------------------------------------------------------------------------- batch_norm_rows
+
+
+def test_batch_norm_rows_hand_worked():
+    # one channel, values 1 and 3: mean 2, biased var 1, unbiased 2; y = (x - 2) / sqrt(1 + eps) * 2 + 1
+    x = torch.tensor([[1.0], [3.0]], dtype=torch.float64)
+    y, mean, var, invstd = ops.batch_norm_rows(x, torch.tensor([2.0], dtype=torch.float64),
+                                               torch.tensor([1.0], dtype=torch.float64), eps=0.0)
+    torch.testing.assert_close(y, torch.tensor([[-1.0], [3.0]], dtype=torch.float64))
+    assert mean.item() == 2.0 and var.item() == 2.0 and invstd.item() == 1.0
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 5, 3, 4, 3)])
+def test_batch_norm_rows_matches_torch_batch_norm(shape):
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = (2 * torch.randn(shape, generator=g, dtype=torch.float64) + 5).contiguous(memory_format=fmt)
+    w, b = torch.rand(shape[1], dtype=torch.float64, generator=g) + 0.5, torch.randn(shape[1], dtype=torch.float64,
+                                                                                     generator=g)
+    y, mean, var, invstd = ops.batch_norm_rows(x, w, b, eps=1e-5)
+    expected = F.batch_norm(x.contiguous(), None, None, w, b, training=True, eps=1e-5)
+    torch.testing.assert_close(y, expected)
+    dims = [0, *range(2, len(shape))]
+    torch.testing.assert_close(mean, x.mean(dims))
+    torch.testing.assert_close(var, x.var(dims, unbiased=True))
+    torch.testing.assert_close(invstd, (x.var(dims, unbiased=False) + 1e-5).rsqrt())
+
+
+def test_batch_norm_rows_gradient():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(4, dtype=torch.float64, generator=g) + 0.5, torch.randn(4, dtype=torch.float64, generator=g)
+    inputs = tuple(t.requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda *t: ops.batch_norm_rows(*t, eps=1e-5)[0], inputs)
+    # the spelled-out backward equals autograd through the forward
+    y = ops.batch_norm_rows(*inputs, eps=1e-5)[0]
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    auto = torch.autograd.grad(y, inputs, dy)
+    _, mean, _, invstd = ops.batch_norm_rows(x.detach(), w.detach(), b.detach(), eps=1e-5)
+    for got, want in zip(ops.reference.batch_norm_rows_backward(dy, x.detach(), w.detach(), mean, invstd), auto):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.zeros(2, 3, 4, 4),), "channels-last"),  # contiguous (B, C, H, W)
+    ((torch.zeros(5, 3).t(),), "contiguous"),  # a transposed matrix
+    ((torch.zeros(4, 3, dtype=torch.int64),), "dtype"),
+    ((torch.zeros(4, 3), torch.ones(2)), r"weight of shape \(3,\)"),
+    ((torch.zeros(4, 3), None, torch.ones(3, dtype=torch.float64)), "bias of dtype"),
+])
+def test_batch_norm_rows_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.batch_norm_rows(*args)

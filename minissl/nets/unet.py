@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minissl.nets.norm import BatchNorm2d, BatchNorm3d
+
 UP_MODES = ("transpose", "linear", "nearest")
 
 
 def _layers(spatial_dims: int) -> tuple[type, type, type]:
-    return (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d) if spatial_dims == 2 else \
-        (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d)
+    return (nn.Conv2d, nn.ConvTranspose2d, BatchNorm2d) if spatial_dims == 2 else \
+        (nn.Conv3d, nn.ConvTranspose3d, BatchNorm3d)
 
 
 class Dropout(nn.Dropout):

@@ -24,12 +24,12 @@ from .regions import bcp_box, block_grid, check_region, cutmix_box, region_mask
 
 __all__ = ["DiceCEStats", "KernelStatus", "dice_ce_entropy", "largest_component", "fit_ellipse",
            "fit_ellipse_points", "ellipse_mask", "ellipse_refine", "head_circumference", "mix", "region_mask",
-           "bcp_box", "cutmix_box", "block_grid", "kernel_status", "MAX_CLASSES"]
+           "bcp_box", "cutmix_box", "block_grid", "batch_norm_rows", "rows_layout", "kernel_status", "MAX_CLASSES"]
 
 _FLOATS = (torch.float32, torch.float64)
 MAX_CLASSES = 65536  # largest_component: the most classes one call cleans (a stray label value beyond is an error)
 KERNEL_OPS = ("dice_ce_entropy", "mix", "largest_component", "fit_ellipse", "fit_ellipse_points", "ellipse_mask",
-              "ellipse_refine")  # the ops with compiled kernels; head_circumference is a closed form
+              "ellipse_refine", "batch_norm_rows")  # the ops with compiled kernels; head_circumference is a closed form
 _calls: dict[str, Counter] = {op: Counter() for op in KERNEL_OPS}  # op -> {"cpu"/"cuda"/"reference": calls}
 CUDA_MAX_CLASSES = 32  # channels of the CUDA loss kernel (per-thread registers; csrc/cuda/launchers.h kMaxClasses)
 _warned: set[str] = set()  # the one-time warnings already given in this process
@@ -384,3 +384,48 @@ def mix(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, boxes: Optional
     if kernel is None:
         return reference.mix(a, b, boxes=boxes, blocks=blocks)
     return list(kernel(list(a), list(b), boxes, blocks))
+
+
+def rows_layout(x: torch.Tensor) -> bool:
+    """True when x's memory is M rows of C channels: (M, C) contiguous, (B, C, H, W) channels-last or
+    (B, C, D, H, W) channels-last-3d (a size-1 dim can make a tensor both contiguous and channels-last)."""
+    fmt = {2: torch.contiguous_format, 4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt is not None and x.is_contiguous(memory_format=fmt)
+
+
+def batch_norm_rows(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode batch norm of a channels-last activation, channel sums in float64.
+
+    ``x`` (B, C, *S) stored (B, *S, C) is M = numel / C rows of C channels (a contiguous (M, C) matrix is
+    the same thing). :class:`minissl.nets.norm.BatchNorm2d` uses this for channels-last CPU activations,
+    where PyTorch's own batch norm sums in float32 (``minissl/runtime.py``).
+
+    Args:
+        x: (B, C, *S) channels-last or (M, C) contiguous; float32/float64; at least one value per channel.
+        weight, bias: optional (C,) of x's dtype.
+        eps: added to the variance.
+
+    Returns:
+        y (x's shape and strides), mean (C,), unbiased var (C,) (M / (M - 1) times the biased one, what
+        running statistics average; the biased one when M == 1), invstd (C,) = 1 / sqrt(biased var + eps).
+        ``y`` is differentiable w.r.t. x, weight and bias; the statistics are not.
+    """
+    op = "batch_norm_rows"
+    _check_tensor(op, "x", x, _FLOATS, (2, 4, 5))
+    if x.numel() == 0 or not rows_layout(x):
+        _fail(op, "x", "to be a non-empty (M, C) contiguous or (B, C, *S) channels-last tensor",
+              f"shape {tuple(x.shape)} strides {x.stride()}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_tensor(op, name, t, (x.dtype,), (1,))
+            _check_device(op, name, t, x, "x")
+            if t.shape[0] != x.shape[1]:
+                _fail(op, name, f"of shape ({x.shape[1]},)", f"shape {tuple(t.shape)}")
+    if not eps >= 0:
+        _fail(op, "eps", ">= 0", eps)
+    kernel = _kernel(op, x.device)
+    if kernel is None:
+        return reference.batch_norm_rows(x, weight, bias, eps)
+    from ._kernels import BatchNormRows  # loaded with the kernels
+    return BatchNormRows.apply(x, weight, bias, float(eps))

@@ -260,6 +260,36 @@ def _ellipse_refine() -> Case:
                 {"reference (torch)": Other(lambda: reference.ellipse_refine(probs, params, valid))})
 
 
+def _bn_case(shape: tuple[int, ...]) -> Case:
+    g = torch.Generator().manual_seed(4)
+    x = (2 * torch.randn(shape, generator=g) + 1).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
+    dy = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.ones(shape[1], requires_grad=True), torch.zeros(shape[1], requires_grad=True)
+
+    def fwd_bwd(fn, inp):
+        def call():
+            xi = inp.detach().requires_grad_()
+            return torch.autograd.grad(fn(xi), (xi, w, b), dy)
+        return call
+
+    def native(xi):
+        return torch.nn.functional.batch_norm(xi, None, None, w, b, training=True)
+
+    return Case(fwd_bwd(lambda xi: ops.batch_norm_rows(xi, w, b)[0], x),
+                {"torch batch_norm, channels-last (float32 sums)": Other(fwd_bwd(native, x)),
+                 "torch batch_norm, contiguous": Other(fwd_bwd(native, x.contiguous()))})
+
+
+@case("batch_norm_rows", "fwd+bwd B=8 C=8 64x64 channels-last (cardiac's first layer)")
+def _bn_small() -> Case:
+    return _bn_case((8, 8, 64, 64))
+
+
+@case("batch_norm_rows", "fwd+bwd B=24 C=16 256x256 channels-last")
+def _bn_big() -> Case:
+    return _bn_case((24, 16, 256, 256))
+
+
 def run(only: Optional[str] = None, repeats: int = 7) -> list[dict]:
     """Measure every registered case (or those whose op contains ``only``); returns table rows."""
     rows = []

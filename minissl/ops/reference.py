@@ -281,3 +281,53 @@ def mix(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, boxes: Optional
         m = region.to(x.device).view(x.shape[0], *(1,) * (x.ndim - 1 - sd), *spatial)  # (B, [1,] *S)
         out.append(torch.where(m, y, x))
     return out
+
+
+def batch_norm_rows(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode batch norm over every dim but the channel dim 1 of x (B, C, *S) or (M, C):
+
+        mean_c = sum_m x_mc / M,   var_c = sum_m (x_mc - mean_c)^2 / M   (biased),
+        invstd_c = 1 / sqrt(var_c + eps),   y_mc = (x_mc - mean_c) * invstd_c * w_c + b_c
+
+    with m running over the M = numel / C values of channel c. The sums are taken in float64 (what the
+    kernel does; PyTorch's channels-last CPU batch norm sums in float32). Differentiable through autograd:
+    the gradient w.r.t. x, w and b is the batch-norm gradient with the statistics depending on x
+    (``batch_norm_rows_backward`` spells it out).
+
+    Returns:
+        y (x's shape), mean (C,), the unbiased variance var_c M / (M - 1) (C,) (what the running statistics
+        average; var_c itself when M == 1), invstd (C,), all in x's dtype.
+    """
+    C = x.shape[1]
+    xd = x.double().movedim(1, -1).reshape(-1, C)  # (M, C)
+    var, mean = torch.var_mean(xd, 0, correction=0)  # (C,), (C,)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else invstd * weight.double()
+    y = (xd - mean) * scale + (0.0 if bias is None else bias.double())  # (M, C)
+    y = y.reshape(x.movedim(1, -1).shape).movedim(-1, 1).to(x.dtype)  # back to (B, C, *S)
+    M = xd.shape[0]
+    unbiased = var * (M / (M - 1)) if M > 1 else var
+    return y, mean.to(x.dtype).detach(), unbiased.to(x.dtype).detach(), invstd.to(x.dtype).detach()
+
+
+def batch_norm_rows_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                             mean: torch.Tensor, invstd: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of ``batch_norm_rows`` given dL/dy (x's shape), with xhat = (x - mean) * invstd:
+
+        dL/db_c = sum_m dy_mc,   dL/dw_c = sum_m dy_mc xhat_mc,
+        dL/dx_mc = w_c invstd_c (dy_mc - dL/db_c / M - xhat_mc dL/dw_c / M)
+
+    Returns:
+        grad_x (x's shape), grad_weight (C,), grad_bias (C,) in x's dtype (sums in float64).
+    """
+    C = x.shape[1]
+    g = grad_y.double().movedim(1, -1).reshape(-1, C)  # (M, C)
+    xhat = (x.double().movedim(1, -1).reshape(-1, C) - mean.double()) * invstd.double()  # (M, C)
+    M = g.shape[0]
+    grad_bias, grad_weight = g.sum(0), (g * xhat).sum(0)  # (C,), (C,)
+    w = 1.0 if weight is None else weight.double()
+    grad_x = w * invstd.double() * (g - grad_bias / M - xhat * grad_weight / M)  # (M, C)
+    grad_x = grad_x.reshape(x.movedim(1, -1).shape).movedim(-1, 1)
+    return grad_x.to(x.dtype), grad_weight.to(x.dtype), grad_bias.to(x.dtype)
