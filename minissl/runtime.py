@@ -1,31 +1,32 @@
 """How a training process runs: the settings that make the step faster, and its peak memory.
 
-The default, with the same results (bit for bit; ``tests/test_runtime.py``):
+The default (``tests/test_runtime.py`` checks each against the plain step):
 
-* **glibc's allocator keeps its memory.** By default glibc serves blocks above a dynamic threshold with
-  fresh ``mmap`` pages and gives freed memory at the top of the heap back to the OS, so every step
-  page-faults its activations in again (7 % of a cardiac Mean Teacher step was system time).
-  :func:`tune_malloc` raises both thresholds (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``, 1 GiB, the
-  run-time form of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``): blocks below 1 GiB come from
-  the heap and freed memory stays mapped for the next step. Glibc on Linux only; elsewhere nothing.
-  Raising only one of the two thresholds makes it worse (more page faults), so both are set. 2D runs
-  only: 3D activations are large enough that the page faults matter less, while the heap kept between
-  steps fragments (one LeFeD step at 112x112x80 peaked at 8.39 GiB with the setting, 5.75 without).
+* **glibc's allocator keeps its memory** (2D runs; bit for bit the same results). By default glibc serves
+  blocks above a dynamic threshold with fresh ``mmap`` pages and gives freed memory at the top of the heap
+  back to the OS, so every step page-faults its activations in again (7 % of a cardiac Mean Teacher step
+  was system time). :func:`tune_malloc` raises both thresholds (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``,
+  1 GiB, the run-time form of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``): blocks below 1 GiB
+  come from the heap and freed memory stays mapped for the next step. Glibc on Linux only. Raising only one
+  of the two thresholds makes it worse (more page faults), so both are set. 2D only: 3D activations are
+  large enough that the page faults matter less, while the heap kept between steps fragments (one LeFeD
+  step at 112x112x80 peaked at 8.39 GiB with the setting, 5.75 without).
+* **channels-last networks on the CPU** (2D runs, when the compiled ``batch_norm_rows`` kernel is there).
+  oneDNN's convolutions with few channels at full resolution and max pooling run 2-3x faster on
+  (B, *S, C)-ordered memory; the weights are stored that way and every convolution then returns
+  channels-last activations (inputs and targets stay as they are; dropout masks do not depend on the layout,
+  :class:`minissl.nets.unet.Dropout`). PyTorch's own channels-last CPU batch norm sums its statistics in
+  float32 (relative error 3e-6 against 8e-8 contiguous), which moved one step's gradients by up to 1e-3 of
+  the largest one; minissl's batch norm (:mod:`minissl.nets.norm`) sums them in float64 instead. The result
+  is not bit for bit the plain step's (other convolution kernels round differently) but at least as close
+  to the exact step: on a fixed 64x64 Mean Teacher step the gradients are 9e-6 of the largest one away
+  from the float64 step, the plain float32 step's 2e-4 (``docs/results.md``, "Training step"). oneDNN's
+  channels-last weight gradient of a strided 1x1 convolution crashed (torch 2.13); ResUNet's projection
+  shortcuts avoid it (:class:`minissl.nets.resunet.StridedPointwise2d`).
 
-Opt-in (``MINISSL_CHANNELS_LAST=1``), faster, not bit for bit but at least as close to the exact step:
-
-* **channels-last networks on the CPU.** oneDNN's convolutions with few channels at full resolution and
-  max pooling run 2-3x faster on (B, *S, C)-ordered memory; the weights are stored that way and every
-  convolution then returns channels-last activations (inputs and targets stay as they are; dropout
-  masks do not depend on the layout, :class:`minissl.nets.unet.Dropout`). PyTorch's own channels-last CPU
-  batch norm sums its statistics in float32 (relative error 3e-6 against 8e-8 contiguous), which moved one
-  step's gradients by up to 1e-3 of the largest one; minissl's batch norm (:mod:`minissl.nets.norm`) sums
-  them in float64 instead: on a fixed 64x64 Mean Teacher step the gradients are then 9e-6 of the largest one
-  away from the float64 step, the plain float32 step's 2e-4. Not the default: with torch 2.13 oneDNN's
-  channels-last 1x1-convolution weight gradient (its AVX-512 kernel) crashed the C3S3 and MEDL steps
-  (segmentation fault), so the layout is not yet safe for every method (``docs/results.md``).
-
-``MINISSL_PLAIN_STEP=1`` turns every setting off (``minissl bench step`` times the step each way).
+``MINISSL_CHANNELS_LAST=0`` keeps the layout, ``=1`` also uses channels-last in 3D (and with the reference
+batch norm when the kernels are not built); ``MINISSL_PLAIN_STEP=1`` turns every setting off (``minissl
+bench step`` times the step each way).
 
 Peak memory: :func:`reset_peak_rss` once the model is built, :func:`peak_rss_mb` at the end; the run's
 ``metrics.json`` holds the difference (see ``minissl.engine.train``).
@@ -72,10 +73,19 @@ def tune_malloc() -> bool:
 
 
 def memory_format(spatial_dims: int, device: torch.device) -> Optional[torch.memory_format]:
-    """The layout :func:`speed_up` gives a network: channels-last on the CPU with ``MINISSL_CHANNELS_LAST=1``,
-    None (keep the layout) otherwise."""
-    if device.type != "cpu" or plain_step() or not _flag("MINISSL_CHANNELS_LAST"):
+    """The layout :func:`speed_up` gives a network (None: keep it).
+
+    Channels-last on the CPU: in 2D by default when the compiled batch-norm kernel is there (without it the
+    float64 reference would cost more than the layout saves), in 2D and 3D with ``MINISSL_CHANNELS_LAST=1``;
+    never with ``MINISSL_CHANNELS_LAST=0``, ``MINISSL_PLAIN_STEP=1`` or on another device.
+    """
+    setting = os.environ.get("MINISSL_CHANNELS_LAST", "").strip().lower()
+    if device.type != "cpu" or plain_step() or setting in ("0", "false", "no", "off"):
         return None
+    if not _flag("MINISSL_CHANNELS_LAST"):  # the default
+        from minissl.ops import _build  # the kernels are built on first use
+        if spatial_dims != 2 or _build.get_kernel("batch_norm_rows", "cpu") is None:
+            return None
     return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
 
 

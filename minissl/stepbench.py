@@ -1,9 +1,9 @@
 """``minissl bench step``: how long one training step of each method takes, and where the time goes.
 
 Three variants of the step (:mod:`minissl.runtime`): ``plain`` (``MINISSL_PLAIN_STEP=1``, no speed
-settings), ``default`` (what ``minissl train`` runs) and ``channels_last`` (the default plus
-``MINISSL_CHANNELS_LAST=1``), each with the compiled kernels and with the pure-PyTorch reference ops
-(``MINISSL_NO_EXT=1``). Every configuration runs in a fresh process (the allocator settings are
+settings), ``contiguous`` (the default without the channels-last layout, ``MINISSL_CHANNELS_LAST=0``) and
+``default`` (what ``minissl train`` runs), each with the compiled kernels and with the pure-PyTorch
+reference ops (``MINISSL_NO_EXT=1``; the 2D default then keeps the contiguous layout). Every configuration runs in a fresh process (the allocator settings are
 process-wide), at ``--threads`` threads, and the repetitions are interleaved (repetition 1 of every
 configuration, then repetition 2, ...), so a slow patch of a shared machine hits all of them alike; the
 ratio plain / variant is taken within each repetition, then its median.
@@ -48,8 +48,8 @@ import torch
 
 PARTS = ("forward", "backward", "optimiser", "loss", "mixing", "post", "after_step", "other", "data")
 VARIANTS = {"plain": {"MINISSL_PLAIN_STEP": "1"},  # the environment of each variant of the step
-            "default": {"MINISSL_PLAIN_STEP": "0", "MINISSL_CHANNELS_LAST": "0"},
-            "channels_last": {"MINISSL_PLAIN_STEP": "0", "MINISSL_CHANNELS_LAST": "1"}}
+            "contiguous": {"MINISSL_PLAIN_STEP": "0", "MINISSL_CHANNELS_LAST": "0"},
+            "default": {"MINISSL_PLAIN_STEP": "0", "MINISSL_CHANNELS_LAST": ""}}
 KERNELS = ("kernels", "reference")  # compiled ops, MINISSL_NO_EXT=1
 POST_OPS = ("largest_component", "fit_ellipse", "ellipse_mask", "ellipse_refine")
 
@@ -193,7 +193,7 @@ def render(results: dict, methods: Sequence[str], kernels: Sequence[str], spec: 
     """Markdown tables of :func:`bench_step`'s results: step times and ratios, then the parts."""
     lines = [f"**{spec['suite']}**: one training step, {spec['threads']} thread(s), {spec['iters']} timed steps "
              f"per repetition x {spec['repeats']} interleaved repetitions, from step {spec['at']:g} x max_iters", "",
-             "| method | ops | clock | plain ms | default ms (plain / default) | channels_last ms (plain / it) |",
+             "| method | ops | clock | plain ms | contiguous ms (plain / it) | default ms (plain / default) |",
              "|---|---|---|---|---|---|"]
     for m in methods:
         for k in kernels:
@@ -201,7 +201,7 @@ def render(results: dict, methods: Sequence[str], kernels: Sequence[str], spec: 
             for key, clock in (("wall", "wall"), ("cpu", "CPU")):
                 med = {v: statistics.median([t for rep in reps[v] for t in rep[m][key]]) for v in VARIANTS}
                 cells = [m, k, clock, _ms(med["plain"])]
-                for v in ("default", "channels_last"):
+                for v in ("contiguous", "default"):
                     ratio = statistics.median([statistics.median(p[m][key]) / statistics.median(q[m][key])
                                                for p, q in zip(reps["plain"], reps[v])])
                     cells.append(f"{_ms(med[v])} ({ratio:.2f}x)")

@@ -29,6 +29,15 @@ def test_sigmoid_rampup_and_ema():
     assert torch.allclose(t.weight, 0.5 * ts + 0.5 * ss)
     ema_update(t, s, decay=0.99, step=10 ** 6)
     assert torch.allclose(t.weight, 0.99 * (0.5 * ts + 0.5 * ss) + 0.01 * ss)
+    # bit for bit the per-tensor update, and buffers copied (BatchNorm statistics)
+    s, t = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    s(torch.randn(5, 3))
+    with torch.no_grad():
+        s.weight.add_(torch.randn(3))
+    want = t.weight.detach().clone().mul_(0.9).add_(s.weight.detach(), alpha=0.1)
+    ema_update(t, s, decay=0.9, step=10 ** 6)
+    assert torch.equal(t.weight, want) and torch.equal(t.running_mean, s.running_mean)
+    assert t.num_batches_tracked.item() == 1 and t.weight.grad_fn is None  # no graph recorded
 
 
 def test_run_folder_and_protocol(tiny_stores, tmp_path, monkeypatch):

@@ -59,6 +59,25 @@ def test_make_optimizer(name, cls, extra):
     assert all(group[k] == v for k, v in extra.items())
 
 
+def test_sgd_foreach_is_the_per_parameter_update_bit_for_bit():
+    from minissl.nets import UNet
+    torch.manual_seed(0)
+    nets = [UNet(1, 4, spatial_dims=2, width=4, depth=2) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    recipe = Recipe(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4)
+    ours = make_optimizer(nets[0].parameters(), recipe)
+    plain = torch.optim.SGD(nets[1].parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=False)
+    assert ours.param_groups[0]["foreach"] is True
+    x = torch.randn(2, 1, 16, 16)
+    for k in range(3):
+        for net, opt in zip(nets, (ours, plain)):
+            opt.zero_grad()
+            torch.manual_seed(k)  # the same dropout masks
+            net(x).square().mean().backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+
+
 def test_ema_horizon_mapping():
     assert horizon_of(0.99, 30000) == pytest.approx(1 / 300)
     assert ema_decay_for(1 / 300, 30000) == pytest.approx(0.99)  # the published run is unchanged

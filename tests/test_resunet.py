@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from minissl.nets import ResUNet, UNet, checkpointed
-from minissl.nets.resunet import BasicBlock
+from minissl.nets.resunet import BasicBlock, StridedPointwise2d, StridedPointwise3d
 
 
 @pytest.mark.parametrize("spatial_dims,size", [(2, (32, 24)), (3, (8, 16, 8))])
@@ -32,6 +32,22 @@ def test_resnet34_stages_and_vnet_decoder():
     assert n_convs == [3, 3, 2, 1]
     assert isinstance(net.dropout, nn.Dropout3d) and net.dropout.p == 0.5
     assert [len(s) for s in ResUNet(depth=5, width=2).stages] == [3, 4, 6, 3, 3]  # the last count repeats
+
+
+@pytest.mark.parametrize("cls,conv,size", [(StridedPointwise2d, nn.Conv2d, (9, 8)), (StridedPointwise3d, nn.Conv3d, (5, 6, 7))])
+def test_strided_pointwise_is_the_strided_1x1_convolution(cls, conv, size):
+    torch.manual_seed(0)
+    ours, plain = cls(8, 16, 2), conv(8, 16, 1, stride=2, bias=False)
+    plain.load_state_dict(ours.state_dict())  # the same parameter names and shapes
+    x = torch.randn(2, 8, *size)
+    torch.testing.assert_close(ours(x), plain(x))
+    fmt = torch.channels_last if len(size) == 2 else torch.channels_last_3d
+    ours = ours.to(memory_format=fmt)  # the layout whose strided 1x1 weight gradient crashed in oneDNN
+    xs = torch.randn(8, 8, *((64, 64) if len(size) == 2 else (16, 16, 8))).contiguous(memory_format=fmt)
+    ours(xs).sum().backward()
+    plain.weight.grad = None
+    plain(xs.contiguous()).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_zero_init_residual_makes_each_block_its_shortcut():

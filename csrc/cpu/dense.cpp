@@ -19,6 +19,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -601,11 +602,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_cpu(
   MINISSL_DISPATCH_FLOAT(x.scalar_type(), "batch_norm_rows", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     std::vector<double> shift(xp, xp + C);  // the first row
-    const std::vector<double> tot = chunk_sums(M, C, [&](int64_t r0, int64_t r1, double* s, double* q) {
+    const double* __restrict__ sh = shift.data();
+    const std::vector<double> tot = chunk_sums(M, C, [&](int64_t r0, int64_t r1, double* __restrict__ s,
+                                                         double* __restrict__ q) {
       for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = xp + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const double d = static_cast<double>(row[c]) - shift[c];
+        const scalar_t* __restrict__ row = xp + r * C;
+        for (int64_t c = 0; c < C; ++c) {  // vectorised over the channels
+          const double d = static_cast<double>(row[c]) - sh[c];
           s[c] += d;
           q[c] += d * d;
         }
@@ -621,10 +624,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_cpu(
       a[c] = static_cast<scalar_t>(w * is);
       b[c] = bias.has_value() && bias->defined() ? bias->data_ptr<scalar_t>()[c] : scalar_t(0);
     }
-    scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* __restrict__ yp = y.data_ptr<scalar_t>();
+    const scalar_t *__restrict__ mv = m.data(), *__restrict__ av = a.data(), *__restrict__ bv = b.data();
     at::parallel_for(0, M, kRowChunk, [&](int64_t r0, int64_t r1) {  // y = (x - mean) * w * invstd + b
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = 0; c < C; ++c) yp[r * C + c] = (xp[r * C + c] - m[c]) * a[c] + b[c];
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* __restrict__ xr = xp + r * C;
+        scalar_t* __restrict__ yr = yp + r * C;
+        for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - mv[c]) * av[c] + bv[c];
+      }
     });
   });
   return {y, mean, var, invstd};
@@ -649,13 +656,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward_cpu(
     const scalar_t *gp = grad_y.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>(), *mp = mean.data_ptr<scalar_t>(),
                    *ip = invstd.data_ptr<scalar_t>();
     // sum(dy) and sum(dy * (x - mean)) per channel, in double
-    const std::vector<double> tot = chunk_sums(M, C, [&](int64_t r0, int64_t r1, double* s, double* q) {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = 0; c < C; ++c) {
-          const double g = static_cast<double>(gp[r * C + c]);
+    std::vector<double> mean_d(mp, mp + C);
+    const double* __restrict__ md = mean_d.data();
+    const std::vector<double> tot = chunk_sums(M, C, [&](int64_t r0, int64_t r1, double* __restrict__ s,
+                                                         double* __restrict__ q) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t *__restrict__ gr = gp + r * C, *__restrict__ xr = xp + r * C;
+        for (int64_t c = 0; c < C; ++c) {  // vectorised over the channels
+          const double g = static_cast<double>(gr[c]);
           s[c] += g;
-          q[c] += g * (static_cast<double>(xp[r * C + c]) - static_cast<double>(mp[c]));
+          q[c] += g * (static_cast<double>(xr[c]) - md[c]);
         }
+      }
     });
     // dx = w * invstd * (dy - sum(dy) / M - (x - mean) * invstd^2 * sum(dy (x - mean)) / M)
     std::vector<scalar_t> a(C), k0(C), k1(C);
@@ -668,14 +680,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward_cpu(
       gw.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(tot[C + c] * is);
       gb.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(tot[c]);
     }
-    scalar_t* op = gx.data_ptr<scalar_t>();
+    scalar_t* __restrict__ op = gx.data_ptr<scalar_t>();
+    const scalar_t *__restrict__ av = a.data(), *__restrict__ k0v = k0.data(), *__restrict__ k1v = k1.data();
     at::parallel_for(0, M, kRowChunk, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = 0; c < C; ++c)
-          op[r * C + c] = gp[r * C + c] * a[c] - k0[c] - (xp[r * C + c] - mp[c]) * k1[c];
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t *__restrict__ gr = gp + r * C, *__restrict__ xr = xp + r * C;
+        scalar_t* __restrict__ orow = op + r * C;
+        for (int64_t c = 0; c < C; ++c) orow[c] = gr[c] * av[c] - k0v[c] - (xr[c] - mp[c]) * k1v[c];
+      }
     });
   });
   return {gx, gw, gb};
+}
+
+// Autograd of batch_norm_rows in C++ (registered for AutogradCPU): a network calls it about 50 times per
+// training step, and a Python autograd.Function cost ~0.1 ms per call and backward, 5 % of a 64x64 BCP step.
+struct BatchNormRowsFn : public torch::autograd::Function<BatchNormRowsFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, var, invstd] = batch_norm_rows_cpu(x, weight, bias, eps);
+    const at::Tensor w = weight.has_value() ? *weight : at::Tensor();
+    ctx->save_for_backward({x, w, mean, invstd});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->mark_non_differentiable({mean, var, invstd});  // statistics: their use is the batch norm's own
+    ctx->set_materialize_grads(false);
+    return {y, mean, var, invstd};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &mean = saved[2], &invstd = saved[3];
+    at::Tensor gy = grads[0];
+    if (!gy.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (gy.strides() != x.strides()) gy = gy.movedim(1, -1).contiguous().movedim(-1, 1);  // x's rows layout
+    auto [gx, gw, gb] = batch_norm_rows_backward_cpu(gy, x, w.defined() ? std::optional<at::Tensor>(w) : std::nullopt,
+                                                     mean, invstd);
+    return {gx, w.defined() ? gw : at::Tensor(), ctx->saved_data["has_bias"].toBool() ? gb : at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  auto out = BatchNormRowsFn::apply(x, weight, bias, eps);
+  return {out[0], out[1], out[2], out[3]};
 }
 
 }  // namespace
@@ -687,4 +738,8 @@ TORCH_LIBRARY_IMPL(minissl, CPU, m) {
   m.impl("mix", &minissl::mix_cpu);
   m.impl("batch_norm_rows", &minissl::batch_norm_rows_cpu);
   m.impl("batch_norm_rows_backward", &minissl::batch_norm_rows_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(minissl, AutogradCPU, m) {
+  m.impl("batch_norm_rows", &minissl::batch_norm_rows_autograd);
 }

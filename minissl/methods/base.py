@@ -79,10 +79,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) 
     (Tarvainen & Valpola 2017; SSL4MIS). Buffers (BatchNorm statistics) are copied.
     """
     a = min(1.0 - 1.0 / (step + 1), decay)
-    for pt, ps in zip(teacher.parameters(), student.parameters()):
-        pt.mul_(a).add_(ps.detach(), alpha=1.0 - a)
-    for bt, bs in zip(teacher.buffers(), student.buffers()):
-        bt.copy_(bs)
+    with torch.no_grad():  # multi-tensor calls: the same per-tensor arithmetic, ~150 Python calls fewer
+        teacher_params, teacher_buffers = list(teacher.parameters()), list(teacher.buffers())
+        if teacher_params:
+            torch._foreach_mul_(teacher_params, a)
+            torch._foreach_add_(teacher_params, list(student.parameters()), alpha=1.0 - a)
+        if teacher_buffers:
+            torch._foreach_copy_(teacher_buffers, list(student.buffers()))
 
 
 def make_teacher(student: nn.Module) -> nn.Module:

@@ -6,24 +6,25 @@ cardiac step), and through the kinks of LeakyReLU one training step's gradients 
 of the largest one (``minissl/runtime.py``). :class:`BatchNorm2d` / :class:`BatchNorm3d` are the
 ``nn.BatchNorm`` layers with one change: in training mode, on a channels-last CPU tensor, the statistics
 and the gradient come from :func:`minissl.ops.batch_norm_rows` (float64 channel sums; compiled kernel or
-its pure-PyTorch twin). Everything else (contiguous memory, eval mode, CUDA, ``MINISSL_PLAIN_STEP=1``)
-runs ``nn.BatchNorm``'s forward. Parameters, buffers and ``state_dict`` keys are ``nn.BatchNorm``'s, and
-``isinstance(m, nn.BatchNorm2d)`` holds (EMA copies, SyncBatchNorm conversion, checkpoint's momentum 0).
+its pure-PyTorch twin). Everything else (contiguous memory, eval mode, CUDA) runs ``nn.BatchNorm``'s
+forward; ``MINISSL_PLAIN_STEP=1`` keeps networks contiguous (``minissl.runtime``), so it never gets here.
+Parameters, buffers and ``state_dict`` keys are ``nn.BatchNorm``'s, and ``isinstance(m, nn.BatchNorm2d)``
+holds (EMA copies, SyncBatchNorm conversion, checkpoint's momentum 0).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from minissl import ops, runtime
+from minissl import ops
+from minissl.ops import reference
 
 
 class _RowsBatchNorm:
     """The shared forward of :class:`BatchNorm2d` and :class:`BatchNorm3d` (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and x.device.type == "cpu" and x.dim() > 2 and not x.is_contiguous()
-                and ops.rows_layout(x)) or runtime.plain_step():  # (B, C, *S) stored (B, *S, C) only
+        if not (self.training and x.device.type == "cpu" and not x.is_contiguous() and ops.rows_layout(x)):
             return super().forward(x)  # type: ignore[misc]
         # nn.BatchNorm's bookkeeping: the count, then the averaging factor (momentum None: cumulative mean)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -33,10 +34,14 @@ class _RowsBatchNorm:
                 factor = 1.0 / float(self.num_batches_tracked)
         if x.numel() // x.shape[1] < 2:  # values per channel
             raise ValueError(f"expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        y, mean, var, _ = ops.batch_norm_rows(x, self.weight, self.bias, self.eps)  # (B, C, *S), (C,) x3
+        # The layout is checked above and weight / bias are this module's own, so the kernel (or its twin) is
+        # called without ops.batch_norm_rows's Python checks: ~50 calls per step, each check a few microseconds.
+        kernel = ops._kernel("batch_norm_rows", x.device)
+        fn = reference.batch_norm_rows if kernel is None else kernel
+        y, mean, var, _ = fn(x, self.weight, self.bias, self.eps)  # (B, C, *S), (C,) x3
         if self.track_running_stats and self.running_mean is not None:  # (mean and var carry no graph)
-            self.running_mean.lerp_(mean, factor)
-            self.running_var.lerp_(var, factor)  # var: the unbiased variance, the one nn.BatchNorm averages
+            # var is the unbiased variance, the one nn.BatchNorm averages; one call for both buffers
+            torch._foreach_lerp_([self.running_mean, self.running_var], [mean, var], factor)
         return y  # (B, C, *S), channels-last memory like x
 
 

@@ -30,6 +30,38 @@ from torch import nn
 from minissl.nets.unet import _layers
 
 
+class _StridedPointwise:
+    """The ResNet projection shortcut, a bias-free 1x1 convolution with stride s, computed as the 1x1
+    convolution (stride 1) of every s-th voxel: the same numbers, as a 1x1 kernel with stride s reads
+    nothing else.
+
+    Written this way because oneDNN's channels-last weight gradient of a strided 1x1 convolution crashed
+    (torch 2.13, AVX-512; e.g. 8 -> 16 channels at 64x64, stride 2: a segmentation fault), and channels-last
+    is the 2D CPU step's layout (``minissl.runtime``). An ``nn.Conv`` of kernel 1 and stride 1 otherwise, so
+    parameters and ``state_dict`` keys are the plain convolution's.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__(c_in, c_out, 1, bias=False)  # type: ignore[call-arg]
+        self.sub_stride = stride
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", sub_stride={self.sub_stride}"  # type: ignore[misc]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.sub_stride
+        sub = x[(slice(None), slice(None)) + (slice(None, None, s),) * (x.dim() - 2)]  # (B, c_in, *S / s)
+        return self._conv_forward(sub, self.weight, self.bias)  # type: ignore[attr-defined]  (B, c_out, *S / s)
+
+
+class StridedPointwise2d(_StridedPointwise, nn.Conv2d):
+    """2D :class:`_StridedPointwise`."""
+
+
+class StridedPointwise3d(_StridedPointwise, nn.Conv3d):
+    """3D :class:`_StridedPointwise`."""
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``; stride 2 halves the size."""
 
@@ -39,7 +71,8 @@ class BasicBlock(nn.Module):
         self.body = nn.Sequential(conv(c_in, c_out, 3, stride=stride, padding=1, bias=False), norm(c_out),
                                   nn.ReLU(), conv(c_out, c_out, 3, padding=1, bias=False), norm(c_out))
         self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else \
-            nn.Sequential(conv(c_in, c_out, 1, stride=stride, bias=False), norm(c_out))
+            nn.Sequential((StridedPointwise2d if spatial_dims == 2 else StridedPointwise3d)(c_in, c_out, stride),
+                          norm(c_out))
         nn.init.zeros_(self.body[-1].weight)  # zero-init residual: the block starts as its shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -129,29 +129,4 @@ def _dce_double_backward(ctx, grad_out):
 torch.library.register_autograd("minissl::dice_ce_entropy_backward", _dce_double_backward,
                                 setup_context=_dce_backward_setup_context)
 
-
-# ---- autograd of the row batch norm ------------------------------------------------------------------
-# A plain autograd.Function rather than torch.library.register_autograd: a network calls it about 50
-# times per training step, and the registered path's per-call Python overhead (~0.1 ms) was 7 % of a
-# 64x64 cardiac Mean Teacher step.
-
-class BatchNormRows(torch.autograd.Function):
-    """``torch.ops.minissl.batch_norm_rows`` with its gradient (``batch_norm_rows_backward``)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, var, invstd = torch.ops.minissl.batch_norm_rows(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.mark_non_differentiable(mean, var, invstd)  # statistics: their use is the batch norm's own
-        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
-        return y, mean, var, invstd
-
-    @staticmethod
-    def backward(ctx, g_y, g_mean, g_var, g_invstd):
-        x, weight, mean, invstd = ctx.saved_tensors
-        if g_y is None:
-            return None, None, None, None
-        if g_y.stride() != x.stride():  # the rows layout of x: (B, *S, C) memory
-            g_y = g_y.movedim(1, -1).contiguous().movedim(-1, 1)
-        g_x, g_w, g_b = torch.ops.minissl.batch_norm_rows_backward(g_y, x, weight, mean, invstd)
-        return g_x, g_w if ctx.needs_input_grad[1] else None, g_b if ctx.needs_input_grad[2] else None, None
+# The autograd of batch_norm_rows is in C++ (csrc/cpu/dense.cpp, AutogradCPU): about 50 calls per step.
