@@ -11,7 +11,7 @@ label, probability or mask maps, and a picture shows its first ``n`` samples, on
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +22,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .results import ResultRow, load, val_curve
+from .results import ResultRow, load, setting_name, val_curve
 from .stats import mean_std, paired_interval, verdict
 
 ArrayLike = Any  # numpy array or torch tensor
@@ -241,6 +241,10 @@ def render_all(root: str | Path = "results", docs: str | Path = "docs/results",
     """Every leaderboard of a results folder: ``{docs/<suite>-<setting>.md: markdown}``, followed by the
     per-class table (:func:`render_per_class`) for suites of several foreground classes.
 
+    Runs of ``bench methods --recipe official`` (setting ``...-official``) give one table per method, each
+    paired with the baseline's runs on that method's recipe (setting ``...-official-<method>``), which get
+    no table of their own.
+
     Args:
         root: the results folder.
         docs: the folder the tables are written to.
@@ -253,9 +257,18 @@ def render_all(root: str | Path = "results", docs: str | Path = "docs/results",
     skip = not_applicable or {}
     tables = {}
     for (suite, setting), rs in groups.items():
+        b, n = rs[0].budget, rs[0].iters
+        if rs[0].recipe.startswith("official-") and (suite, setting_name(b, n, "official")) in groups:
+            continue  # the baseline on a method's official recipe: rendered in that method's table
+        if rs[0].recipe == "official":  # --recipe official: one table per method, paired with its baseline
+            text = "\n".join(render_leaderboard(
+                [replace(r, recipe=f"official:{m}") for r in rs if r.method == m]
+                + [replace(r, recipe=f"official:{m}") for r in groups.get((suite, setting_name(b, n, f"official:{m}")), [])
+                   if r.method == baseline], baseline) for m in sorted({r.method for r in rs} - {baseline}))
+        else:
+            text = render_leaderboard(rs, baseline, skip.get(suite, ()))
         per_class = render_per_class(rs)
-        tables[Path(docs) / f"{suite}-{setting}.md"] = render_leaderboard(rs, baseline, skip.get(suite, ())) + (
-            "\n" + per_class if per_class else "")
+        tables[Path(docs) / f"{suite}-{setting}.md"] = text + ("\n" + per_class if per_class else "")
     return tables
 
 

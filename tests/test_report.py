@@ -84,6 +84,27 @@ def test_render_all_gives_one_table_per_setting():
     assert "| supervised | 1 | 75.00 ± - | 4.00 ± - | - | - | - | 0.100 | 100 |" in longer
 
 
+def test_render_all_pairs_official_recipes_with_their_baseline(tmp_path):
+    """--recipe official: bcp (setting official) against supervised on bcp's recipe (official-bcp), one table."""
+    import shutil
+
+    src = FIXTURE / "cardiac" / "b3-i600-shared"
+    for method, setting in (("bcp", "b3-i600-official"), ("cps", "b3-i600-official"),
+                            ("supervised", "b3-i600-official-bcp")):
+        for seed in (0, 1, 2):
+            if (src / method / f"seed{seed}").is_dir():
+                shutil.copytree(src / method / f"seed{seed}", tmp_path / "cardiac" / setting / method / f"seed{seed}")
+    tables = report.render_all(tmp_path, docs="d")
+    assert list(tables) == [Path("d/cardiac-b3-i600-official.md")]  # the lent-recipe baseline has no file
+    text = tables[Path("d/cardiac-b3-i600-official.md")]
+    assert "**cardiac**: 3 labeled, 600 iterations, official:bcp recipe" in text
+    assert "**cardiac**: 3 labeled, 600 iterations, official:cps recipe" in text
+    bcp_table, cps_table = text.split("**cardiac**")[1:]
+    assert "| supervised | 3 | 70.00 ± 2.00 |" in bcp_table and "| bcp | 1 | 80.00 ± - |" in bcp_table
+    assert "+10.00 (1)" in bcp_table  # paired with supervised seed 0
+    assert "| supervised" not in cps_table and "| cps | 3 |" in cps_table  # no baseline on cps's recipe
+
+
 def test_render_refuses_mixed_settings_and_nothing():
     with pytest.raises(ValueError, match=r"expected rows of one suite and setting, got "
                                          r"\[\('cardiac', 'b3-i1200-shared'\), \('cardiac', 'b3-i600-shared'\)\]"):
