@@ -294,3 +294,18 @@ def test_batch_norm_rows_kernel_gradcheck_and_threads(kernels):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_batch_norm_rows_kernel_reads_strided_weights(kernels):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    wb = torch.rand(3, 2, generator=g) + 0.5  # columns: strided (C,) views
+    got = torch.ops.minissl.batch_norm_rows(x, wb[:, 0], wb[:, 1], 1e-5)[0]
+    want = reference.batch_norm_rows(x, wb[:, 0].contiguous(), wb[:, 1].contiguous(), 1e-5)[0]
+    torch.testing.assert_close(got, want)
+    dy = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last)
+    _, mean, _, invstd = reference.batch_norm_rows(x, wb[:, 0].contiguous(), None, 1e-5)
+    got = torch.ops.minissl.batch_norm_rows_backward(dy, x, wb[:, 0], mean, invstd)
+    want = reference.batch_norm_rows_backward(dy, x, wb[:, 0].contiguous(), mean, invstd)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)

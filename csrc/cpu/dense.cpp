@@ -597,6 +597,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_cpu(
   check_bn_rows(x, weight, "x");
   check_bn_rows(x, bias, "x", "bias");
   const int64_t C = x.size(1), M = x.numel() / C;
+  const at::Tensor w_c = weight.has_value() && weight->defined() ? weight->contiguous() : at::Tensor();
+  const at::Tensor b_c = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty_like(x), mean = at::empty({C}, x.options()), var = at::empty({C}, x.options()),
              invstd = at::empty({C}, x.options());
   MINISSL_DISPATCH_FLOAT(x.scalar_type(), "batch_norm_rows", [&] {
@@ -615,14 +617,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_cpu(
       }
     });
     std::vector<scalar_t> a(C), m(C), b(C);
+    const scalar_t* wp = w_c.defined() ? w_c.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = b_c.defined() ? b_c.data_ptr<scalar_t>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       const double ds = tot[c] / M, v = std::max(tot[C + c] / M - ds * ds, 0.0), is = 1.0 / std::sqrt(v + eps);
-      const double w = weight.has_value() && weight->defined() ? static_cast<double>(weight->data_ptr<scalar_t>()[c]) : 1.0;
+      const double w = wp != nullptr ? static_cast<double>(wp[c]) : 1.0;
       mean.data_ptr<scalar_t>()[c] = m[c] = static_cast<scalar_t>(shift[c] + ds);
       var.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(M > 1 ? v * M / (M - 1) : v);  // unbiased
       invstd.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(is);
       a[c] = static_cast<scalar_t>(w * is);
-      b[c] = bias.has_value() && bias->defined() ? bias->data_ptr<scalar_t>()[c] : scalar_t(0);
+      b[c] = bp != nullptr ? bp[c] : scalar_t(0);
     }
     scalar_t* __restrict__ yp = y.data_ptr<scalar_t>();
     const scalar_t *__restrict__ mv = m.data(), *__restrict__ av = a.data(), *__restrict__ bv = b.data();
@@ -651,6 +655,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward_cpu(
   for (const at::Tensor* t : {&mean, &invstd})
     TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C && t->scalar_type() == x.scalar_type() && t->is_contiguous(),
                       "minissl: expected mean and invstd of shape (", C, "), got ", t->sizes());
+  const at::Tensor w_c = weight.has_value() && weight->defined() ? weight->contiguous() : at::Tensor();
   at::Tensor gx = at::empty_like(x), gw = at::empty({C}, x.options()), gb = at::empty({C}, x.options());
   MINISSL_DISPATCH_FLOAT(x.scalar_type(), "batch_norm_rows_backward", [&] {
     const scalar_t *gp = grad_y.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>(), *mp = mean.data_ptr<scalar_t>(),
@@ -671,9 +676,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward_cpu(
     });
     // dx = w * invstd * (dy - sum(dy) / M - (x - mean) * invstd^2 * sum(dy (x - mean)) / M)
     std::vector<scalar_t> a(C), k0(C), k1(C);
+    const scalar_t* wp = w_c.defined() ? w_c.data_ptr<scalar_t>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       const double is = ip[c];
-      const double w = weight.has_value() && weight->defined() ? static_cast<double>(weight->data_ptr<scalar_t>()[c]) : 1.0;
+      const double w = wp != nullptr ? static_cast<double>(wp[c]) : 1.0;
       a[c] = static_cast<scalar_t>(w * is);
       k0[c] = static_cast<scalar_t>(w * is * tot[c] / M);
       k1[c] = static_cast<scalar_t>(w * is * is * is * tot[C + c] / M);
