@@ -18,11 +18,14 @@ Example::
     minissl bench methods --suite cardiac --methods supervised,mean_teacher --seeds 0,1,2,3,4
     minissl bench methods --suite fetal_head --methods supervised --budget all   # the upper bound
     minissl bench methods --suite cardiac --methods supervised,bcp,m3hl --recipe official
+    minissl bench methods --suite atrium --methods supervised,label_propagation --budget_kind slices:4
     minissl bench render --check
 
 ``--recipe official`` runs each method on its official recipe and pairs it with a supervised run on
 that same recipe (``--recipe official:<method>``, results setting ``b<budget>-i<iters>-official:<method>``);
-a method without an official recipe for the suite's dimension is named below the tables.
+a method without an official recipe for the suite's dimension is named below the tables. Other options
+go to every run's config; ``--budget_kind slices:<k>`` (every k-th slice of a labeled case annotated)
+also names the setting, ``b<budget>s<k>-...``, so sparse and dense budgets never share a table.
 """
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     store = store if store is not None else open_data(cfg.data_source)
     cfg = resolve(cfg, store)
     folder = result_dir(results, store.spec.name, cfg.budget, cfg.max_iters, method, seed,
-                        getattr(cfg, "recipe", DEFAULT_RECIPE))
+                        getattr(cfg, "recipe", DEFAULT_RECIPE), cfg.budget_kind)
     if is_complete(folder):
         differ = differences(folder, asdict(cfg))
         if differ:

@@ -137,7 +137,8 @@ def render_leaderboard(rows: Sequence[ResultRow], baseline: str = "supervised",
     head = ["method", "seeds", "Dice %", f"HD95 {units}"] + (["HC err mm"] if has_hc else []) + [
         f"Δ Dice vs {baseline} (paired seeds)", "95 % interval", "mark", "CPU s/iter", "peak MB"]
     r0 = rows[0]
-    title = f"**{suite}**: {r0.budget} labeled, {r0.iters} iterations, {r0.recipe} recipe"
+    sparse = "" if r0.budget_kind == "cases" else f" (one slice in {r0.budget_kind.split(':')[1]} annotated)"
+    title = f"**{suite}**: {r0.budget} labeled{sparse}, {r0.iters} iterations, {r0.recipe} recipe"
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, rs in by_method.items():
         cells = [method, str(len(rs)), _pm([r.dice for r in rs], 2), _pm([r.hd95 for r in rs], 2)]
@@ -257,13 +258,13 @@ def render_all(root: str | Path = "results", docs: str | Path = "docs/results",
     skip = not_applicable or {}
     tables = {}
     for (suite, setting), rs in groups.items():
-        b, n = rs[0].budget, rs[0].iters
-        if rs[0].recipe.startswith("official-") and (suite, setting_name(b, n, "official")) in groups:
+        b, n, kind = rs[0].budget, rs[0].iters, rs[0].budget_kind
+        if rs[0].recipe.startswith("official-") and (suite, setting_name(b, n, "official", kind)) in groups:
             continue  # the baseline on a method's official recipe: rendered in that method's table
         if rs[0].recipe == "official":  # --recipe official: one table per method, paired with its baseline
             text = "\n".join(render_leaderboard(
                 [replace(r, recipe=f"official:{m}") for r in rs if r.method == m]
-                + [replace(r, recipe=f"official:{m}") for r in groups.get((suite, setting_name(b, n, f"official:{m}")), [])
+                + [replace(r, recipe=f"official:{m}") for r in groups.get((suite, setting_name(b, n, f"official:{m}", kind)), [])
                    if r.method == baseline], baseline) for m in sorted({r.method for r in rs} - {baseline}))
         else:
             text = render_leaderboard(rs, baseline, skip.get(suite, ()))

@@ -2,7 +2,7 @@
 
 One folder per run identity::
 
-    results/<suite>/b<budget>-i<max_iters>-<recipe>/<method>/seed<k>/
+    results/<suite>/b<budget>[s<k>]-i<max_iters>-<recipe>/<method>/seed<k>/
         config.json      the resolved config, as the run saved it
         metrics.json     best step, best validation Dice, timings, test summary (as the run saved it)
         test_cases.csv   per-case test table
@@ -10,7 +10,7 @@ One folder per run identity::
         provenance.json  git commit, torch version, CPU model, thread count, date the run finished
 
 The middle level (the *setting*: labeled budget, iterations, recipe) keeps runs of different budgets,
-lengths or recipes apart; a leaderboard compares the methods of one setting. ``<method>`` is the
+lengths or recipes apart (``s<k>``: a sparse-slice budget, ``budget_kind slices:<k>``); a leaderboard compares the methods of one setting. ``<method>`` is the
 registry name, or a label given to :func:`record` for an ablation. No checkpoints are kept.
 
 A leaderboard continues where it stopped: :func:`missing` lists the (method, seed) pairs of a setting
@@ -44,7 +44,7 @@ from .run import Run
 FILES = ("config.json", "metrics.json", "test_cases.csv", "val_curve.csv", "provenance.json")
 DEFAULT_RECIPE = "shared"  # runs whose config has no "recipe" field used the shared recipe
 NOT_COMPARED = ("out_dir", "run_name", "progress", "resume", "resume_override", "device", "data_root")
-_SETTING = re.compile(r"b(\d+)-i(\d+)-(.+)")
+_SETTING = re.compile(r"b(\d+)(?:s(\d+))?-i(\d+)-(.+)")
 
 
 @dataclass(frozen=True)
@@ -64,26 +64,29 @@ class ResultRow:
     cpu_s_per_iter: Optional[float] = None  # process CPU seconds per iteration
     peak_rss_mb: Optional[float] = None  # peak RSS of the run minus RSS once the model is built
     path: Optional[Path] = None  # the result folder
+    budget_kind: str = "cases"  # or "slices:<k>": every k-th slice of a labeled case annotated
 
     @property
     def setting(self) -> str:
-        """The setting folder name, ``b<budget>-i<iters>-<recipe>``."""
-        return setting_name(self.budget, self.iters, self.recipe)
+        """The setting folder name, ``b<budget>[s<k>]-i<iters>-<recipe>``."""
+        return setting_name(self.budget, self.iters, self.recipe, self.budget_kind)
 
 
-def setting_name(budget: int, iters: int, recipe: str = DEFAULT_RECIPE) -> str:
-    """``b<budget>-i<iters>-<recipe>``, the folder that keeps one leaderboard's runs together.
+def setting_name(budget: int, iters: int, recipe: str = DEFAULT_RECIPE, budget_kind: str = "cases") -> str:
+    """``b<budget>[s<k>]-i<iters>-<recipe>``, the folder that keeps one leaderboard's runs together.
 
     A recipe lent by another method (``official:bcp``) is written ``official-bcp``: a ``:`` cannot be
-    checked out on every file system.
+    checked out on every file system. A sparse-slice budget (``budget_kind`` ``slices:<k>``) adds
+    ``s<k>`` to the budget: ``b4s3-i600-shared`` is 4 labeled cases with every 3rd slice annotated.
     """
-    return f"b{int(budget)}-i{int(iters)}-{recipe.replace(':', '-')}"
+    kind = "" if budget_kind == "cases" else f"s{int(budget_kind.split(':')[1])}"
+    return f"b{int(budget)}{kind}-i{int(iters)}-{recipe.replace(':', '-')}"
 
 
 def result_dir(root: str | os.PathLike, suite: str, budget: int, iters: int, method: str, seed: int,
-               recipe: str = DEFAULT_RECIPE) -> Path:
+               recipe: str = DEFAULT_RECIPE, budget_kind: str = "cases") -> Path:
     """The folder of one run identity (see the module docstring)."""
-    return Path(root) / suite / setting_name(budget, iters, recipe) / method / f"seed{int(seed)}"
+    return Path(root) / suite / setting_name(budget, iters, recipe, budget_kind) / method / f"seed{int(seed)}"
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
@@ -92,10 +95,10 @@ def is_complete(folder: str | os.PathLike) -> bool:
 
 
 def missing(root: str | os.PathLike, suite: str, methods: Sequence[str], seeds: Sequence[int], budget: int,
-            iters: int, recipe: str = DEFAULT_RECIPE) -> list[tuple[str, int]]:
+            iters: int, recipe: str = DEFAULT_RECIPE, budget_kind: str = "cases") -> list[tuple[str, int]]:
     """The (method, seed) pairs of a setting whose result folder is absent or incomplete, in order."""
     return [(m, s) for m in methods for s in seeds
-            if not is_complete(result_dir(root, suite, budget, iters, m, s, recipe))]
+            if not is_complete(result_dir(root, suite, budget, iters, m, s, recipe, budget_kind))]
 
 
 def _git(*args: str) -> Optional[str]:
@@ -167,7 +170,7 @@ def record(run: Run, root: str | os.PathLike = "results", name: Optional[str] = 
         raise ValueError(f"{run.path / 'test_cases.csv'} not found: the run has not been tested")
     suite = (saved.get("suite_spec") or {}).get("name") or saved["suite"]
     dest = result_dir(root, suite, saved["budget"], saved["max_iters"], name or saved["method"], saved["seed"],
-                      saved.get("recipe", DEFAULT_RECIPE))
+                      saved.get("recipe", DEFAULT_RECIPE), saved.get("budget_kind", "cases"))
     if is_complete(dest):
         differ = differences(dest, saved)
         if differ:
@@ -204,7 +207,7 @@ def read_row(folder: str | os.PathLike) -> ResultRow:
     setting = _SETTING.fullmatch(folder.parent.parent.name)
     seed = re.fullmatch(r"seed(\d+)", folder.name)
     if setting is None or seed is None:
-        raise ValueError(f"{folder}: expected a folder <suite>/b<budget>-i<iters>-<recipe>/<method>/seed<k>")
+        raise ValueError(f"{folder}: expected a folder <suite>/b<budget>[s<k>]-i<iters>-<recipe>/<method>/seed<k>")
     try:
         metrics = json.loads((folder / "metrics.json").read_text())
     except json.JSONDecodeError as err:
@@ -215,7 +218,8 @@ def read_row(folder: str | os.PathLike) -> ResultRow:
     if "dice" not in summary or "hd95" not in summary:
         raise ValueError(f"{folder / 'metrics.json'}: expected a 'test' entry with 'dice' and 'hd95', "
                          f"got {sorted(summary)}")
-    return ResultRow(suite=folder.parents[2].name, budget=int(setting[1]), iters=int(setting[2]), recipe=setting[3],
+    return ResultRow(suite=folder.parents[2].name, budget=int(setting[1]), iters=int(setting[3]), recipe=setting[4],
+                     budget_kind="cases" if setting[2] is None else f"slices:{int(setting[2])}",
                      method=folder.parent.name, seed=int(seed[1]), dice=100 * summary["dice"]["mean"],
                      hd95=summary["hd95"]["mean"], hd95_unit="/".join(sorted(units)) or "px",
                      hc_error_mm=summary["hc_error_mm"]["mean"] if "hc_error_mm" in summary else None,

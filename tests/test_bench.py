@@ -39,6 +39,18 @@ def test_run_is_recorded_and_read_back_not_retrained(tiny_stores, tmp_path, monk
     assert Run(runs / "fetal_head" / "supervised-b2-i4-shared-s0").metrics["best_step"] in (2, 4)
 
 
+def test_sparse_slice_budget_runs_in_their_own_setting(tiny_stores, tmp_path):
+    over = ["--width", "4", "--depth", "2", "--batch_size", "4", "--labeled_bs", "2", "--val_every", "2"]
+    store, runs, res = str(tiny_stores["cardiac"]), tmp_path / "runs", tmp_path / "results"
+    text = bench.bench_methods("cardiac", ["supervised"], [0], None, 2, str(runs), store,
+                               over + ["--budget_kind", "slices:2"], str(res))
+    (row,) = results.load(res)
+    assert row.budget_kind == "slices:2" and row.path.parent.parent.name.endswith("s2-i2-shared")
+    assert "labeled (one slice in 2 annotated), 2 iterations" in text
+    dense = bench.run_one("cardiac", "supervised", 0, None, 2, runs, store, over, results=res)  # not read back
+    assert dense.budget_kind == "cases" and dense.path != row.path
+
+
 def test_bench_render_writes_and_checks_the_tables(tmp_path, capsys):
     docs = tmp_path / "docs"
     argv = ["bench", "render", "--results", str(FIXTURE), "--docs", str(docs)]

@@ -92,3 +92,19 @@ def test_record_refuses_an_unfinished_run(tmp_path):
     run = Run.create(tmp_path / "run", load_config())
     with pytest.raises(ValueError, match="metrics.json not found: the run has not finished"):
         results.record(run, tmp_path / "results")
+
+
+def test_sparse_slice_budgets_get_their_own_setting(tmp_path):
+    assert results.setting_name(4, 600) == "b4-i600-shared"
+    assert results.setting_name(4, 600, "shared", "slices:3") == "b4s3-i600-shared"
+    src = FIXTURE / "cardiac" / "b3-i600-shared" / "supervised" / "seed0"
+    shutil.copytree(src, tmp_path / "cardiac" / "b3s2-i600-shared" / "supervised" / "seed0")
+    shutil.copytree(src, tmp_path / "cardiac" / "b3-i600-shared" / "supervised" / "seed0")
+    rows = sorted(results.load(tmp_path), key=lambda r: r.setting)
+    assert [(r.setting, r.budget, r.budget_kind) for r in rows] == [("b3-i600-shared", 3, "cases"),
+                                                                   ("b3s2-i600-shared", 3, "slices:2")]
+    assert results.result_dir(tmp_path, "cardiac", 3, 600, "supervised", 0, "shared", "slices:2") == \
+        rows[1].path
+    from minissl import report
+    tables = report.render_all(tmp_path, docs="d")
+    assert "3 labeled (one slice in 2 annotated), 600 iterations" in tables[Path("d/cardiac-b3s2-i600-shared.md")]
