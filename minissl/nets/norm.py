@@ -2,7 +2,7 @@
 
 PyTorch's CPU batch norm sums a channels-last activation's statistics in float32 down its (B * prod(S))
 rows: about 40x less precise than on contiguous memory (relative error 3e-6 against 8e-8 on a 64x64
-cardiac step), and through the kinks of LeakyReLU one training step's gradients then move by up to 2e-3
+cardiac step), and through the kinks of LeakyReLU one training step's gradients then move by up to 1e-3
 of the largest one (``minissl/runtime.py``). :class:`BatchNorm2d` / :class:`BatchNorm3d` are the
 ``nn.BatchNorm`` layers with one change: in training mode, on a channels-last CPU tensor, the statistics
 and the gradient come from :func:`minissl.ops.batch_norm_rows` (float64 channel sums; compiled kernel or
