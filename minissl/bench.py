@@ -39,7 +39,7 @@ from .data.sources import open_data
 from .data.store import CaseStore
 from .methods import get_method
 from .report import render_all, render_leaderboard
-from .results import DEFAULT_RECIPE, ResultRow, differences, is_complete, read_row, record, result_dir
+from .results import DEFAULT_RECIPE, ResultRow, code_state, differences, is_complete, read_row, record, result_dir
 from .run import LAST, Run
 
 
@@ -55,6 +55,7 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     """
     from .engine import resolve, train
 
+    code_state()  # the commit this process imported, before a long run lets HEAD move on
     kw = dict(method=method, suite=suite, seed=seed, out_dir=str(out / suite), progress=progress)
     if data_root:
         kw["data_root"] = data_root

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import io
 import json
 import os
@@ -113,17 +114,27 @@ def _git(*args: str) -> Optional[str]:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+@functools.cache
+def code_state() -> tuple[Optional[str], Optional[str]]:
+    """(HEAD commit, ``git status --porcelain`` of tracked files) of the package's checkout, read on the
+    first call of the process and kept: a run records the code it imported, not a later HEAD. The
+    bench calls it before it trains, so a leaderboard that spans commits labels each run with the
+    commit its process started from (None, None: not a git checkout)."""
+    return _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--untracked-files=no")
+
+
 def provenance(finished: Optional[float] = None) -> dict[str, Any]:
     """Where a result was made.
 
     Returns:
-        ``commit`` (of the package's git checkout, "unknown" for an installed package),
-        ``uncommitted_changes`` (tracked files differ from the commit; None when unknown), ``torch``
-        version, ``cpu`` model, torch ``threads`` and the ``date`` (``finished``, a POSIX time; None: now).
+        ``commit`` (of the package's git checkout when this process first asked, :func:`code_state`;
+        "unknown" for an installed package), ``uncommitted_changes`` (tracked files differed from that
+        commit; None when unknown), ``torch`` version, ``cpu`` model, torch ``threads`` and the ``date``
+        (``finished``, a POSIX time; None: now).
     """
     from .ops._build import cpu_model
 
-    commit, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--untracked-files=no")
+    commit, dirty = code_state()
     when = datetime.datetime.fromtimestamp(finished, datetime.timezone.utc) if finished is not None \
         else datetime.datetime.now(datetime.timezone.utc)
     return {"commit": commit or "unknown", "uncommitted_changes": None if dirty is None else bool(dirty),

@@ -71,6 +71,21 @@ def test_record_writes_the_small_files_and_load_reads_them_back(finished_run, tm
     assert todo == [("supervised", 1)]
 
 
+def test_provenance_keeps_the_commit_the_process_started_from(monkeypatch):
+    """A leaderboard that runs while HEAD moves on labels its runs with the code they imported."""
+    heads = iter(["a" * 40, "", "b" * 40, " M minissl/engine.py"])
+    monkeypatch.setattr(results, "_git", lambda *args: next(heads))
+    results.code_state.cache_clear()
+    try:
+        assert results.code_state() == ("a" * 40, "")  # first call: read from git
+        first = results.provenance()
+        assert (first["commit"], first["uncommitted_changes"]) == ("a" * 40, False)
+        assert results.provenance()["commit"] == "a" * 40  # git is not asked again
+        assert next(heads) == "b" * 40
+    finally:
+        results.code_state.cache_clear()
+
+
 def test_record_replaces_a_rerun_and_refuses_another_configuration(finished_run, tmp_path):
     root = tmp_path / "results"
     folder = results.record(finished_run, root)
