@@ -19,17 +19,24 @@ Example::
     minissl bench methods --suite fetal_head --methods supervised --budget all   # the upper bound
     minissl bench methods --suite cardiac --methods supervised,bcp,m3hl --recipe official
     minissl bench methods --suite atrium --methods supervised,label_propagation --budget_kind slices:4
+    minissl bench methods --suite nuclei --methods supervised,mean_teacher \
+        --tag ema0.99 --tag_options="--ema_decay 0.99"
     minissl bench render --check
+    minissl bench render --summary nuclei:b2-i300-shared,brain_tissue:b7-i300-shared   # the README's table
 
 ``--recipe official`` runs each method on its official recipe and pairs it with a supervised run on
 that same recipe (``--recipe official:<method>``, results setting ``b<budget>-i<iters>-official:<method>``);
 a method without an official recipe for the suite's dimension is named below the tables. Other options
 go to every run's config; ``--budget_kind slices:<k>`` (every k-th slice of a labeled case annotated)
 also names the setting, ``b<budget>s<k>-...``, so sparse and dense budgets never share a table.
+``--tag T --tag_options="..."`` makes an ablation: those options go to every method except ``supervised``,
+whose runs are recorded as ``<method>+T`` in the same setting and table, paired with the untouched baseline.
 """
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -38,20 +45,23 @@ from .config import load_config
 from .data.sources import open_data
 from .data.store import CaseStore
 from .methods import get_method
-from .report import render_all, render_leaderboard
-from .results import DEFAULT_RECIPE, ResultRow, code_state, differences, is_complete, read_row, record, result_dir
+from .report import render_all, render_leaderboard, render_summary
+from .results import (DEFAULT_RECIPE, ResultRow, code_state, differences, is_complete, load, read_row, record,
+                      result_dir)
 from .run import LAST, Run
 
 
 def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Optional[int], out: Path,
             data_root: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = False,
-            store: Optional[CaseStore] = None, results: str | Path = "results") -> ResultRow:
+            store: Optional[CaseStore] = None, results: str | Path = "results",
+            name: Optional[str] = None) -> ResultRow:
     """One run of the benchmark: read back from ``results`` when recorded, else trained (or resumed,
     or read back from its finished run folder) and recorded.
 
     Args:
         store: the suite's opened store, shared by every run of a benchmark (None: opened here).
         results: the results folder.
+        name: the result's method label (None: ``method``); an ablation's runs keep their own folders.
     """
     from .engine import resolve, train
 
@@ -66,7 +76,8 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
     cfg = load_config(overrides=list(overrides), **kw)
     store = store if store is not None else open_data(cfg.data_source)
     cfg = resolve(cfg, store)
-    folder = result_dir(results, store.spec.name, cfg.budget, cfg.max_iters, method, seed,
+    name = name or method
+    folder = result_dir(results, store.spec.name, cfg.budget, cfg.max_iters, name, seed,
                         getattr(cfg, "recipe", DEFAULT_RECIPE), cfg.budget_kind)
     if is_complete(folder):
         differ = differences(folder, asdict(cfg))
@@ -74,12 +85,12 @@ def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Op
             raise ValueError(f"{folder} holds a result with another configuration (fields {differ} differ); "
                              f"expected the same options, or another --results folder")
     else:
-        run_dir = Path(cfg.out_dir) / f"{method}-{folder.parent.parent.name}-s{seed}"  # one folder per setting
+        run_dir = Path(cfg.out_dir) / f"{name}-{folder.parent.parent.name}-s{seed}"  # one folder per setting
         cfg.run_name = run_dir.name
         if not ((run_dir / "config.json").is_file() and Run(run_dir).finished):
             cfg.resume = (run_dir / LAST).exists()
             train(cfg, store=store)
-        record(Run(run_dir), results)
+        record(Run(run_dir), results, name=None if name == method else name)
     return read_row(folder)
 
 
@@ -143,15 +154,27 @@ def not_applicable(spec: Any) -> dict[str, str]:
 
 def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budget: Optional[str] = None,
                   iters: Optional[int] = None, out: str = "runs/bench", data_root: Optional[str] = None,
-                  overrides: Sequence[str] = (), results: str = "results", recipe: str = DEFAULT_RECIPE) -> str:
+                  overrides: Sequence[str] = (), results: str = "results", recipe: str = DEFAULT_RECIPE,
+                  tag: Optional[str] = None, tagged: Sequence[str] = ()) -> str:
     """Run (or read back) every (method, seed), record it, and return and print the leaderboard.
 
     Args:
         budget: labeled cases, ``"all"`` for every training patient with a label, or None for the suite
             default.
+        overrides: options of every run.
         results: the results folder.
         recipe: ``shared``, or ``official`` for :func:`bench_official`'s pairs.
+        tag: an ablation: every method but ``supervised`` also gets the options ``tagged`` and is recorded
+            as ``<method>+<tag>``; ``supervised`` runs without them, so it stays the baseline the
+            untagged methods are paired with.
+
+    Raises:
+        ValueError: ``tag`` is not a plain label, or ``tagged`` options come without a ``tag``.
     """
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9._=-]+", tag):
+        raise ValueError(f"--tag: expected letters, digits and . _ = -, got {tag!r}")
+    if tagged and tag is None:
+        raise ValueError(f"bench_methods: options {list(tagged)} for tagged methods need a tag, got none")
     store = open_data(data_root or suite)
     if budget == "all":
         n_budget = all_labels_budget(store)
@@ -164,10 +187,12 @@ def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budg
         if method in skipped:
             print(f"[bench] {suite} {method}: not applicable ({skipped[method]})", flush=True)
             continue
+        ablation = tag is not None and method != "supervised"
+        name = f"{method}+{tag}" if ablation else method
         for seed in seeds:
-            print(f"[bench] {suite} {method} seed {seed}", flush=True)
-            rows.append(run_one(suite, method, seed, n_budget, iters, Path(out), data_root, overrides, store=store,
-                                results=results))
+            print(f"[bench] {suite} {name} seed {seed}", flush=True)
+            rows.append(run_one(suite, method, seed, n_budget, iters, Path(out), data_root,
+                                [*overrides, *(tagged if ablation else ())], store=store, results=results, name=name))
     text = render_leaderboard(rows, not_applicable=sorted(skipped))
     print(text)
     return text
@@ -194,6 +219,24 @@ def render(results: str = "results", docs: str = "docs/results", check: bool = F
     return list(tables)
 
 
+def summary(settings: Sequence[str], results: str | Path = "results") -> str:
+    """The compact method x suite table (:func:`minissl.report.render_summary`) of the runs of the given
+    settings, each ``<suite>:<setting>`` (e.g. ``nuclei:b2-i300-shared``).
+
+    Raises:
+        ValueError: an item is not ``<suite>:<setting>``, or ``results`` holds no run of it.
+    """
+    wanted = [tuple(item.split(":", 1)) for item in settings]
+    bad = [item for item, pair in zip(settings, wanted) if len(pair) != 2 or not all(pair)]
+    if bad:
+        raise ValueError(f"--summary: expected items <suite>:<setting>, e.g. nuclei:b2-i300-shared, got {bad}")
+    rows = [r for r in load(results) if (r.suite, r.setting) in wanted]
+    empty = [f"{s}:{t}" for s, t in wanted if not any((r.suite, r.setting) == (s, t) for r in rows)]
+    if empty:
+        raise ValueError(f"--summary: expected runs in {results} for every setting, found none for {empty}")
+    return render_summary(rows)
+
+
 def main(tokens: Sequence[str]) -> int:
     """``minissl bench methods`` (see the module docstring)."""
     p = argparse.ArgumentParser(prog="minissl bench methods", description=__doc__.splitlines()[0])
@@ -207,9 +250,16 @@ def main(tokens: Sequence[str]) -> int:
     p.add_argument("--data_root", default=None)
     p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=(DEFAULT_RECIPE, "official"),
                    help="official: each method on its official recipe, paired with supervised on the same")
+    p.add_argument("--budget_kind", default=None, help="cases (default) or slices:<k>; names the setting")
+    p.add_argument("--tag", default=None, help="an ablation: every method but supervised also gets "
+                   "--tag_options and is recorded as <method>+<tag>")
+    p.add_argument("--tag_options", default="",
+                   help='the ablation\'s options as one string, e.g. --tag_options="--ema_decay 0.99"')
     args, rest = p.parse_known_args(tokens)
+    common = ["--budget_kind", args.budget_kind] if args.budget_kind else []
     bench_methods(args.suite, args.methods.split(","), [int(s) for s in args.seeds.split(",")], args.budget,
-                  args.iters, args.out, args.data_root, rest, args.results, args.recipe)
+                  args.iters, args.out, args.data_root, common + rest, args.results, args.recipe, args.tag,
+                  shlex.split(args.tag_options))
     return 0
 
 
@@ -219,7 +269,12 @@ def render_main(tokens: Sequence[str]) -> int:
     p.add_argument("--results", default="results")
     p.add_argument("--docs", default="docs/results")
     p.add_argument("--check", action="store_true", help="write nothing; fail when a committed table differs")
+    p.add_argument("--summary", default=None, metavar="SUITE:SETTING,...",
+                   help="print the compact method x suite table of these settings instead")
     args = p.parse_args(tokens)
+    if args.summary:
+        print(summary(args.summary.split(","), args.results), end="")
+        return 0
     paths = render(args.results, args.docs, args.check)
     for path in paths:
         print(f"{'differs from its rendering' if args.check else 'wrote'}: {path}")

@@ -1,3 +1,4 @@
+import json
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,26 @@ def test_sparse_slice_budget_runs_in_their_own_setting(tiny_stores, tmp_path):
     assert dense.budget_kind == "cases" and dense.path != row.path
 
 
+def test_a_tagged_ablation_keeps_its_options_off_the_baseline(tiny_stores, tmp_path, capsys):
+    over = ["--width", "4", "--depth", "2", "--batch_size", "4", "--labeled_bs", "2", "--val_every", "2"]
+    store, runs, res = str(tiny_stores["cardiac"]), tmp_path / "runs", tmp_path / "results"
+    argv = ["bench", "methods", "--suite", "cardiac", "--data_root", store, "--methods", "supervised,mean_teacher",
+            "--seeds", "0", "--iters", "2", "--out", str(runs), "--results", str(res), *over]
+    assert cli.main(argv) == 0  # the baseline and the method as they are
+    # the ablation: supervised is read back (its config unchanged), mean_teacher trained again under a new name
+    assert cli.main(argv + ["--tag", "ema0.9", "--tag_options=--ema_decay 0.9"]) == 0
+    rows = {r.method: r for r in results.load(res)}
+    assert sorted(rows) == ["mean_teacher", "mean_teacher+ema0.9", "supervised"]
+    assert len({r.setting for r in rows.values()}) == 1  # one table
+    config = {m: json.loads((r.path / "config.json").read_text()) for m, r in rows.items()}
+    assert config["mean_teacher+ema0.9"]["ema_decay"] == 0.9
+    assert config["mean_teacher"]["ema_decay"] is None and config["supervised"]["ema_decay"] is None
+    assert (runs / "cardiac" / f"mean_teacher+ema0.9-{rows['supervised'].setting}-s0" / "metrics.json").is_file()
+    assert "| mean_teacher+ema0.9 | 1 | " in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--tag: expected letters, digits and . _ = -, got 'a/b'"):
+        bench.bench_methods("cardiac", ["mean_teacher"], [0], None, 2, str(runs), store, over, str(res), tag="a/b")
+
+
 def test_bench_render_writes_and_checks_the_tables(tmp_path, capsys):
     docs = tmp_path / "docs"
     argv = ["bench", "render", "--results", str(FIXTURE), "--docs", str(docs)]
@@ -63,6 +84,20 @@ def test_bench_render_writes_and_checks_the_tables(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(argv + ["--check"]) == 1
     assert f"differs from its rendering: {table}" in capsys.readouterr().out
+
+
+def test_bench_render_summary_prints_the_compact_table_of_the_named_settings(capsys):
+    from minissl import report
+
+    argv = ["bench", "render", "--results", str(FIXTURE), "--summary", "cardiac:b3-i600-shared"]
+    assert cli.main(argv) == 0
+    rows = [r for r in results.load(FIXTURE) if r.setting == "b3-i600-shared"]
+    assert capsys.readouterr().out == report.render_summary(rows)
+    assert "| mean_teacher | " in report.render_summary(rows)
+    with pytest.raises(ValueError, match=r"found none for \['cardiac:b3-i999-shared'\]"):
+        bench.summary(["cardiac:b3-i600-shared", "cardiac:b3-i999-shared"], FIXTURE)
+    with pytest.raises(ValueError, match=r"expected items <suite>:<setting>.*got \['cardiac'\]"):
+        bench.summary(["cardiac"], FIXTURE)
 
 
 def test_budget_all_counts_only_training_patients_with_labels(tiny_stores, tmp_path):
