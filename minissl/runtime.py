@@ -118,13 +118,26 @@ def _max_rss_mb() -> float:
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024
 
 
+def _trim_heap() -> None:
+    """Give the heap's free memory back to the OS (glibc ``malloc_trim(0)``; nothing elsewhere)."""
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def reset_peak_rss() -> float:
     """Start a peak-memory measurement: the RSS now, in MB.
 
-    On Linux the kernel's high-water mark is reset to the current RSS (``/proc/self/clear_refs``), so
-    :func:`peak_rss_mb` then gives the peak since this call. Elsewhere (or when the reset is refused)
-    the mark cannot be reset and the returned baseline is the process-lifetime maximum so far.
+    The heap's free memory goes back to the OS first: with :func:`tune_malloc` it stays mapped, and a
+    second run in one process (``minissl bench methods`` trains one after another) would otherwise reuse
+    the pages the first one left and report a peak near 0. On Linux the kernel's high-water mark is then
+    reset to the current RSS (``/proc/self/clear_refs``), so :func:`peak_rss_mb` gives the peak since this
+    call. Elsewhere (or when the reset is refused) the mark cannot be reset and the returned baseline is
+    the process-lifetime maximum so far.
     """
+    _trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -176,6 +176,21 @@ def test_peak_rss_counts_from_the_reset():
     assert base > 0 and peak - base >= 60
 
 
+def test_peak_rss_of_a_later_run_is_not_hidden_by_memory_an_earlier_one_left():
+    """With the allocator keeping freed memory (as in training), a second measurement in the same process
+    still sees its own allocations: 100 MB after 200 MB were allocated and freed."""
+    runtime.tune_malloc()
+    x = torch.ones(50 * 2 ** 20)  # 200 MB, freed but kept mapped by the raised trim threshold
+    x += 1
+    del x
+    base = runtime.reset_peak_rss()
+    y = torch.ones(25 * 2 ** 20)  # 100 MB
+    y += 1
+    peak = runtime.peak_rss_mb()
+    del y
+    assert peak - base >= 80
+
+
 def test_run_metrics_hold_the_peak_memory_from_the_built_model(tiny_stores, tmp_path, monkeypatch):
     calls = []
 
