@@ -95,6 +95,11 @@ def _mean(values: Sequence[Optional[float]], digits: int) -> str:
     return f"{sum(known) / len(known):.{digits}f}" if known and len(known) == len(values) else "-"
 
 
+def _max(values: Sequence[Optional[float]], digits: int) -> str:
+    known = [v for v in values if v is not None]
+    return f"{max(known):.{digits}f}" if known and len(known) == len(values) else "-"
+
+
 def _gain(rows: Sequence[ResultRow], base: Mapping[int, float]) -> Optional[tuple[str, str, str]]:
     """Paired Dice difference to the baseline's Dice by seed: ("+m (n)", "[lo, hi]", mark), None if no pairs."""
     diffs = [r.dice - base[r.seed] for r in rows if r.seed in base]
@@ -111,8 +116,9 @@ def render_leaderboard(rows: Sequence[ResultRow], baseline: str = "supervised",
 
     Per method: seeds, test Dice % and HD95 as mean ± std (ddof 1) over seeds, the paired difference
     of Dice to ``baseline`` over the seeds both have, its Student-t 95 % interval and the mark
-    (:func:`minissl.stats.verdict`), CPU seconds per iteration and peak memory (MB) when the runs
-    recorded them ("-" otherwise). The baseline comes first, the others in name order.
+    (:func:`minissl.stats.verdict`), CPU seconds per iteration (mean) and peak memory (MB, the largest
+    over seeds: what a run needs) when the runs recorded them ("-" otherwise). The baseline comes first,
+    the others in name order.
 
     Args:
         rows: results of one setting (see :func:`minissl.results.load`).
@@ -147,12 +153,12 @@ def render_leaderboard(rows: Sequence[ResultRow], baseline: str = "supervised",
             cells.append(_pm(hc, 2) if None not in hc else "-")
         gain = _gain(rs, base) if method != baseline else None
         cells += list(gain) if gain else ["-", "-", "-"]
-        cells += [_mean([r.cpu_s_per_iter for r in rs], 3), _mean([r.peak_rss_mb for r in rs], 0)]
+        cells += [_mean([r.cpu_s_per_iter for r in rs], 3), _max([r.peak_rss_mb for r in rs], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Mean ± std (ddof 1) over seeds of each run's test mean over cases. Δ: Dice of the method minus "
                   f"{baseline} with the same seed; Student-t 95 % interval with n - 1 degrees of freedom; "
-                  f"ahead or behind only when the interval excludes 0. Peak MB: peak RSS of the run minus RSS once "
-                  f"the model is built."]
+                  f"ahead or behind only when the interval excludes 0. Peak MB: the largest over seeds of a run's "
+                  f"peak RSS minus its RSS once the model is built."]
     if not_applicable:
         lines.append(f"Not applicable to {suite}: {', '.join(sorted(not_applicable))}.")
     return "\n".join(lines) + "\n"

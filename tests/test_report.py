@@ -50,7 +50,8 @@ def test_summary_row_and_columns_from_a_run():
 FIXTURE = Path(__file__).parent / "data" / "results_fixture"
 FOOT = ("Mean ± std (ddof 1) over seeds of each run's test mean over cases. Δ: Dice of the method minus supervised "
         "with the same seed; Student-t 95 % interval with n - 1 degrees of freedom; ahead or behind only when the "
-        "interval excludes 0. Peak MB: peak RSS of the run minus RSS once the model is built.")
+        "interval excludes 0. Peak MB: the largest over seeds of a run's peak RSS minus its RSS once the model "
+        "is built.")
 
 # Fixture (Dice of seeds 0, 1, 2): supervised 70, 68, 72; mean_teacher 73, 73, 75 (paired +3, +5, +3);
 # cps 66, 69, 70 (-4, +1, -2); ua_mt 60, 62, 61 (-10, -6, -11); bcp seed 0 only: 80 (+10).
@@ -61,7 +62,7 @@ EXPECTED = """**cardiac**: 3 labeled, 600 iterations, shared recipe
 | method | seeds | Dice % | HD95 px | Δ Dice vs supervised (paired seeds) | 95 % interval | mark \
 | CPU s/iter | peak MB |
 |---|---|---|---|---|---|---|---|---|
-| supervised | 3 | 70.00 ± 2.00 | 6.00 ± 1.00 | - | - | - | 0.100 | 110 |
+| supervised | 3 | 70.00 ± 2.00 | 6.00 ± 1.00 | - | - | - | 0.100 | 120 |
 | bcp | 1 | 80.00 ± - | 3.00 ± - | +10.00 (1) | undefined (1 seed) | inconclusive | 0.400 | - |
 | cps | 3 | 68.33 ± 2.08 | 8.00 ± 0.00 | -1.67 (3) | [-7.92, +4.58] | inconclusive | 0.300 | - |
 | mean_teacher | 3 | 73.67 ± 1.15 | 4.00 ± 0.00 | +3.67 (3) | [+0.80, +6.54] | ahead | 0.200 | - |
