@@ -221,7 +221,8 @@ def render(results: str = "results", docs: str = "docs/results", check: bool = F
 
 def summary(settings: Sequence[str], results: str | Path = "results") -> str:
     """The compact method x suite table (:func:`minissl.report.render_summary`) of the runs of the given
-    settings, each ``<suite>:<setting>`` (e.g. ``nuclei:b2-i300-shared``).
+    settings, each ``<suite>:<setting>`` (e.g. ``nuclei:b2-i300-shared``). Methods only: ablations
+    (``<method>+<tag>``) stay in the full tables.
 
     Raises:
         ValueError: an item is not ``<suite>:<setting>``, or ``results`` holds no run of it.
@@ -230,7 +231,7 @@ def summary(settings: Sequence[str], results: str | Path = "results") -> str:
     bad = [item for item, pair in zip(settings, wanted) if len(pair) != 2 or not all(pair)]
     if bad:
         raise ValueError(f"--summary: expected items <suite>:<setting>, e.g. nuclei:b2-i300-shared, got {bad}")
-    rows = [r for r in load(results) if (r.suite, r.setting) in wanted]
+    rows = [r for r in load(results) if (r.suite, r.setting) in wanted and "+" not in r.method]
     empty = [f"{s}:{t}" for s, t in wanted if not any((r.suite, r.setting) == (s, t) for r in rows)]
     if empty:
         raise ValueError(f"--summary: expected runs in {results} for every setting, found none for {empty}")

@@ -86,12 +86,16 @@ def test_bench_render_writes_and_checks_the_tables(tmp_path, capsys):
     assert f"differs from its rendering: {table}" in capsys.readouterr().out
 
 
-def test_bench_render_summary_prints_the_compact_table_of_the_named_settings(capsys):
+def test_bench_render_summary_prints_the_compact_table_of_the_named_settings(capsys, tmp_path):
     from minissl import report
 
-    argv = ["bench", "render", "--results", str(FIXTURE), "--summary", "cardiac:b3-i600-shared"]
-    assert cli.main(argv) == 0
     rows = [r for r in results.load(FIXTURE) if r.setting == "b3-i600-shared"]
+    root = tmp_path / "results"
+    shutil.copytree(FIXTURE, root)
+    setting = root / "cardiac" / "b3-i600-shared"
+    shutil.copytree(setting / "mean_teacher", setting / "mean_teacher+x")  # an ablation: not in the summary
+    argv = ["bench", "render", "--results", str(root), "--summary", "cardiac:b3-i600-shared"]
+    assert cli.main(argv) == 0
     assert capsys.readouterr().out == report.render_summary(rows)
     assert "| mean_teacher | " in report.render_summary(rows)
     with pytest.raises(ValueError, match=r"found none for \['cardiac:b3-i999-shared'\]"):

@@ -129,3 +129,13 @@ def test_committed_tables_are_the_rendering_of_the_committed_results():
 
     assert any((ROOT / "results").glob("*/*/*/seed*/metrics.json"))
     assert bench.render(str(ROOT / "results"), str(ROOT / "docs" / "results"), check=True) == []
+
+
+def test_readme_compact_table_is_the_rendering_of_the_committed_results():
+    """The README's method x suite table is `minissl bench render --summary` of the settings its marker names."""
+    from minissl import bench
+
+    found = re.search(r"<!-- summary (\S+) -->\n(.*?)<!-- /summary -->", README.read_text(encoding="utf-8"), re.S)
+    assert found, "README.md: expected the compact table between <!-- summary SUITE:SETTING,... --> and " \
+                  "<!-- /summary -->"
+    assert found.group(2) == bench.summary(found.group(1).split(","), ROOT / "results")
