@@ -50,6 +50,8 @@ from .results import (DEFAULT_RECIPE, ResultRow, code_state, differences, is_com
                       result_dir)
 from .run import LAST, Run
 
+ABLATION = "+"  # an ablation's runs are recorded as <method>+<tag>
+
 
 def run_one(suite: str, method: str, seed: int, budget: Optional[int], iters: Optional[int], out: Path,
             data_root: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = False,
@@ -188,7 +190,7 @@ def bench_methods(suite: str, methods: Sequence[str], seeds: Sequence[int], budg
             print(f"[bench] {suite} {method}: not applicable ({skipped[method]})", flush=True)
             continue
         ablation = tag is not None and method != "supervised"
-        name = f"{method}+{tag}" if ablation else method
+        name = f"{method}{ABLATION}{tag}" if ablation else method
         for seed in seeds:
             print(f"[bench] {suite} {name} seed {seed}", flush=True)
             rows.append(run_one(suite, method, seed, n_budget, iters, Path(out), data_root,
@@ -231,7 +233,7 @@ def summary(settings: Sequence[str], results: str | Path = "results") -> str:
     bad = [item for item, pair in zip(settings, wanted) if len(pair) != 2 or not all(pair)]
     if bad:
         raise ValueError(f"--summary: expected items <suite>:<setting>, e.g. nuclei:b2-i300-shared, got {bad}")
-    rows = [r for r in load(results) if (r.suite, r.setting) in wanted and "+" not in r.method]
+    rows = [r for r in load(results) if (r.suite, r.setting) in wanted and ABLATION not in r.method]
     empty = [f"{s}:{t}" for s, t in wanted if not any((r.suite, r.setting) == (s, t) for r in rows)]
     if empty:
         raise ValueError(f"--summary: expected runs in {results} for every setting, found none for {empty}")

@@ -57,17 +57,24 @@ def plain_step() -> bool:
     return _flag("MINISSL_PLAIN_STEP")
 
 
+def _glibc() -> Optional[ctypes.CDLL]:
+    """glibc on Linux, or None (another platform or C library)."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def tune_malloc() -> bool:
     """Raise glibc's mmap and trim thresholds to :data:`MALLOC_THRESHOLD` (process-wide, once is enough).
 
     Returns:
         True when both were set; False off glibc/Linux or when ``MINISSL_PLAIN_STEP=1``.
     """
-    if plain_step() or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = None if plain_step() else _glibc()
+    if libc is None:
         return False
     return all(libc.mallopt(p, MALLOC_THRESHOLD) == 1 for p in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
 
@@ -118,15 +125,6 @@ def _max_rss_mb() -> float:
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024
 
 
-def _trim_heap() -> None:
-    """Give the heap's free memory back to the OS (glibc ``malloc_trim(0)``; nothing elsewhere)."""
-    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
 def reset_peak_rss() -> float:
     """Start a peak-memory measurement: the RSS now, in MB.
 
@@ -137,7 +135,9 @@ def reset_peak_rss() -> float:
     call. Elsewhere (or when the reset is refused) the mark cannot be reset and the returned baseline is
     the process-lifetime maximum so far.
     """
-    _trim_heap()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)  # the heap's free memory back to the OS
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
