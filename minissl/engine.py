@@ -279,7 +279,6 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     seed_everything(cfg.seed)  # the same seed on every rank: identical initial weights
     method = method_cls(cfg, spec).to(device)
     runtime.speed_up(method, spec.spatial_dims, device)  # same results, faster (MINISSL_PLAIN_STEP=1: off)
-    rss_built = runtime.reset_peak_rss()  # peak memory counts from here (metrics: peak_rss_mb)
     if ckpt is not None:
         _check_resume(ckpt.get("config", {}), cfg, method.resolved_args(), run_dir)
     optimizers = method.optimizers()
@@ -288,6 +287,7 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
             group.setdefault("initial_lr", group["lr"])
     if ddp.world > 1:
         optimizers = [_GradAverage(o, ddp.world) for o in optimizers]
+    rss_built = runtime.reset_peak_rss()  # peak memory counts from here (metrics: peak_rss_mb, runtime.PEAK_FROM)
     extra = {"method_resolved": method.resolved_args(), "suite_spec": _spec_dict(spec)}
     run = Run.create(run_dir, cfg, extra) if ddp.main else None
     if run is not None:  # the labeled cases of this run (any budget), kept beside it, never in the data
@@ -392,7 +392,8 @@ def train(cfg: Config, overwrite: bool = False, store: Optional[CaseStore] = Non
     run.write_metrics({"best_step": best_step, "best_val_dice": best_val, "seconds_per_iter": sec_per_iter,
                        "cpu_seconds_per_iter": cpu_per_iter, "test": summary,
                        "test_per_class": evaluation.summarise(test_rows, by_class=True),
-                       "peak_rss_mb": runtime.peak_rss_mb() - rss_built, "rss_built_mb": rss_built})
+                       "peak_rss_mb": runtime.peak_rss_mb() - rss_built, "rss_built_mb": rss_built,
+                       "peak_rss_from": runtime.PEAK_FROM})
     return RunResult(run_dir, cfg, best_step, best_val, summary, test_rows, sec_per_iter)
 
 

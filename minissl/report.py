@@ -96,8 +96,9 @@ def _mean(values: Sequence[Optional[float]], digits: int) -> str:
 
 
 def _max(values: Sequence[Optional[float]], digits: int) -> str:
+    """The largest of the known values; "-" when none is known."""
     known = [v for v in values if v is not None]
-    return f"{max(known):.{digits}f}" if known and len(known) == len(values) else "-"
+    return f"{max(known):.{digits}f}" if known else "-"
 
 
 def _gain(rows: Sequence[ResultRow], base: Mapping[int, float]) -> Optional[tuple[str, str, str]]:
@@ -117,7 +118,7 @@ def render_leaderboard(rows: Sequence[ResultRow], baseline: str = "supervised",
     Per method: seeds, test Dice % and HD95 as mean ± std (ddof 1) over seeds, the paired difference
     of Dice to ``baseline`` over the seeds both have, its Student-t 95 % interval and the mark
     (:func:`minissl.stats.verdict`), CPU seconds per iteration (mean) and peak memory (MB, the largest
-    over seeds: what a run needs) when the runs recorded them ("-" otherwise). The baseline comes first,
+    over the seeds that recorded it: what a run needs; "-" when none did). The baseline comes first,
     the others in name order.
 
     Args:
@@ -157,8 +158,8 @@ def render_leaderboard(rows: Sequence[ResultRow], baseline: str = "supervised",
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Mean ± std (ddof 1) over seeds of each run's test mean over cases. Δ: Dice of the method minus "
                   f"{baseline} with the same seed; Student-t 95 % interval with n - 1 degrees of freedom; "
-                  f"ahead or behind only when the interval excludes 0. Peak MB: the largest over seeds of a run's "
-                  f"peak RSS minus its RSS once the model is built."]
+                  f"ahead or behind only when the interval excludes 0. Peak MB: the largest over the seeds that "
+                  f"recorded it of a run's peak RSS minus its RSS once the model and its optimisers are built."]
     if not_applicable:
         lines.append(f"Not applicable to {suite}: {', '.join(sorted(not_applicable))}.")
     return "\n".join(lines) + "\n"

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .atomic import write_text_atomic
+from .runtime import PEAK_FROM
 from .run import Run
 
 FILES = ("config.json", "metrics.json", "test_cases.csv", "val_curve.csv", "provenance.json")
@@ -63,7 +64,7 @@ class ResultRow:
     hd95_unit: str = "px"  # "mm" when the cases have a spacing, "px" otherwise (test_cases.csv)
     hc_error_mm: Optional[float] = None  # head circumference error (fetal_head), mean over cases
     cpu_s_per_iter: Optional[float] = None  # process CPU seconds per iteration
-    peak_rss_mb: Optional[float] = None  # peak RSS of the run minus RSS once the model is built
+    peak_rss_mb: Optional[float] = None  # peak RSS of the run minus RSS once model and optimisers are built
     path: Optional[Path] = None  # the result folder
     budget_kind: str = "cases"  # or "slices:<k>": every k-th slice of a labeled case annotated
 
@@ -229,13 +230,14 @@ def read_row(folder: str | os.PathLike) -> ResultRow:
     if "dice" not in summary or "hd95" not in summary:
         raise ValueError(f"{folder / 'metrics.json'}: expected a 'test' entry with 'dice' and 'hd95', "
                          f"got {sorted(summary)}")
+    # a peak measured from another baseline (none recorded: before the optimisers) is not comparable
+    peak = metrics.get("peak_rss_mb") if metrics.get("peak_rss_from") == PEAK_FROM else None
     return ResultRow(suite=folder.parents[2].name, budget=int(setting[1]), iters=int(setting[3]), recipe=setting[4],
                      budget_kind="cases" if setting[2] is None else f"slices:{int(setting[2])}",
                      method=folder.parent.name, seed=int(seed[1]), dice=100 * summary["dice"]["mean"],
                      hd95=summary["hd95"]["mean"], hd95_unit="/".join(sorted(units)) or "px",
                      hc_error_mm=summary["hc_error_mm"]["mean"] if "hc_error_mm" in summary else None,
-                     cpu_s_per_iter=metrics.get("cpu_seconds_per_iter"), peak_rss_mb=metrics.get("peak_rss_mb"),
-                     path=folder)
+                     cpu_s_per_iter=metrics.get("cpu_seconds_per_iter"), peak_rss_mb=peak, path=folder)
 
 
 def val_curve(row: ResultRow) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,8 @@ def test_load_reads_the_path_and_the_metrics():
     assert mt0.setting == "b3-i600-shared" and mt0.method == "mean_teacher" and mt0.seed == 0
     assert mt0.dice == pytest.approx(73.0) and (mt0.hd95, mt0.hd95_unit) == (4.0, "px")
     assert mt0.cpu_s_per_iter == 0.2 and mt0.peak_rss_mb is None
+    sup = {r.seed: r.peak_rss_mb for r in rows if r.method == "supervised" and r.iters == 600}
+    assert sup == {0: 100, 1: 120, 2: None}  # seed 2's metrics do not name the baseline: not comparable
 
 
 def test_an_incomplete_folder_is_missing_and_refused_by_load(tmp_path):
