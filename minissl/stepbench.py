@@ -24,9 +24,15 @@ the functions it calls (each second counted once, in the innermost part):
     other        the rest of update (zero_grad, noise, argmax, concatenation, Python)
     data         next(loader)
 
-Example::
+Memory (``--memory D,H,W``): the peak RSS of ``--steps`` training steps of each method at that patch size,
+above the RSS once its model and optimisers are built (:data:`minissl.runtime.PEAK_FROM`, the baseline of a
+run's ``peak_rss_mb``), each method in a fresh process with the default step, and whether it stays within
+``--limit_gib``. The suite's images are cropped or padded to the patch, so any 3D suite gives the shape.
+
+Examples::
 
     minissl bench step --suite cardiac --methods supervised,mean_teacher,bcp --iters 20 --threads 1
+    minissl bench step --suite atrium --memory 80,112,112 --methods all --batch_size 4 --labeled_bs 2 --width 16
 """
 from __future__ import annotations
 
@@ -161,11 +167,58 @@ def time_steps(method_name: str, suite: str, iters: int, warmup: int = 3, at: fl
     return {"wall": wall[warmup:], "cpu": cpu[warmup:], "parts": {p: clock.seconds[p] / iters for p in PARTS}}
 
 
+def step_memory(method_name: str, suite: str, shape: Sequence[int], steps: int = 2, at: float = 0.5,
+                data_root: Optional[str] = None, overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Peak memory of ``steps`` training steps of one method in this process, at patch ``shape``.
+
+    Built as :func:`time_steps` builds it, with the suite's patch size replaced by ``shape``.
+
+    Returns:
+        ``{"peak_mb": peak RSS minus RSS once model and optimisers are built, "built_mb": that RSS}``.
+    """
+    from dataclasses import replace
+
+    from . import runtime
+    from .config import load_config
+    from .data import datasets
+    from .data.sources import open_data
+    from .engine import resolve, seed_everything
+    from .methods import get_method
+
+    kw = {"data_root": data_root} if data_root else {}
+    cfg = load_config(overrides=list(overrides), method=method_name, suite=suite, progress=False, **kw)
+    store = open_data(cfg.data_source)
+    if len(shape) != store.spec.spatial_dims:
+        raise ValueError(f"--memory: expected {store.spec.spatial_dims} sizes for suite {store.spec.name!r}, "
+                         f"got {list(shape)}")
+    cfg = resolve(cfg, store)
+    spec = replace(store.spec, patch_size=tuple(shape))
+    device = torch.device("cpu")
+    seed_everything(cfg.seed)
+    method = get_method(method_name)(cfg, spec).to(device)
+    runtime.speed_up(method, spec.spatial_dims, device)
+    optimizers = method.optimizers()
+    start = int(at * cfg.max_iters)
+    loader = datasets.make_train_loader(store, store.labeled(cfg.budget, cfg.seed), seed=cfg.seed,
+                                        batch_size=cfg.batch_size, labeled_bs=cfg.labeled_bs,
+                                        unlabeled=method.semi_supervised, start=start, patch_size=spec.patch_size)
+    method.train()
+    built = runtime.reset_peak_rss()
+    for i in range(steps):
+        method.update(next(loader), start + i, optimizers)
+    return {"peak_mb": runtime.peak_rss_mb() - built, "built_mb": built}
+
+
 def _child(spec: dict) -> dict:
     """One configuration's process: every method of ``spec``, timed in turn, and whether kernels ran."""
     from . import ops
 
     torch.set_num_threads(spec["threads"])
+    if spec.get("memory"):
+        (m,) = spec["methods"]  # one method per process: its peak is its own
+        return {"methods": {m: step_memory(m, spec["suite"], spec["memory"], spec["steps"], spec["at"],
+                                           spec["data_root"], spec["overrides"])},
+                "kernels_loaded": ops.kernel_status().path is not None}
     out = {m: time_steps(m, spec["suite"], spec["iters"], spec["warmup"], spec["at"], spec["data_root"],
                          spec["overrides"]) for m in spec["methods"]}
     return {"methods": out, "kernels_loaded": ops.kernel_status().path is not None}
@@ -262,6 +315,54 @@ def bench_step(suite: str = "cardiac", methods: Sequence[str] = ("supervised", "
     return render(results, methods, kernels, spec)
 
 
+def bench_memory(suite: str, methods: Sequence[str], shape: Sequence[int], steps: int = 2, threads: int = 1,
+                 at: float = 0.5, limit_gib: float = 8.0, data_root: Optional[str] = None,
+                 overrides: Sequence[str] = (), kernels: str = "kernels") -> str:
+    """Peak memory of a few training steps of each method at patch ``shape``, one fresh process per method
+    (the default step; ``kernels``: "kernels" or "reference"); a markdown table with the limit check.
+
+    ``methods`` may hold "all": every registered method; those that do not apply to the suite are named
+    below the table.
+
+    Raises:
+        ValueError: an unknown method, a count below 1 or a size below 1 (named).
+    """
+    from .data.sources import open_data
+    from .methods import METHODS, get_method
+
+    names = sorted(METHODS) if list(methods) == ["all"] else list(methods)
+    for name, value in (("--steps", steps), ("--threads", threads)):
+        if value < 1:
+            raise ValueError(f"{name}: expected at least 1, got {value}")
+    if not shape or min(shape) < 1:
+        raise ValueError(f"--memory: expected positive patch sizes, got {list(shape)}")
+    if kernels not in KERNELS:
+        raise ValueError(f"--kernels: expected one of {KERNELS} with --memory, got {kernels!r}")
+    spec = open_data(data_root or suite).spec
+    if len(shape) != spec.spatial_dims:
+        raise ValueError(f"--memory: expected {spec.spatial_dims} sizes for suite {spec.name!r}, got {list(shape)}")
+    skipped = {m: get_method(m).applies_to(spec) for m in names}
+    run = [m for m in names if skipped[m] is None]
+    rows = []
+    for m in run:
+        print(f"[bench step] memory: {m}", file=sys.stderr, flush=True)
+        job = dict(suite=suite, methods=[m], memory=list(shape), steps=steps, threads=threads, at=at,
+                   data_root=data_root, overrides=list(overrides))
+        got = run_configuration("default", kernels, job)["methods"][m]
+        gib = got["peak_mb"] / 1024
+        rows.append(f"| {m} | {gib:.2f} | {'yes' if gib <= limit_gib else 'NO'} |")
+    size = "x".join(map(str, shape))
+    lines = [f"**{spec.name}**: peak memory of {steps} training steps at {size}, {threads} thread(s), options "
+             f"{' '.join(overrides) or '(suite defaults)'}", "",
+             f"| method | peak GiB | <= {limit_gib:g} GiB |", "|---|---|---|"] + rows
+    lines += ["", "Peak RSS of the steps minus the RSS once the method's models and optimisers are built, each "
+                  "method in a fresh process."]
+    off = sorted(m for m in names if skipped[m] is not None)
+    if off:
+        lines.append("Not applicable: " + "; ".join(f"{m} ({skipped[m]})" for m in off) + ".")
+    return "\n".join(lines) + "\n"
+
+
 def main(tokens: Sequence[str]) -> int:
     """``minissl bench step`` (see the module docstring)."""
     p = argparse.ArgumentParser(prog="minissl bench step", description=__doc__.splitlines()[0])
@@ -274,7 +375,19 @@ def main(tokens: Sequence[str]) -> int:
     p.add_argument("--at", type=float, default=0.5, help="first step, as a fraction of max_iters")
     p.add_argument("--kernels", default="kernels,reference", help="kernels, reference, or both")
     p.add_argument("--data_root", default=None)
+    p.add_argument("--memory", default=None, help="D,H,W (or H,W): measure peak memory at this patch size instead")
+    p.add_argument("--steps", type=int, default=2, help="--memory: training steps measured")
+    p.add_argument("--limit_gib", type=float, default=8.0, help="--memory: the limit each method is checked against")
     args, rest = p.parse_known_args(tokens)
+    if args.memory:
+        try:
+            shape = [int(v) for v in args.memory.split(",")]
+        except ValueError:
+            raise ValueError(f"--memory: expected comma-separated integers such as 80,112,112, got {args.memory!r}")
+        kernels = "kernels" if args.kernels == p.get_default("kernels") else args.kernels
+        print(bench_memory(args.suite, args.methods.split(","), shape, args.steps, args.threads, args.at,
+                           args.limit_gib, args.data_root, rest, kernels), end="")
+        return 0
     print(bench_step(args.suite, args.methods.split(","), args.iters, args.warmup, args.repeats, args.threads,
                      args.at, args.kernels.split(","), args.data_root, rest), end="")
     return 0

@@ -54,3 +54,34 @@ def test_bench_step_command_prints_both_tables(tiny_stores, capsys):
 def test_bench_step_rejects_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         stepbench.bench_step(**kwargs)
+
+
+def _peak_gib(table: str, method: str) -> float:
+    row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
+    return float(row.split("|")[2])
+
+
+def test_bench_memory_measures_each_method_at_the_patch_size_and_names_the_others(tiny_stores, capsys):
+    """A patch with 8x the voxels needs more memory; ERSR (2D binary) is named, not run."""
+    root = str(tiny_stores["atrium"])
+    small = stepbench.bench_memory("atrium", ["supervised", "ersr"], [8, 16, 16], steps=1, data_root=root,
+                                   overrides=SMALL, kernels="reference")
+    assert "| method | peak GiB | <= 8 GiB |" in small and "Not applicable: ersr (" in small
+    argv = ["bench", "step", "--data_root", root, "--memory", "16,64,64", "--methods", "supervised", "--steps", "1",
+            "--kernels", "reference", "--limit_gib", "0.001"] + SMALL
+    assert cli.main(argv) == 0
+    large = capsys.readouterr().out
+    assert "| supervised |" in large and large.count("| NO |") == 1  # above the (tiny) limit
+    assert _peak_gib(large, "supervised") > _peak_gib(small, "supervised") + 0.01  # 32x the voxels
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"shape": [16, 16]}, r"--memory: expected 3 sizes for suite 'atrium', got \[16, 16\]"),
+    ({"shape": [0, 16, 16]}, r"--memory: expected positive patch sizes, got \[0, 16, 16\]"),
+    ({"steps": 0}, "--steps: expected at least 1, got 0"),
+])
+def test_bench_memory_rejects_bad_options(tiny_stores, kwargs, message):
+    args = {"shape": [8, 16, 16], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        stepbench.bench_memory("atrium", ["supervised"], data_root=str(tiny_stores["atrium"]), overrides=SMALL,
+                               kernels="reference", **args)
