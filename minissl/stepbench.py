@@ -118,17 +118,18 @@ def instrument(method: Any, optimizers: Sequence[torch.optim.Optimizer], clock: 
                 setattr(owner, name, own)
 
 
-def time_steps(method_name: str, suite: str, iters: int, warmup: int = 3, at: float = 0.5,
-               data_root: Optional[str] = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Time ``iters`` training steps of one method in this process (after ``warmup`` untimed ones).
-
-    The model, optimisers and loader are built as ``minissl train`` builds them (with
-    :func:`minissl.runtime.speed_up`, which ``MINISSL_PLAIN_STEP=1`` turns off); the steps start at
-    ``at * max_iters``.
+def build_step(method_name: str, suite: str, at: float = 0.5, data_root: Optional[str] = None,
+               overrides: Sequence[str] = (), patch_size: Optional[Sequence[int]] = None
+               ) -> tuple[Any, list[torch.optim.Optimizer], Iterator[dict], int]:
+    """One method's model, optimisers and loader as ``minissl train`` builds them (with
+    :func:`minissl.runtime.speed_up`, which ``MINISSL_PLAIN_STEP=1`` turns off), in training mode, the
+    loader at step ``at * max_iters``; ``patch_size`` replaces the suite's.
 
     Returns:
-        ``{"wall": [s per step], "cpu": [process CPU s per step], "parts": {part: mean s per step}}``.
+        (method, optimizers, loader, first step).
     """
+    from dataclasses import replace
+
     from . import runtime
     from .config import load_config
     from .data import datasets
@@ -140,16 +141,35 @@ def time_steps(method_name: str, suite: str, iters: int, warmup: int = 3, at: fl
     cfg = load_config(overrides=list(overrides), method=method_name, suite=suite, progress=False, **kw)
     store = open_data(cfg.data_source)
     cfg = resolve(cfg, store)
+    if patch_size is not None and len(patch_size) != store.spec.spatial_dims:
+        raise ValueError(f"patch_size: expected {store.spec.spatial_dims} sizes for suite {store.spec.name!r}, "
+                         f"got {list(patch_size)}")
+    spec = store.spec if patch_size is None else replace(store.spec, patch_size=tuple(patch_size))
     device = torch.device("cpu")
     seed_everything(cfg.seed)
-    method = get_method(method_name)(cfg, store.spec).to(device)
-    runtime.speed_up(method, store.spec.spatial_dims, device)
+    method = get_method(method_name)(cfg, spec).to(device)
+    runtime.speed_up(method, spec.spatial_dims, device)
     optimizers = method.optimizers()
     start = int(at * cfg.max_iters)
     loader = datasets.make_train_loader(store, store.labeled(cfg.budget, cfg.seed), seed=cfg.seed,
                                         batch_size=cfg.batch_size, labeled_bs=cfg.labeled_bs,
-                                        unlabeled=method.semi_supervised, start=start)
+                                        unlabeled=method.semi_supervised, start=start, patch_size=spec.patch_size)
     method.train()
+    return method, optimizers, loader, start
+
+
+def time_steps(method_name: str, suite: str, iters: int, warmup: int = 3, at: float = 0.5,
+               data_root: Optional[str] = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Time ``iters`` training steps of one method in this process (after ``warmup`` untimed ones).
+
+    The model, optimisers and loader are built as ``minissl train`` builds them (with
+    :func:`minissl.runtime.speed_up`, which ``MINISSL_PLAIN_STEP=1`` turns off); the steps start at
+    ``at * max_iters``.
+
+    Returns:
+        ``{"wall": [s per step], "cpu": [process CPU s per step], "parts": {part: mean s per step}}``.
+    """
+    method, optimizers, loader, start = build_step(method_name, suite, at, data_root, overrides)
     clock, wall, cpu = Clock(), [], []
     with instrument(method, optimizers, clock):
         for i in range(warmup + iters):
@@ -171,38 +191,14 @@ def step_memory(method_name: str, suite: str, shape: Sequence[int], steps: int =
                 data_root: Optional[str] = None, overrides: Sequence[str] = ()) -> dict[str, float]:
     """Peak memory of ``steps`` training steps of one method in this process, at patch ``shape``.
 
-    Built as :func:`time_steps` builds it, with the suite's patch size replaced by ``shape``.
+    Built by :func:`build_step`, with the suite's patch size replaced by ``shape``.
 
     Returns:
         ``{"peak_mb": peak RSS minus RSS once model and optimisers are built, "built_mb": that RSS}``.
     """
-    from dataclasses import replace
-
     from . import runtime
-    from .config import load_config
-    from .data import datasets
-    from .data.sources import open_data
-    from .engine import resolve, seed_everything
-    from .methods import get_method
 
-    kw = {"data_root": data_root} if data_root else {}
-    cfg = load_config(overrides=list(overrides), method=method_name, suite=suite, progress=False, **kw)
-    store = open_data(cfg.data_source)
-    if len(shape) != store.spec.spatial_dims:
-        raise ValueError(f"--memory: expected {store.spec.spatial_dims} sizes for suite {store.spec.name!r}, "
-                         f"got {list(shape)}")
-    cfg = resolve(cfg, store)
-    spec = replace(store.spec, patch_size=tuple(shape))
-    device = torch.device("cpu")
-    seed_everything(cfg.seed)
-    method = get_method(method_name)(cfg, spec).to(device)
-    runtime.speed_up(method, spec.spatial_dims, device)
-    optimizers = method.optimizers()
-    start = int(at * cfg.max_iters)
-    loader = datasets.make_train_loader(store, store.labeled(cfg.budget, cfg.seed), seed=cfg.seed,
-                                        batch_size=cfg.batch_size, labeled_bs=cfg.labeled_bs,
-                                        unlabeled=method.semi_supervised, start=start, patch_size=spec.patch_size)
-    method.train()
+    method, optimizers, loader, start = build_step(method_name, suite, at, data_root, overrides, shape)
     built = runtime.reset_peak_rss()
     for i in range(steps):
         method.update(next(loader), start + i, optimizers)
