@@ -344,7 +344,11 @@ def bench_memory(suite: str, methods: Sequence[str], shape: Sequence[int], steps
         print(f"[bench step] memory: {m}", file=sys.stderr, flush=True)
         job = dict(suite=suite, methods=[m], memory=list(shape), steps=steps, threads=threads, at=at,
                    data_root=data_root, overrides=list(overrides))
-        got = run_configuration("default", kernels, job)["methods"][m]
+        done = run_configuration("default", kernels, job)
+        if kernels == "kernels" and not done["kernels_loaded"]:
+            raise RuntimeError("bench step: the compiled kernels did not load (see `minissl bench ops`); "
+                               "run with --kernels reference")
+        got = done["methods"][m]
         gib = got["peak_mb"] / 1024
         rows.append(f"| {m} | {gib:.2f} | {'yes' if gib <= limit_gib else 'NO'} |")
     size = "x".join(map(str, shape))
